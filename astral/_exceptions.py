@@ -56,11 +56,15 @@ class ProtocolError(AstralError, ValueError):
         frame_id: The ``id`` of the offending frame when it could be read,
             so a peer can fail exactly that call instead of leaving it to its
             timeout; ``None`` otherwise.
+        frame_type: The frame's ``type`` when it was a string, else ``None``.
     """
 
-    def __init__(self, message: str, *, frame_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, frame_id: str | None = None, frame_type: str | None = None
+    ) -> None:
         super().__init__(message)
         self.frame_id = frame_id
+        self.frame_type = frame_type
 
 
 class AuthenticationError(AstralError):

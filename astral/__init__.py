@@ -1,0 +1,72 @@
+"""astral: secure bidirectional RPC over one WebSocket, for asyncio and trio.
+
+Two peers each expose named capabilities (async callables) and call each
+other's. Frames are plain JSON (``call``, ``yield``, ``result``); nothing but a
+registered capability ever runs. See ``docs/`` for the guide.
+
+Everything public is re-exported here; the modules behind it are private.
+"""
+
+from __future__ import annotations
+
+from ._dispatch import Callable as Callable
+from ._dispatch import handle as handle
+from ._exceptions import AstralError as AstralError
+from ._exceptions import AuthenticationError as AuthenticationError
+from ._exceptions import CallError as CallError
+from ._exceptions import CallTimeout as CallTimeout
+from ._exceptions import ConnectError as ConnectError
+from ._exceptions import ConnectionClosed as ConnectionClosed
+from ._exceptions import ConnectTimeout as ConnectTimeout
+from ._exceptions import HandshakeError as HandshakeError
+from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import RemoteError as RemoteError
+from ._exceptions import StreamOverrun as StreamOverrun
+from ._exceptions import TLSError as TLSError
+from ._exceptions import Unauthorized as Unauthorized
+from ._frames import Call as Call
+from ._frames import Cancel as Cancel
+from ._frames import Frame as Frame
+from ._frames import Result as Result
+from ._frames import Yield as Yield
+from ._frames import decode as decode
+from ._frames import encode as encode
+from ._peer import AcceptedPeer as AcceptedPeer
+from ._peer import Peer as Peer
+from ._peer import Stream as Stream
+from ._peer import accept as accept
+from ._peer import current_peer as current_peer
+from ._transport import Transport as Transport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AcceptedPeer",
+    "AstralError",
+    "AuthenticationError",
+    "Call",
+    "CallError",
+    "CallTimeout",
+    "Callable",
+    "Cancel",
+    "ConnectError",
+    "ConnectTimeout",
+    "ConnectionClosed",
+    "Frame",
+    "HandshakeError",
+    "Peer",
+    "ProtocolError",
+    "RemoteError",
+    "Result",
+    "Stream",
+    "StreamOverrun",
+    "TLSError",
+    "Transport",
+    "Unauthorized",
+    "Yield",
+    "accept",
+    "current_peer",
+    "decode",
+    "encode",
+    "handle",
+]

@@ -1,0 +1,177 @@
+"""Capabilities and the standalone dispatcher, :func:`handle`.
+
+A capability is one of:
+
+* an object with an async ``call(input)`` method (the structural
+  :class:`Callable` protocol of the original);
+* an ``async def f(input)`` function;
+* an async generator function ``async def f(input): yield ...`` (streams).
+
+A ``call`` (or function) that *returns* an async iterable streams too, as in
+the original. Capabilities are resolved once, when registered; at dispatch
+time the remote name is only ever a key into a private ``dict``, so no
+attribute lookup is ever driven by the wire.
+
+This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Mapping
+from collections.abc import Callable as _Fn
+from typing import Any, Protocol, TypeAlias, runtime_checkable
+
+from ._frames import Call, Result, Yield
+
+__all__ = [
+    "UNKNOWN_CAPABILITY",
+    "Callable",
+    "Capabilities",
+    "Capability",
+    "Dispatch",
+    "error_message",
+    "handle",
+    "resolve",
+]
+
+#: The error string for a name that is not registered (as in the original).
+UNKNOWN_CAPABILITY = "unknown capability"
+
+
+@runtime_checkable
+class Callable(Protocol):
+    """Anything with an async ``call(input)`` method is a capability.
+
+    ``call`` returns the output (any JSON value), or an async iterable whose
+    items are streamed to the caller.
+    """
+
+    def call(self, input: Any, /) -> Awaitable[Any]:
+        """Run the capability on ``input`` and return its output."""
+        ...
+
+
+Capability: TypeAlias = Callable | _Fn[[Any], Any]
+Capabilities: TypeAlias = Mapping[str, Capability]
+#: A resolved capability: ``input -> awaitable output | async iterable``.
+_Invoke: TypeAlias = _Fn[[Any], Any]
+#: What :func:`handle` returns.
+Dispatch: TypeAlias = _Fn[[Call], AsyncIterator[Yield | Result]]
+
+
+def resolve(capabilities: Capabilities | None) -> dict[str, _Invoke]:
+    """Check every capability once and return a private name → invoker table.
+
+    Args:
+        capabilities: Names mapped to capabilities, or ``None`` for none.
+
+    Returns:
+        A new ``dict``: later changes to ``capabilities`` have no effect.
+
+    Raises:
+        TypeError: If a name is not a string, or a value is not an async
+            function, an async generator function or an object with an async
+            ``call`` method.
+    """
+    table: dict[str, _Invoke] = {}
+    for name, capability in (capabilities or {}).items():
+        if not isinstance(name, str):
+            raise TypeError(f"capability names must be strings, not {type(name).__name__}")
+        table[name] = _invoker(name, capability)
+    return table
+
+
+def _invoker(name: str, capability: Any) -> _Invoke:
+    if inspect.iscoroutinefunction(capability) or inspect.isasyncgenfunction(capability):
+        return capability  # type: ignore[no-any-return]
+    method = getattr(type(capability), "call", None)
+    if method is not None and (
+        inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method)
+    ):
+        return capability.call  # type: ignore[no-any-return]
+    if callable(capability):
+        # A sync callable that returns an awaitable (functools.partial of an
+        # async function, a callable class...): checked when it runs.
+        return capability  # type: ignore[no-any-return]
+    raise TypeError(
+        f"capability {name!r} must be an async function, an async generator function "
+        f"or an object with an async 'call' method, not {type(capability).__name__}"
+    )
+
+
+def error_message(exc: BaseException) -> str:
+    """The error string sent for a failed capability: its message, never a traceback."""
+    message = str(exc)
+    return message if message else type(exc).__name__
+
+
+async def run(invoke: _Invoke, call: Call) -> AsyncGenerator[Yield | Result, None]:
+    """Run one resolved capability: ``Yield`` frames, then exactly one ``Result``.
+
+    Only :class:`Exception` becomes an error result; cancellation and other
+    ``BaseException`` propagate.
+    """
+    try:
+        output = invoke(call.input)
+        if inspect.isawaitable(output):
+            output = await output
+        elif not isinstance(output, AsyncIterable):
+            raise TypeError(f"capability returned {type(output).__name__}, not an awaitable")
+    except Exception as exc:  # noqa: BLE001 - a capability's failure becomes its error result
+        yield Result(call.id, error=error_message(exc))
+        return
+    if not isinstance(output, AsyncIterable):
+        yield Result(call.id, output)
+        return
+    iterator = aiter(output)
+    try:
+        while True:
+            try:
+                item = await anext(iterator)
+            except StopAsyncIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - a stream failing part-way
+                yield Result(call.id, error=error_message(exc))
+                return
+            yield Yield(call.id, item)
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    yield Result(call.id)
+
+
+def handle(capabilities: Capabilities) -> Dispatch:
+    """Create the original's standalone dispatcher.
+
+    ``dispatch(call)`` is an async iterator of :class:`Yield` frames and then
+    exactly one :class:`Result`::
+
+        dispatch = astral.handle({"echo": echo})
+        async for frame in dispatch(astral.Call("1", "echo", "hi")):
+            ...
+
+    Only registered names dispatch; anything else, including ``"__class__"``,
+    ``"call"`` and ``""``, yields ``Result(error="unknown capability")``.
+
+    Args:
+        capabilities: Names mapped to capabilities (see :class:`Callable`).
+
+    Returns:
+        The dispatch function.
+
+    Raises:
+        TypeError: If a capability is not async (see :func:`resolve`).
+    """
+    table = resolve(capabilities)
+
+    async def dispatch(call: Call) -> AsyncIterator[Yield | Result]:
+        invoke = table.get(call.capability)
+        if invoke is None:
+            yield Result(call.id, error=UNKNOWN_CAPABILITY)
+            return
+        async for frame in run(invoke, call):
+            yield frame
+
+    return dispatch

@@ -1,0 +1,288 @@
+"""The wire format: frames as immutable values, and their JSON encoding.
+
+One frame is one JSON object in one text message. The three frames of the
+original protocol, plus one extension::
+
+    {"type":"call","id":"7","capability":"echo","input":{"x":1}}
+    {"type":"yield","id":"7","output":1}
+    {"type":"result","id":"7","output":{"x":1}}      # or "error":"message"
+    {"type":"cancel","id":"7"}                         # astral extension
+
+:func:`encode` writes exactly what the original TypeScript peer writes
+(compact JSON, these key names, optional keys omitted when ``None``).
+:func:`decode` is strict: anything malformed raises :class:`ProtocolError`
+and nothing else. Values must survive a round trip through a JavaScript
+peer, so integers beyond ±(2**53 - 1), NaN and the infinities, lone
+surrogates and nesting deeper than :data:`MAX_DEPTH` are refused.
+
+This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+import orjson
+
+from ._exceptions import ProtocolError
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_ID_LENGTH",
+    "MAX_SAFE_INTEGER",
+    "Call",
+    "Cancel",
+    "Frame",
+    "Result",
+    "Yield",
+    "decode",
+    "encode",
+]
+
+#: Deepest nesting of arrays and objects accepted in a frame, the frame's own
+#: object included.
+MAX_DEPTH: Final = 64
+#: Longest call id accepted, in characters.
+MAX_ID_LENGTH: Final = 256
+#: Largest integer magnitude a JavaScript peer represents exactly (2**53 - 1).
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Invoke ``capability`` on the other peer.
+
+    Attributes:
+        id: Correlates the call with its yields and result; chosen by the
+            caller, unique among the caller's calls in flight.
+        capability: The registered name to invoke.
+        input: Any JSON value; ``None`` is sent as an absent ``input``.
+    """
+
+    id: str
+    capability: str
+    input: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Yield:
+    """One item of a streaming result.
+
+    Attributes:
+        id: The call this item belongs to.
+        output: The item, any JSON value.
+    """
+
+    id: str
+    output: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The terminal frame of a call.
+
+    Attributes:
+        id: The call this result ends.
+        output: The return value (``None`` for a stream's end, or when the
+            capability returned nothing); sent as an absent ``output``.
+        error: The error message when the call failed, else ``None``. Any
+            ``error`` key on the wire, even ``null`` or ``""``, means failure;
+            if both are present the error wins.
+    """
+
+    id: str
+    output: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """astral extension: the caller no longer wants the call ``id``.
+
+    The callee cancels the running capability and answers with exactly one
+    terminal :class:`Result` (``error="cancelled"``) unless the call already
+    finished. The original TypeScript peer ignores this frame.
+
+    Attributes:
+        id: The call to cancel.
+    """
+
+    id: str
+
+
+Frame: TypeAlias = Call | Yield | Result | Cancel
+
+# An integer literal of 16+ digits may exceed MAX_SAFE_INTEGER (16 digits).
+# It can only start a digit run that is not a fraction, and is not followed by
+# a fraction or exponent. Strings with long digit runs match too; that only
+# costs an exact check.
+_LONG_INTEGER = re.compile(r"(?<![\d.])\d{16,}(?![\d.eE])")
+
+
+def encode(frame: Frame) -> str:
+    """Encode a frame as the original's compact JSON.
+
+    Args:
+        frame: The frame to encode.
+
+    Returns:
+        The JSON text for one WebSocket text message.
+
+    Raises:
+        ProtocolError: If a value cannot be carried faithfully: not JSON
+            serializable, an integer beyond ±(2**53 - 1), a lone surrogate,
+            or nesting deeper than :data:`MAX_DEPTH`. NaN and the infinities
+            are sent as ``null``, as JavaScript's ``JSON.stringify`` does.
+    """
+    if type(frame) is Result:
+        obj: dict[str, Any] = {"type": "result", "id": frame.id}
+        if frame.output is not None:
+            obj["output"] = frame.output
+        if frame.error is not None:
+            obj["error"] = frame.error
+    elif type(frame) is Yield:
+        obj = {"type": "yield", "id": frame.id, "output": frame.output}
+    elif type(frame) is Call:
+        obj = {"type": "call", "id": frame.id, "capability": frame.capability}
+        if frame.input is not None:
+            obj["input"] = frame.input
+    elif type(frame) is Cancel:
+        obj = {"type": "cancel", "id": frame.id}
+    else:
+        raise ProtocolError(f"not a frame: {type(frame).__name__}")
+    try:
+        text = orjson.dumps(obj).decode()
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise ProtocolError(f"value is not JSON-serializable: {exc}", frame_id=frame.id) from None
+    _check_text(text, obj)
+    return text
+
+
+def decode(text: str | bytes) -> Frame:
+    """Decode and validate one frame.
+
+    Unknown extra fields are ignored, so peers may add optional fields.
+
+    Args:
+        text: One text message.
+
+    Returns:
+        The frame: :class:`Call`, :class:`Yield`, :class:`Result` or
+        :class:`Cancel`.
+
+    Raises:
+        ProtocolError: On anything malformed: not JSON, not an object,
+            missing or unknown ``type``, wrong field types, NaN/Infinity,
+            unsafe integers, lone surrogates, excessive nesting. Its
+            ``frame_id`` is set when the frame's ``id`` could be read.
+    """
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"not valid JSON: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - orjson also raises TypeError, MemoryError...
+        raise ProtocolError(f"not valid JSON: {type(exc).__name__}") from None
+    if type(obj) is not dict:
+        raise ProtocolError(f"frame must be a JSON object, not {_json_type(obj)}")
+    kind = obj.get("type")
+    if type(kind) is not str:
+        kind = None
+    frame_id = obj.get("id")
+    if type(frame_id) is not str:
+        raise ProtocolError("frame has no string 'id'", frame_type=kind)
+    if len(frame_id) > MAX_ID_LENGTH:
+        raise ProtocolError(f"frame id longer than {MAX_ID_LENGTH} characters", frame_type=kind)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    try:
+        obj = _check_text(text, obj)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc), frame_id=frame_id, frame_type=kind) from None
+    if kind == "result":
+        if "error" in obj:
+            error = obj["error"]
+            if error is None:
+                error = ""
+            elif type(error) is not str:
+                raise ProtocolError(
+                    "result 'error' must be a string", frame_id=frame_id, frame_type=kind
+                )
+            return Result(frame_id, obj.get("output"), error)
+        return Result(frame_id, obj.get("output"))
+    if kind == "yield":
+        return Yield(frame_id, obj.get("output"))
+    if kind == "call":
+        capability = obj.get("capability")
+        if type(capability) is not str:
+            raise ProtocolError(
+                "call has no string 'capability'", frame_id=frame_id, frame_type=kind
+            )
+        return Call(frame_id, capability, obj.get("input"))
+    if kind == "cancel":
+        return Cancel(frame_id)
+    if kind is None:
+        raise ProtocolError("frame has no string 'type'", frame_id=frame_id)
+    raise ProtocolError(f"unknown frame type {kind!r:.40}", frame_id=frame_id, frame_type=kind)
+
+
+def _check_text(text: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """Run the checks orjson does not, but only when the text could fail them.
+
+    Counting brackets and searching for long digit runs are C-speed scans of
+    the text; the exact walk runs only when one of them fires. Returns the
+    object to use: re-parsed exactly when long integers may have been read
+    as floats.
+    """
+    if text.count("[") + text.count("{") > MAX_DEPTH:
+        _check_depth(obj)
+    if _LONG_INTEGER.search(text) is not None:
+        # orjson turns integer literals beyond 64 bits into floats; re-read
+        # exactly with the standard library (orjson already vetted the text).
+        exact = json.loads(text)
+        _check_integers(exact)
+    return obj
+
+
+def _check_depth(value: Any) -> None:
+    level = [value]
+    for _ in range(MAX_DEPTH):
+        next_level: list[Any] = []
+        for item in level:
+            if type(item) is dict:
+                next_level.extend(item.values())
+            elif type(item) is list:
+                next_level.extend(item)
+        if not next_level:
+            return
+        level = next_level
+    if any(type(item) in (dict, list) for item in level):
+        raise ProtocolError(f"nesting deeper than {MAX_DEPTH} levels")
+
+
+def _check_integers(value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is int:
+            if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                raise ProtocolError("integer beyond what JSON peers represent exactly (2**53 - 1)")
+        elif kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number"

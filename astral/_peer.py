@@ -1,0 +1,645 @@
+"""The AnyIO driver: a :class:`Peer` runs one connection.
+
+Where a frame goes:
+
+* **enters**: :meth:`Peer._read_loop`, the one reader task, awaits
+  ``transport.receive()`` and hands the text to the sans-IO
+  :class:`~astral._protocol.PeerState`;
+* **is routed**: the event that comes back is acted on without awaiting:
+  an item or result goes into the waiting call's memory object stream, a
+  call starts a new task, a cancel cancels that task's scope, a refusal is
+  queued for the control writer;
+* **leaves**: callers and inbound-call tasks await ``transport.send``
+  themselves (so a slow remote pushes back on them, not on the reader); the
+  reader's own replies and the caller's cancel frames go through
+  :meth:`Peer._control_loop`, so neither the reader nor a cancelled caller
+  ever awaits the network.
+
+All tasks live in a task group owned by the peer; none outlives
+``async with Peer(...)``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+from contextlib import aclosing, asynccontextmanager
+from types import EllipsisType, MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import anyio
+import anyio.abc
+
+from ._dispatch import run
+from ._exceptions import CallTimeout, ConnectionClosed, RemoteError, StreamOverrun
+from ._frames import Result, Yield, encode
+from ._protocol import (
+    CANCELLED,
+    CancelInbound,
+    Deliver,
+    Fail,
+    PeerState,
+    Reply,
+    StartInbound,
+)
+from ._transport import CLOSED_ERRORS, Transport
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+    from ._dispatch import Capabilities
+    from ._frames import Call
+
+__all__ = ["Peer", "Stream", "accept", "current_peer"]
+
+logger = logging.getLogger("astral.peer")
+
+_current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("astral.current_peer")
+
+#: Defaults, documented in docs/limits.md.
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_INBOUND_CALLS = 1000
+DEFAULT_MAX_BUFFERED_ITEMS = 1024
+
+
+def current_peer() -> Peer:
+    """Return the peer whose remote called the running capability.
+
+    A capability can use it to call back (``await current_peer().call(...)``)
+    or to read the caller's verified token claims (``current_peer().claims``).
+
+    Raises:
+        RuntimeError: If called outside a capability run by a peer.
+    """
+    try:
+        return _current_peer.get()
+    except LookupError:
+        raise RuntimeError("current_peer() called outside a capability run by a peer") from None
+
+
+class _Channel:
+    """The per-call memory object stream the reader feeds, and its fate."""
+
+    __slots__ = ("call_id", "capability", "error", "receive", "send")
+
+    def __init__(self, capability: str, size: int) -> None:
+        self.capability = capability
+        self.call_id = ""
+        self.error: BaseException | None = None
+        self.send: MemoryObjectSendStream[Yield | Result]
+        self.receive: MemoryObjectReceiveStream[Yield | Result]
+        self.send, self.receive = anyio.create_memory_object_stream[Yield | Result](size)
+
+    def fail(self, error: BaseException) -> None:
+        # The buffer may be full, so the error travels beside the stream: the
+        # consumer reads what arrived, then meets the error at end of stream.
+        if self.error is None:
+            self.error = error
+        self.send.close()
+
+    async def next(self) -> Yield | Result:
+        try:
+            return await self.receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise self.error or ConnectionClosed("call abandoned") from None
+
+
+class _Inbound:
+    """A remote call running here: its cancel scope, and who cancelled it."""
+
+    __slots__ = ("by_remote", "scope")
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.by_remote = False
+
+
+class Stream:
+    """The items of a streaming call, as an async iterator.
+
+    ``async for item in stream`` yields each item in order and ends when the
+    remote's stream ends. A result's output, if any, is the last item. If the
+    remote fails part-way, the items it sent come first, then
+    :class:`RemoteError` is raised.
+
+    Leaving early must tell the remote to stop: use the stream as an async
+    context manager (:meth:`Peer.stream` does) or call :meth:`aclose`.
+
+    Raises (from iteration):
+        RemoteError: The remote stream failed.
+        CallTimeout: No first item arrived within the call's timeout.
+        StreamOverrun: This consumer fell more than ``max_buffered_items``
+            behind; the remote was told to stop.
+        ConnectionClosed: The connection ended.
+    """
+
+    __slots__ = ("_channel", "_deadline", "_done", "_first", "_peer")
+
+    def __init__(self, peer: Peer, channel: _Channel, first: Yield | None, deadline: float) -> None:
+        self._peer = peer
+        self._channel = channel
+        self._first = first
+        self._deadline = deadline
+        self._done = False
+
+    @property
+    def capability(self) -> str:
+        """The name of the remote capability this stream comes from."""
+        return self._channel.capability
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first.output
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            if self._deadline == math.inf:
+                frame = await self._channel.next()
+            else:
+                frame = await self._peer._first_frame(self._channel, self._deadline)
+                self._deadline = math.inf
+        except BaseException:
+            self._close()
+            raise
+        if isinstance(frame, Yield):
+            return frame.output
+        self._close()
+        if frame.error is not None:
+            raise RemoteError(frame.error)
+        if frame.output is None:
+            raise StopAsyncIteration
+        return frame.output
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._peer._abandon(self._channel)
+
+    async def aclose(self) -> None:
+        """Stop the stream; if it is still running, the remote is told to stop.
+
+        Never raises and never blocks.
+        """
+        self._close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close()
+
+
+class Peer:
+    """One end of an astral connection: calls out, serves calls in.
+
+    Use it as an async context manager; it runs a reader task (and one task
+    per inbound call) in its own task group, and leaving the block closes the
+    transport and ends every task::
+
+        async with Peer(transport, capabilities={"echo": echo}) as peer:
+            print(await peer.call("add", [1, 2]))
+
+    Args:
+        transport: Carries text messages (see :class:`astral.Transport`).
+        capabilities: The names the remote may call, mapped to capabilities
+            (see :class:`astral.Callable`).
+        claims: The remote's verified token claims, for capabilities to read
+            through ``current_peer().claims``.
+        timeout: Default seconds a :meth:`call` waits for its first frame;
+            ``None`` waits forever.
+        max_inbound_calls: How many remote calls may run here at once; one
+            more is refused with ``"too many concurrent calls"``.
+        max_buffered_items: Items buffered per streaming call before the
+            consumer counts as overrun (see :class:`astral.StreamOverrun`).
+
+    Raises:
+        TypeError: If a capability is not async.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        capabilities: Capabilities | None = None,
+        claims: Mapping[str, Any] | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
+        max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+    ) -> None:
+        self._transport = transport
+        self._state: PeerState[_Channel, _Inbound] = PeerState(
+            capabilities, _Inbound, max_inbound_calls=max_inbound_calls
+        )
+        self._claims: Mapping[str, Any] = MappingProxyType(dict(claims or {}))
+        self._timeout = timeout
+        self._max_inbound = max_inbound_calls
+        self._max_buffered = max_buffered_items
+        self._control_send, self._control_receive = anyio.create_memory_object_stream[str](math.inf)
+        self._close_error: ConnectionClosed | None = None
+        self._closed = anyio.Event()
+        self._stopped = anyio.Event()
+        self._outer: anyio.abc.TaskGroup | None = None
+        self._tasks: anyio.abc.TaskGroup | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._outer is not None:
+            raise RuntimeError("a Peer can be entered only once")
+        self._outer = anyio.create_task_group()
+        await self._outer.__aenter__()
+        try:
+            await self._outer.start(self._run)
+        except BaseException as exc:
+            self._outer.cancel_scope.cancel()
+            await self._outer.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._outer is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+        finally:
+            suppress = await self._outer.__aexit__(exc_type, exc, tb)
+        return suppress
+
+    async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        try:
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                tasks.start_soon(self._read_loop)
+                tasks.start_soon(self._control_loop)
+                task_status.started()
+        finally:
+            self._shutdown(ConnectionClosed("peer stopped"))
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Close the connection and end every task of this peer. Idempotent.
+
+        Pending calls and open streams fail with :class:`ConnectionClosed`;
+        running inbound calls are cancelled. Called from inside one of this
+        peer's capabilities, it cancels that capability too.
+        """
+        self._shutdown(ConnectionClosed("connection closed by this peer", code=1000))
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._transport.aclose()
+            except Exception:
+                logger.debug("transport raised while closing", exc_info=True)
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
+        await self._stopped.wait()
+
+    async def wait_closed(self) -> ConnectionClosed:
+        """Wait until the connection has ended, for any reason.
+
+        Returns:
+            The :class:`ConnectionClosed` that pending calls failed with; its
+            ``code`` and ``reason`` say why.
+        """
+        await self._closed.wait()
+        assert self._close_error is not None
+        return self._close_error
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has ended."""
+        return self._close_error is not None
+
+    @property
+    def claims(self) -> Mapping[str, Any]:
+        """The remote's verified token claims (read-only; empty if none)."""
+        return self._claims
+
+    def _shutdown(self, error: ConnectionClosed) -> None:
+        if self._close_error is not None:
+            return
+        self._close_error = error
+        outbound, inbound = self._state.close()
+        for channel in outbound:
+            channel.fail(error)
+        for handle in inbound:
+            handle.scope.cancel()
+        self._control_send.close()
+        self._closed.set()
+
+    def _check_open(self) -> None:
+        if self._close_error is not None:
+            raise self._close_error
+        if self._tasks is None:
+            raise RuntimeError("use the Peer inside 'async with' before calling")
+
+    # -- where frames enter --------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        state, receive = self._state, self._transport.receive
+        error = ConnectionClosed("connection closed by the remote peer")
+        try:
+            while True:
+                event = state.receive(await receive())
+                if isinstance(event, Deliver):
+                    self._deliver(event)
+                elif isinstance(event, StartInbound):
+                    assert self._tasks is not None
+                    self._tasks.start_soon(self._serve, event.call, event.invoke, event.handle)
+                elif isinstance(event, CancelInbound):
+                    event.handle.by_remote = True
+                    event.handle.scope.cancel()
+                elif isinstance(event, Reply):
+                    self._queue_reply(event.text)
+                elif isinstance(event, Fail):
+                    event.handle.fail(event.error)
+        except CLOSED_ERRORS as exc:
+            if isinstance(exc, ConnectionClosed):
+                error = ConnectionClosed(exc.reason, code=exc.code)
+            error.__cause__ = exc
+        finally:
+            self._shutdown(error)
+
+    def _deliver(self, event: Deliver[_Channel]) -> None:
+        channel, frame = event.handle, event.frame
+        try:
+            channel.send.send_nowait(frame)
+        except anyio.WouldBlock:
+            channel.fail(
+                StreamOverrun(
+                    f"call {channel.capability}: consumer fell more than "
+                    f"{self._max_buffered} items behind"
+                )
+            )
+            self._abandon(channel)
+            return
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._abandon(channel)  # the consumer has gone away
+            return
+        if type(frame) is Result:
+            channel.send.close()
+
+    def _queue_reply(self, text: str) -> None:
+        # Replies the reader makes up are queued, never awaited. A remote that
+        # floods us with refused calls while not reading our answers would
+        # grow this queue without bound, so past the limit it is cut off.
+        if self._control_send.statistics().current_buffer_used >= self._max_inbound:
+            logger.warning("remote floods refused calls without reading; closing")
+            self._shutdown(ConnectionClosed("remote sent too many refused calls", code=1008))
+            if self._tasks is not None:
+                self._tasks.cancel_scope.cancel()
+            return
+        self._send_control(text)
+
+    def _send_control(self, text: str) -> None:
+        try:
+            self._control_send.send_nowait(text)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass  # closing: the remote needs no answer any more
+
+    async def _control_loop(self) -> None:
+        send = self._transport.send
+        try:
+            async for text in self._control_receive:
+                await send(text)
+        except CLOSED_ERRORS:
+            pass  # the reader sees the end too, and shuts the peer down
+
+    # -- calls the remote makes ----------------------------------------------
+
+    async def _serve(self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound) -> None:
+        _current_peer.set(self)
+        state, send = self._state, self._transport.send
+        final: str | None = None
+        try:
+            with handle.scope:
+                async with aclosing(run(invoke, call)) as frames:
+                    async for frame in frames:
+                        text, ended = state.reply(frame)
+                        if ended:
+                            final = text
+                            break
+                        await send(text)
+            if final is None and handle.by_remote:
+                final = encode(Result(call.id, error=CANCELLED))
+            if final is not None:
+                # Outside the call's scope: once the capability has finished,
+                # a late cancel cannot interrupt its one terminal result.
+                await send(final)
+        except CLOSED_ERRORS:
+            pass  # the connection ended; the reader shuts the peer down
+        finally:
+            state.finished(call.id, handle)
+
+    # -- calls we make -------------------------------------------------------
+
+    async def _open(self, capability: str, input: Any) -> _Channel:
+        self._check_open()
+        channel = _Channel(capability, self._max_buffered)
+        channel.call_id, text = self._state.start_call(capability, input, channel)
+        try:
+            await self._transport.send(text)
+        except CLOSED_ERRORS as exc:
+            self._abandon(channel)
+            raise self._close_error or ConnectionClosed("connection closed") from exc
+        except BaseException:
+            self._abandon(channel)
+            raise
+        return channel
+
+    def _abandon(self, channel: _Channel) -> None:
+        text = self._state.abandon(channel.call_id)
+        channel.send.close()
+        channel.receive.close()
+        if text is not None:
+            self._send_control(text)
+
+    def _deadline(self, timeout: float | EllipsisType | None) -> float:
+        if timeout is ...:
+            timeout = self._timeout
+        return math.inf if timeout is None else anyio.current_time() + timeout
+
+    async def _first_frame(self, channel: _Channel, deadline: float) -> Yield | Result:
+        with anyio.CancelScope(deadline=deadline) as scope:
+            return await channel.next()
+        if scope.cancelled_caught:
+            raise CallTimeout(f"call {channel.capability} timed out")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def call(
+        self,
+        capability: str,
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+    ) -> Any:
+        """Call a capability of the remote peer.
+
+        Args:
+            capability: The registered name on the remote.
+            input: Any JSON value.
+            timeout: Seconds to wait for the first frame (the result, or the
+                first item of a stream); ``None`` waits forever; by default
+                the peer's ``timeout``. Once a stream has started it has no
+                timeout.
+
+        Returns:
+            The remote's output, or a :class:`Stream` if the remote streams.
+            An empty stream returns ``None``, as in the original.
+
+        Raises:
+            RemoteError: The remote capability failed or is unknown.
+            CallTimeout: Nothing arrived within ``timeout``; the remote was
+                told to stop.
+            ConnectionClosed: The connection ended before the answer.
+            ProtocolError: ``input`` cannot be sent as JSON.
+        """
+        deadline = self._deadline(timeout)
+        channel = await self._open(capability, input)
+        try:
+            frame = await self._first_frame(channel, deadline)
+        except BaseException:
+            self._abandon(channel)
+            raise
+        if isinstance(frame, Yield):
+            return Stream(self, channel, frame, math.inf)
+        channel.receive.close()
+        if frame.error is not None:
+            raise RemoteError(frame.error)
+        return frame.output
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        capability: str,
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+    ) -> AsyncIterator[Stream]:
+        """Call a capability and iterate over what it streams.
+
+        ::
+
+            async with peer.stream("generate", {"prompt": "hi"}) as items:
+                async for item in items:
+                    print(item)
+
+        Leaving the block early, or cancelling the surrounding scope, tells
+        the remote to stop. A capability that returns a single value streams
+        that one value.
+
+        Args:
+            capability: The registered name on the remote.
+            input: Any JSON value.
+            timeout: Seconds to wait for the first item or the result; see
+                :meth:`call`.
+
+        Yields:
+            The :class:`Stream`.
+
+        Raises:
+            ConnectionClosed: The connection is closed.
+            ProtocolError: ``input`` cannot be sent as JSON.
+        """
+        deadline = self._deadline(timeout)
+        channel = await self._open(capability, input)
+        stream = Stream(self, channel, None, deadline)
+        try:
+            yield stream
+        finally:
+            stream._close()
+
+
+class AcceptedPeer(Peer):
+    """A :class:`Peer` fed by your own server: see :func:`accept`."""
+
+    async def receive(self, text: str) -> None:
+        """Hand the peer one text message your server received.
+
+        Waits while the peer's input buffer is full.
+
+        Raises:
+            ConnectionClosed: The peer is closed.
+        """
+        feed = self._transport
+        assert isinstance(feed, _FeedTransport)
+        await feed.feed(text)
+
+
+class _FeedTransport:
+    """A transport whose input is pushed in and whose output is a function."""
+
+    def __init__(self, send: Callable[[str], Awaitable[None]], buffer: int) -> None:
+        self._send = send
+        self._in, self._out = anyio.create_memory_object_stream[str](buffer)
+
+    async def send(self, item: str, /) -> None:
+        await self._send(item)
+
+    async def receive(self) -> str:
+        return await self._out.receive()
+
+    async def feed(self, text: str) -> None:
+        try:
+            await self._in.send(text)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise ConnectionClosed("peer is closed") from None
+
+    async def aclose(self) -> None:
+        self._in.close()
+        self._out.close()
+
+
+@asynccontextmanager
+async def accept(
+    *,
+    send: Callable[[str], Awaitable[None]],
+    capabilities: Capabilities | None = None,
+    claims: Mapping[str, Any] | None = None,
+    input_buffer: int = 64,
+    **options: Any,
+) -> AsyncIterator[AcceptedPeer]:
+    """Run a peer over a connection your own server manages (the original's ``accept``).
+
+    You supply ``send`` and feed each received text message to
+    :meth:`AcceptedPeer.receive`; when your connection ends, leave the block
+    (or call ``aclose()``)::
+
+        async with astral.accept(send=websocket.send_text, capabilities=caps) as peer:
+            async for text in websocket.iter_text():
+                await peer.receive(text)
+
+    Args:
+        send: Sends one text message; it may be called from several tasks at
+            once.
+        capabilities: The names the remote may call.
+        claims: The remote's verified token claims.
+        input_buffer: Messages buffered between ``receive`` and the reader.
+        **options: Passed on to :class:`Peer` (``timeout``,
+            ``max_inbound_calls``, ``max_buffered_items``).
+
+    Yields:
+        The running peer.
+
+    Raises:
+        TypeError: If a capability is not async.
+    """
+    transport = _FeedTransport(send, input_buffer)
+    async with AcceptedPeer(transport, capabilities=capabilities, claims=claims, **options) as peer:
+        yield peer

@@ -1,0 +1,230 @@
+"""The sans-IO state of one astral connection.
+
+Theory of operation
+-------------------
+A connection carries calls in both directions. Each peer picks the ids of
+the calls it makes, so the two directions never share an id space:
+
+* ``outbound`` maps the id of every call *we* made and are still waiting on
+  to an opaque handle the driver chose (the per-call channel). A ``yield``
+  for such an id is delivered to it; a ``result`` is delivered and removes
+  the entry. Giving up on a call (timeout, cancellation, early exit, buffer
+  overrun) removes the entry at once and produces a ``cancel`` frame; any
+  frame that still arrives for that id is then an unknown id, ignored.
+* ``inbound`` maps the id of every call the *remote* made that is running
+  here to a handle the driver chose (a cancel scope). A ``cancel`` for it is
+  handed to the driver; the driver reports the end with :meth:`finished`.
+
+:meth:`PeerState.receive` turns one text message into at most one event for
+the driver, and never raises: bad input is logged once at debug level and
+dropped, or answered, as the table in ``docs/protocol.md`` says. Frames go
+out through :meth:`start_call`, :meth:`abandon` and :meth:`reply`.
+
+This module does no I/O and knows no event loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._dispatch import UNKNOWN_CAPABILITY, resolve
+from ._exceptions import ProtocolError
+from ._frames import Call, Cancel, Result, Yield, decode, encode
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = [
+    "CancelInbound",
+    "Deliver",
+    "Fail",
+    "PeerState",
+    "Reply",
+    "StartInbound",
+]
+
+logger = logging.getLogger("astral.peer")
+
+Out = TypeVar("Out")
+In = TypeVar("In")
+
+#: Error strings this peer sends in results it makes up itself.
+CANCELLED = "cancelled"
+DUPLICATE_ID = "duplicate call id"
+TOO_MANY_CALLS = "too many concurrent calls"
+
+
+@dataclass(slots=True)
+class Deliver(Generic[Out]):
+    """A ``yield`` or ``result`` for an outbound call; a result ends it."""
+
+    handle: Out
+    frame: Yield | Result
+
+
+@dataclass(slots=True)
+class Fail(Generic[Out]):
+    """A malformed frame named an outbound call: fail it with ``error``."""
+
+    handle: Out
+    error: ProtocolError
+
+
+@dataclass(slots=True)
+class StartInbound(Generic[In]):
+    """Run ``invoke(call.input)`` for the remote, under ``handle``."""
+
+    call: Call
+    invoke: Callable[[Any], Any]
+    handle: In
+
+
+@dataclass(slots=True)
+class CancelInbound(Generic[In]):
+    """The remote cancelled the inbound call running under ``handle``."""
+
+    handle: In
+
+
+@dataclass(slots=True)
+class Reply:
+    """Send ``text`` back at once; no capability runs."""
+
+    text: str
+
+
+class PeerState(Generic[Out, In]):
+    """Calls in flight in both directions, and the rules for every frame.
+
+    Args:
+        capabilities: The local capabilities the remote may call.
+        new_inbound: Makes the handle of a newly started inbound call.
+        max_inbound_calls: How many remote calls may run here at once; one
+            more is answered ``"too many concurrent calls"``.
+    """
+
+    def __init__(
+        self,
+        capabilities: Any,
+        new_inbound: Callable[[], In],
+        *,
+        max_inbound_calls: int,
+    ) -> None:
+        self._capabilities = resolve(capabilities)
+        self._new_inbound = new_inbound
+        self._max_inbound = max_inbound_calls
+        self._ids = itertools.count(1)
+        self.outbound: dict[str, Out] = {}
+        self.inbound: dict[str, In] = {}
+
+    # -- frames we send ----------------------------------------------------
+
+    def start_call(self, capability: str, input: Any, handle: Out) -> tuple[str, str]:
+        """Register an outbound call; return its id and its ``call`` frame.
+
+        Raises:
+            ProtocolError: If ``input`` cannot be encoded (nothing is registered).
+        """
+        call_id = str(next(self._ids))
+        text = encode(Call(call_id, capability, input))
+        self.outbound[call_id] = handle
+        return call_id, text
+
+    def abandon(self, call_id: str) -> str | None:
+        """Stop waiting for an outbound call.
+
+        Returns:
+            The ``cancel`` frame to send, or ``None`` if the call had already
+            ended (nothing to tell the remote).
+        """
+        if self.outbound.pop(call_id, None) is None:
+            return None
+        return encode(Cancel(call_id))
+
+    def reply(self, frame: Yield | Result) -> tuple[str, bool]:
+        """Encode a frame of an inbound call's answer.
+
+        Returns:
+            The text to send, and whether it ends the call. An output that
+            cannot be encoded is replaced by an error result, which ends it.
+        """
+        try:
+            return encode(frame), type(frame) is Result
+        except ProtocolError as exc:
+            return encode(Result(frame.id, error=str(exc))), True
+
+    def finished(self, call_id: str, handle: In) -> None:
+        """Forget an inbound call that has ended (its result is sent or moot)."""
+        if self.inbound.get(call_id) is handle:
+            del self.inbound[call_id]
+
+    def close(self) -> tuple[list[Out], list[In]]:
+        """Forget everything; return the handles to fail and to cancel."""
+        outbound, inbound = list(self.outbound.values()), list(self.inbound.values())
+        self.outbound.clear()
+        self.inbound.clear()
+        return outbound, inbound
+
+    # -- frames we receive ---------------------------------------------------
+
+    def receive(
+        self, text: str
+    ) -> Deliver[Out] | Fail[Out] | StartInbound[In] | CancelInbound[In] | Reply | None:
+        """Route one incoming text message. Never raises.
+
+        Returns:
+            The event for the driver, or ``None`` when the message is ignored.
+        """
+        try:
+            frame = decode(text)
+        except ProtocolError as exc:
+            return self._receive_malformed(exc)
+        kind = type(frame)
+        if kind is Result:
+            handle = self.outbound.pop(frame.id, None)
+        elif kind is Yield:
+            handle = self.outbound.get(frame.id)
+        elif kind is Call:
+            return self._receive_call(frame)  # type: ignore[arg-type]
+        else:
+            inbound = self.inbound.get(frame.id)
+            if inbound is None:
+                logger.debug("ignored cancel for call %s: not running", frame.id)
+                return None
+            return CancelInbound(inbound)
+        if handle is None:
+            logger.debug("ignored %s for unknown call id %s", kind.__name__.lower(), frame.id)
+            return None
+        return Deliver(handle, frame)  # type: ignore[arg-type]
+
+    def _receive_malformed(self, exc: ProtocolError) -> Fail[Out] | Reply | None:
+        # Ids are scoped per direction: a malformed yield or result names one
+        # of our calls, a malformed call names one of the remote's.
+        if exc.frame_id is not None and exc.frame_type in ("yield", "result"):
+            handle = self.outbound.pop(exc.frame_id, None)
+            if handle is not None:
+                logger.debug("malformed %s for call %s: %s", exc.frame_type, exc.frame_id, exc)
+                return Fail(handle, exc)
+        elif exc.frame_id is not None and exc.frame_type == "call":
+            logger.debug("refused malformed call %s: %s", exc.frame_id, exc)
+            return Reply(encode(Result(exc.frame_id, error=f"malformed call: {exc}")))
+        logger.debug("ignored malformed frame: %s", exc)
+        return None
+
+    def _receive_call(self, call: Call) -> StartInbound[In] | Reply:
+        if call.id in self.inbound:
+            logger.debug("refused call %s: id already running", call.id)
+            return Reply(encode(Result(call.id, error=DUPLICATE_ID)))
+        invoke = self._capabilities.get(call.capability)
+        if invoke is None:
+            logger.debug("refused call %s: unknown capability %.60r", call.id, call.capability)
+            return Reply(encode(Result(call.id, error=UNKNOWN_CAPABILITY)))
+        if len(self.inbound) >= self._max_inbound:
+            logger.debug("refused call %s: %d calls running", call.id, len(self.inbound))
+            return Reply(encode(Result(call.id, error=TOO_MANY_CALLS)))
+        handle = self._new_inbound()
+        self.inbound[call.id] = handle
+        return StartInbound(call, invoke, handle)
