@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import anyio
@@ -46,12 +46,17 @@ def _bounded(
     return wrapper
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if not isinstance(item, pytest.Function):
-            continue
-        if inspect.iscoroutinefunction(item.obj):
-            item.add_marker(pytest.mark.anyio)
-            marker = item.get_closest_marker("time_limit")
-            seconds = float(marker.args[0]) if marker else DEFAULT_TIME_LIMIT
-            item.obj = _bounded(item.obj, seconds)
+@pytest.hookimpl(hookwrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, None, None]:
+    # AnyIO's plugin (auto mode, see pyproject) runs the coroutine found in
+    # ``pyfuncitem.obj``; wrapping it only for the call leaves collection and
+    # parametrization untouched.
+    original = pyfuncitem.obj
+    if inspect.iscoroutinefunction(original):
+        marker = pyfuncitem.get_closest_marker("time_limit")
+        seconds = float(marker.args[0]) if marker else DEFAULT_TIME_LIMIT
+        pyfuncitem.obj = _bounded(original, seconds)
+    try:
+        yield
+    finally:
+        pyfuncitem.obj = original
