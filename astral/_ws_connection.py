@@ -1,0 +1,634 @@
+"""One open WebSocket: a thin AnyIO driver around ``wsproto.connection.Connection``.
+
+Theory of operation
+-------------------
+
+wsproto is the sans-IO core: it turns bytes into frames and frames into bytes.
+This module only moves those bytes and keeps the books, with three background
+tasks per connection, all inside the task group of :meth:`_run`:
+
+* the **reader** reads the stream, feeds wsproto, and turns its events into
+  whole messages in a deque (fragments are joined, binary is decoded as
+  UTF-8, sizes are checked). Pings are answered here. It is the only task that
+  ever closes the stream, so the socket's lifetime has one owner.
+* the **writer** drains one shared ``bytearray``. :meth:`send` serialises its
+  frame synchronously into that buffer (so a frame is always whole, and a
+  cancelled send either appended all of it or nothing) and returns; the writer
+  wakes once and ships everything that piled up meanwhile in one
+  ``stream.send``. Senders wait only when the buffer holds more than
+  :data:`WRITE_HIGH_WATER` bytes.
+* the **keepalive** task pings every ``ping_interval`` seconds and fails the
+  connection with 1011 when no pong comes back within ``ping_timeout``.
+
+The background tasks run inside shielded cancel scopes of their own, so that
+when the code using the connection is cancelled (the server shutting down,
+say) the close handshake can still go out; they are cancelled explicitly
+(:meth:`_abort`) once the connection is done with.
+
+Closing: whichever side sends the first close frame sets :attr:`close_code`;
+from then on nothing more is sent or delivered, and one deadline
+(``close_timeout``) bounds the rest: waiting for the peer's close frame,
+flushing ours, and (client side) waiting for the server to drop TCP first.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import SocketAttribute
+from wsproto.connection import ConnectionState
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+
+from ._exceptions import ConnectionClosed
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Coroutine
+
+    from anyio.abc import ByteStream
+    from wsproto.connection import Connection
+
+__all__ = ["HandshakeRequest", "WebSocketConnection"]
+
+logger = logging.getLogger("astral.websocket")
+
+#: Bytes asked of the stream per read.
+READ_SIZE = 65536
+#: Senders wait while the outgoing buffer holds at least this many bytes.
+WRITE_HIGH_WATER = 65536
+
+#: Errors of a byte stream that mean "the transport is gone".
+STREAM_ERRORS: tuple[type[Exception], ...] = (
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.BusyResourceError,
+    anyio.EndOfStream,
+    OSError,  # includes ssl.SSLError
+)
+
+_DESCRIPTIONS = {
+    1000: "normal closure",
+    1001: "going away",
+    1002: "protocol error",
+    1003: "unsupported data",
+    1005: "no status code",
+    1006: "connection lost",
+    1007: "invalid message data",
+    1008: "policy violation",
+    1009: "message too big",
+    1010: "missing extension",
+    1011: "internal error",
+    1012: "service restart",
+    1013: "try again later",
+    1014: "bad gateway",
+}
+_SENDABLE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1007, 1015)})
+_OPEN = ConnectionState.OPEN
+_REMOTE_CLOSING = ConnectionState.REMOTE_CLOSING
+
+
+@dataclass
+class HandshakeRequest:
+    """The HTTP upgrade request a client opened a WebSocket with (server side).
+
+    Attributes:
+        path: The request target, query string included (``"/rpc?token=..."``).
+        headers: The request headers in order, names lower-cased, values
+            decoded as Latin-1.
+        remote_address: The client's ``(host, port)``, when known.
+        state: Free-form storage: ``process_request`` may stash things here
+            (verified claims, say) for the connection handler.
+    """
+
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    remote_address: tuple[str, int] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def header(self, name: str) -> str | None:
+        """Return the value of header ``name`` (case-insensitive), or ``None``.
+
+        Repeated headers are joined with ``", "`` as HTTP prescribes, so a
+        request carrying two ``Authorization`` headers never validates.
+        """
+        name = name.lower()
+        values = [value for key, value in self.headers if key == name]
+        return ", ".join(values) if values else None
+
+    def query_param(self, name: str) -> str | None:
+        """Return the first value of query parameter ``name``, percent-decoded, or ``None``."""
+        for key, value in parse_qsl(urlsplit(self.path).query, keep_blank_values=True):
+            if key == name:
+                return value
+        return None
+
+
+def peer_address(stream: ByteStream) -> tuple[str, int] | None:
+    """Return the ``(host, port)`` at the other end of ``stream``, if it is a TCP stream."""
+    address = stream.extra(SocketAttribute.remote_address, None)  # noqa: S610
+    if isinstance(address, tuple):
+        return str(address[0]), int(address[1])
+    return None
+
+
+def check_options(
+    *,
+    open_timeout: float | None,
+    ping_interval: float | None,
+    ping_timeout: float | None,
+    close_timeout: float,
+    max_message_size: int,
+    max_header_size: int,
+) -> None:
+    """Raise :class:`ValueError` for a limit or timeout that makes no sense."""
+    for name, value in (
+        ("open_timeout", open_timeout),
+        ("ping_interval", ping_interval),
+        ("ping_timeout", ping_timeout),
+    ):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive or None, not {value!r}")
+    if not close_timeout >= 0:
+        raise ValueError(f"close_timeout must not be negative, not {close_timeout!r}")
+    if max_message_size < 1 or max_header_size < 1:
+        raise ValueError("max_message_size and max_header_size must be positive")
+
+
+def check_close_code(code: int) -> None:
+    """Raise :class:`ValueError` unless ``code`` may be sent in a close frame."""
+    if code not in _SENDABLE_CODES and not 3000 <= code <= 4999:
+        raise ValueError(f"{code} is not a close code an endpoint may send")
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def only(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Tell whether ``exc`` is a ``kind``, or a group of nothing but ``kind``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(kind)[1] is None
+    return isinstance(exc, kind)
+
+
+def exit_code(exc: BaseException | None) -> tuple[int, str]:
+    """Choose the close code for leaving a connection's scope with ``exc``."""
+    if exc is None or only(exc, ConnectionClosed):
+        return 1000, ""
+    if not isinstance(exc, Exception):  # cancellation, KeyboardInterrupt...
+        return 1001, "going away"
+    return 1011, "internal error"
+
+
+class WebSocketConnection:
+    """One open WebSocket connection; satisfies :class:`astral._transport.Transport`.
+
+    Made by :func:`~astral._websocket.open_websocket` and
+    :func:`~astral._websocket.serve_websocket`, never directly. Any number of
+    tasks may :meth:`send` at once; frames are never interleaved.
+
+    Binary messages from the peer are decoded as UTF-8 and delivered as text.
+    """
+
+    def __init__(
+        self,
+        stream: ByteStream,
+        ws: Connection,
+        *,
+        request: HandshakeRequest | None,
+        remote_address: tuple[str, int] | None,
+        ping_interval: float | None,
+        ping_timeout: float | None,
+        close_timeout: float,
+        max_message_size: int,
+    ) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._client = ws.client
+        self._request = request
+        self._remote_address = remote_address
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._close_timeout = close_timeout
+        self._max_size = max_message_size
+        # A message of at most this many characters fits whatever its encoding.
+        self._max_chars_cheap = max_message_size // 4
+
+        # Receiving: whole messages, and the message being reassembled.
+        self._messages: deque[str] = deque()
+        self._queued = 0  # characters in _messages
+        # The reader pauses when this many characters wait for receive(), and
+        # resumes below half of it.
+        self._recv_high = max(max_message_size, READ_SIZE)
+        self._recv_low = self._recv_high // 2
+        self._recv_waiter: anyio.Event | None = None
+        self._resume: anyio.Event | None = None  # set: the reader may read again
+        self._parts: list[str] = []
+        self._binary: bytearray | None = None  # a binary message is being reassembled
+        self._part_size = 0
+        self._recv_closed = False  # no more messages will be queued
+
+        # Sending.
+        self._out = bytearray()
+        self._wakeup: anyio.Event | None = None  # the writer is idle
+        self._space: anyio.Event | None = None  # senders wait for room
+        self._write_closed = False  # a close frame is queued, or the stream is gone
+        self._writer_done = anyio.Event()
+
+        # Keepalive.
+        self._ping_payload = b""
+        self._pong: anyio.Event | None = None
+        self._ping_count = 0
+
+        # Closing.
+        self._close_code: int | None = None
+        self._close_reason: str | None = None
+        self._close_deadline: float | None = None
+        self._broken = False  # the stream failed: nothing left to flush
+        self._peer_done = False  # close handshake complete (client waits for EOF)
+        self._closed = anyio.Event()  # the stream is closed
+        self._read_scope = anyio.CancelScope()
+        self._task_scopes: list[anyio.CancelScope] = []
+
+    # --- public API -------------------------------------------------------
+
+    @property
+    def request(self) -> HandshakeRequest | None:
+        """The upgrade request (server side), ``None`` on the client side."""
+        return self._request
+
+    @property
+    def remote_address(self) -> tuple[str, int] | None:
+        """The peer's ``(host, port)``, when known."""
+        return self._remote_address
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code, or ``None`` while the connection is open.
+
+        It is the code of the first close frame sent or received (so a
+        connection we closed for an oversized message reports 1009 even if the
+        peer never answered), or 1006 when TCP ended with no close frame at all.
+        """
+        return self._close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        """The reason that came with :attr:`close_code`, ``None`` while open."""
+        return self._close_reason
+
+    async def send(self, item: str, /) -> None:
+        """Send one text message.
+
+        Returns once the frame is queued for the writer task; waits first if
+        more than :data:`WRITE_HIGH_WATER` bytes are already queued.
+
+        Raises:
+            ConnectionClosed: If the connection is closing or closed.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while len(self._out) >= WRITE_HIGH_WATER and not self._write_closed:
+            space = self._space
+            if space is None:
+                space = self._space = anyio.Event()
+            await space.wait()
+        if self._write_closed:
+            raise self._closed_error()
+        self._queue(self._ws.send(TextMessage(data=item)))
+
+    async def receive(self) -> str:
+        """Return the next message (binary messages decoded as UTF-8).
+
+        Messages that arrived before the connection closed are still handed out.
+
+        Raises:
+            ConnectionClosed: Once the connection is closed and no message is
+                left, with the close code (1005 if the peer's close frame had
+                none, 1006 if TCP died without a close frame).
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            messages = self._messages
+            if messages:
+                message = messages.popleft()
+                self._queued -= len(message)
+                resume = self._resume
+                if resume is not None and self._queued < self._recv_low:
+                    self._resume = None
+                    resume.set()
+                return message
+            if self._recv_closed:
+                raise self._closed_error()
+            waiter = self._recv_waiter
+            if waiter is None:
+                waiter = self._recv_waiter = anyio.Event()
+            await waiter.wait()
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection with the WebSocket close handshake. Idempotent.
+
+        Waits at most ``close_timeout`` seconds for the handshake, then drops
+        the TCP connection. If cancelled meanwhile, drops it at once. A task
+        blocked in :meth:`receive` gets :class:`ConnectionClosed`.
+
+        Args:
+            code: The close code to send (1000 normal, 1001 going away...).
+            reason: A short reason, truncated to fit a control frame.
+
+        Raises:
+            ValueError: If ``code`` may not be sent in a close frame.
+        """
+        check_close_code(code)
+        self._start_close(code, reason)
+        if self._closed.is_set():
+            await anyio.lowlevel.checkpoint()
+            return
+        deadline = self._close_deadline
+        if deadline is None:  # the stream broke; the reader is finishing
+            deadline = anyio.current_time() + self._close_timeout
+        try:
+            with anyio.CancelScope(deadline=deadline):
+                await self._closed.wait()
+        finally:
+            if not self._closed.is_set():
+                self._abort()
+
+    # --- lifetime ---------------------------------------------------------
+
+    @asynccontextmanager
+    async def _run(self) -> AsyncIterator[None]:
+        """Run the background tasks around the body, then close the connection.
+
+        The close code follows the way the body ends (see :func:`exit_code`);
+        the close handshake is shielded from the body's cancellation and
+        bounded by ``close_timeout``. The body's exception comes out as it went
+        in, not wrapped in an exception group.
+        """
+        error: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._shielded, self._read_main)
+            tg.start_soon(self._shielded, self._write_main)
+            if self._ping_interval is not None:
+                tg.start_soon(self._shielded, self._keepalive_main)
+            try:
+                yield
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, unwrapped
+                error = exc
+            finally:
+                code, reason = exit_code(error)
+                with anyio.CancelScope(shield=True):
+                    await self.aclose(code, reason)
+                self._abort()
+        if error is not None:
+            raise error
+
+    async def _shielded(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        with anyio.CancelScope(shield=True) as scope:
+            self._task_scopes.append(scope)
+            await fn()
+
+    def _abort(self) -> None:
+        """Stop every background task now; the reader closes the stream on its way out."""
+        self._lost("connection aborted")
+        for scope in self._task_scopes:
+            scope.cancel()
+
+    def _closed_error(self) -> ConnectionClosed:
+        code = self._close_code if self._close_code is not None else 1006
+        reason = self._close_reason or _DESCRIPTIONS.get(code, "connection closed")
+        return ConnectionClosed(reason, code=code)
+
+    def _set_closing(self, code: int, reason: str) -> None:
+        """Note that a close frame went out or came in: stop sending and delivering."""
+        if self._close_code is None:
+            self._close_code, self._close_reason = code, reason
+        self._write_closed = self._recv_closed = True
+        if self._close_deadline is None:
+            self._close_deadline = anyio.current_time() + self._close_timeout
+            self._read_scope.deadline = self._close_deadline
+        self._wake_all()
+
+    def _start_close(self, code: int, reason: str) -> None:
+        """Begin the closing handshake from our side, unless it has begun already."""
+        if not self._write_closed:
+            self._queue(self._ws.send(CloseConnection(code=code, reason=reason)))
+            self._set_closing(code, reason)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Send a close frame if we still can, then drop TCP without waiting for the peer."""
+        self._start_close(code, reason)
+        self._read_scope.cancel()
+
+    def _lost(self, reason: str) -> None:
+        """The stream is gone (or being dropped): nothing more goes in or out."""
+        if self._close_code is None:
+            self._close_code, self._close_reason = 1006, reason
+        self._broken = self._write_closed = self._recv_closed = True
+        self._out.clear()
+        self._read_scope.cancel()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        events = (self._recv_waiter, self._resume, self._wakeup, self._space)
+        self._recv_waiter = self._resume = self._wakeup = self._space = None
+        for event in events:
+            if event is not None:
+                event.set()
+
+    # --- writer -----------------------------------------------------------
+
+    def _queue(self, data: bytes | bytearray) -> None:
+        self._out += data
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set()
+
+    async def _write_main(self) -> None:
+        try:
+            while True:
+                if not self._out:
+                    if self._write_closed:
+                        return
+                    wakeup = self._wakeup = anyio.Event()
+                    await wakeup.wait()
+                    continue
+                data = bytes(self._out)
+                self._out.clear()
+                try:
+                    await self._stream.send(data)
+                except STREAM_ERRORS as exc:
+                    logger.debug("write failed: %r", exc)
+                    self._lost(f"write failed: {exc!r}")
+                    return
+                space = self._space
+                if space is not None:
+                    self._space = None
+                    space.set()
+        finally:
+            self._writer_done.set()
+
+    # --- keepalive --------------------------------------------------------
+
+    async def _keepalive_main(self) -> None:
+        assert self._ping_interval is not None
+        while True:
+            await anyio.sleep(self._ping_interval)
+            if self._write_closed:
+                return
+            self._ping_count += 1
+            self._ping_payload = payload = struct.pack("!Q", self._ping_count)
+            pong = self._pong = anyio.Event()
+            self._queue(self._ws.send(Ping(payload=payload)))
+            if self._ping_timeout is None:
+                continue
+            with anyio.move_on_after(self._ping_timeout):
+                await pong.wait()
+            if not pong.is_set():
+                logger.info("no pong within %s s; closing", self._ping_timeout)
+                self._fail(1011, "keepalive ping timeout")
+                return
+
+    # --- reader -----------------------------------------------------------
+
+    async def _read_main(self) -> None:
+        try:
+            with self._read_scope:
+                # wsproto may hold frames that came in with the handshake.
+                if not self._handle_events():
+                    await self._read_loop()
+            deadline = self._close_deadline
+            if not self._broken and deadline is not None:
+                # Give our close frame its chance to reach the wire.
+                self._wake_all()
+                with anyio.CancelScope(deadline=deadline):
+                    await self._writer_done.wait()
+        finally:
+            self._lost("connection closed")
+            try:
+                await anyio.aclose_forcefully(self._stream)
+            finally:
+                self._closed.set()
+                for scope in self._task_scopes:
+                    scope.cancel()  # the writer and keepalive (the reader is done)
+
+    async def _read_loop(self) -> None:
+        receive = self._stream.receive
+        while True:
+            resume = self._resume
+            if resume is not None:
+                await resume.wait()
+            try:
+                data = await receive(READ_SIZE)
+            except anyio.EndOfStream:
+                if not self._peer_done:
+                    self._lost("connection closed without a close frame")
+                return
+            except STREAM_ERRORS as exc:
+                logger.debug("read failed: %r", exc)
+                self._lost(f"read failed: {exc!r}")
+                return
+            if self._peer_done:
+                continue  # client side, waiting for the server to drop TCP
+            self._ws.receive_data(data)
+            if self._handle_events():
+                return
+
+    def _handle_events(self) -> bool:
+        """Act on wsproto's events; return whether to stop reading."""
+        ws = self._ws
+        got_message = False
+        for event in ws.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                if not self._recv_closed:
+                    got_message |= self._on_data(event)
+            elif isinstance(event, Ping):
+                if not self._write_closed:
+                    self._queue(ws.send(event.response()))
+            elif isinstance(event, Pong):
+                pong = self._pong
+                if pong is not None and event.payload == self._ping_payload:
+                    self._pong = None
+                    pong.set()
+            elif isinstance(event, CloseConnection):
+                return self._on_close(event)
+        if got_message:
+            waiter = self._recv_waiter
+            if waiter is not None:
+                self._recv_waiter = None
+                waiter.set()
+            if self._queued >= self._recv_high and self._resume is None:
+                self._resume = anyio.Event()  # pause reading until receive() catches up
+        return False
+
+    def _on_data(self, event: TextMessage | BytesMessage) -> bool:
+        """Add a message fragment; return whether a whole message was queued."""
+        data = event.data
+        if (
+            type(data) is str  # the hot path: one text frame, read whole
+            and event.message_finished
+            and not self._parts
+            and self._binary is None
+        ):
+            if len(data) > self._max_chars_cheap and _utf8_len(data) > self._max_size:
+                self._too_big()
+                return False
+            self._messages.append(data)
+            self._queued += len(data)
+            return True
+        if isinstance(data, str):
+            self._part_size += _utf8_len(data)
+            self._parts.append(data)
+        else:
+            if self._binary is None:
+                self._binary = bytearray()
+            self._part_size += len(data)
+            self._binary += data
+        if self._part_size > self._max_size:
+            self._too_big()
+            return False
+        if not event.message_finished:
+            return False
+        if self._binary is not None:
+            try:
+                message = self._binary.decode("utf-8")
+            except UnicodeDecodeError:
+                self._start_close(1007, "invalid UTF-8 in binary message")
+                return False
+            finally:
+                self._binary = None
+                self._part_size = 0
+        else:
+            message = "".join(self._parts)
+            self._parts.clear()
+            self._part_size = 0
+        self._messages.append(message)
+        self._queued += len(message)
+        return True
+
+    def _too_big(self) -> None:
+        self._parts.clear()
+        self._binary = None
+        self._part_size = 0
+        self._start_close(1009, f"message larger than {self._max_size} bytes")
+
+    def _on_close(self, event: CloseConnection) -> bool:
+        state = self._ws.state
+        if state is _REMOTE_CLOSING:  # the peer began the handshake: answer it
+            self._queue(self._ws.send(event.response()))
+            self._set_closing(event.code, event.reason or "")
+        elif state is _OPEN:  # wsproto could not parse the stream: fail it
+            logger.info("protocol violation from peer: %s", event.reason)
+            self._fail(event.code, event.reason or "")
+            return True
+        # The handshake is complete. RFC 6455 section 7.1.1: the server drops
+        # TCP first; the client waits (until the close deadline) for it to.
+        self._peer_done = True
+        return not self._client
