@@ -9,6 +9,10 @@ Everything public is re-exported here; the modules behind it are private.
 
 from __future__ import annotations
 
+from ._auth import JWTVerifier as JWTVerifier
+from ._auth import Verifier as Verifier
+from ._auth import mint_token as mint_token
+from ._client import connect as connect
 from ._dispatch import Callable as Callable
 from ._dispatch import handle as handle
 from ._exceptions import AstralError as AstralError
@@ -36,6 +40,8 @@ from ._peer import Peer as Peer
 from ._peer import Stream as Stream
 from ._peer import accept as accept
 from ._peer import current_peer as current_peer
+from ._server import PeerRegistry as PeerRegistry
+from ._server import serve as serve
 from ._transport import Transport as Transport
 
 __version__ = "0.1.0"
@@ -54,7 +60,9 @@ __all__ = [
     "ConnectionClosed",
     "Frame",
     "HandshakeError",
+    "JWTVerifier",
     "Peer",
+    "PeerRegistry",
     "ProtocolError",
     "RemoteError",
     "Result",
@@ -63,10 +71,14 @@ __all__ = [
     "TLSError",
     "Transport",
     "Unauthorized",
+    "Verifier",
     "Yield",
     "accept",
+    "connect",
     "current_peer",
     "decode",
     "encode",
     "handle",
+    "mint_token",
+    "serve",
 ]

@@ -119,9 +119,10 @@ class ConnectionClosed(AstralError):
     """
 
     def __init__(self, reason: str = "connection closed", *, code: int | None = None) -> None:
-        super().__init__(reason if code is None else f"{reason} (code {code})")
-        self.code = code
+        # int(): a foreign enum (wsproto's CloseReason) must not leak out as the code.
+        self.code = None if code is None else int(code)
         self.reason = reason
+        super().__init__(reason if code is None else f"{reason} (code {self.code})")
 
 
 class CallError(AstralError):

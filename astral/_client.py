@@ -1,0 +1,138 @@
+"""``astral.connect``: a worker opens a WebSocket to a principal.
+
+The token is minted (or taken) once per connection, sent in an
+``Authorization: Bearer`` header by default or in the ``?token=`` query
+parameter (what the original TypeScript principal reads), and the peer then
+runs over the WebSocket exactly as over any transport.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ._peer import DEFAULT_MAX_BUFFERED_ITEMS, DEFAULT_MAX_INBOUND_CALLS, DEFAULT_TIMEOUT, Peer
+from ._websocket import open_websocket
+
+if TYPE_CHECKING:
+    import ssl as _ssl
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+
+    from ._dispatch import Capabilities
+
+__all__ = ["connect"]
+
+
+async def _resolve_token(token: str | Callable[[], str | Awaitable[str]] | None) -> str | None:
+    if token is None or isinstance(token, str):
+        return token
+    value = token()
+    if inspect.isawaitable(value):
+        value = await value
+    if not isinstance(value, str):
+        raise TypeError(f"token function returned {type(value).__name__}, not str")
+    return value
+
+
+def _with_token_query(url: str, token: str) -> str:
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "token"]
+    query.append(("token", token))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@asynccontextmanager
+async def connect(
+    url: str,
+    *,
+    token: str | Callable[[], str | Awaitable[str]] | None = None,
+    capabilities: Capabilities | None = None,
+    ssl: _ssl.SSLContext | None = None,
+    token_in_query: bool = False,
+    headers: Sequence[tuple[str, str]] = (),
+    timeout: float | None = DEFAULT_TIMEOUT,
+    open_timeout: float | None = 10.0,
+    ping_interval: float | None = 20.0,
+    ping_timeout: float | None = 20.0,
+    close_timeout: float = 10.0,
+    max_message_size: int = 2**20,
+    max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
+    max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+    claims: Mapping[str, Any] | None = None,
+) -> AsyncIterator[Peer]:
+    """Connect to a principal and run a peer over the WebSocket.
+
+    ::
+
+        async with astral.connect(
+            "wss://principal.example/astral",
+            token=lambda: astral.mint_token(secret, subject="worker-1"),
+            capabilities={"bash": bash},
+        ) as peer:
+            print(await peer.call("transcription", {"audio": "..."}))
+
+    Args:
+        url: ``ws://`` or ``wss://`` URL of the principal.
+        token: The JWT, or a sync or async function returning a fresh one
+            (called once per connection). ``None`` sends no token.
+        capabilities: What this worker lets the principal call.
+        ssl: TLS context for ``wss://``; by default the system's trusted CAs
+            with host name verification.
+        token_in_query: Send the token as ``?token=`` (what the original
+            TypeScript principal reads) instead of an
+            ``Authorization: Bearer`` header. Query strings end up in proxy
+            and server logs: prefer the header where the server reads it.
+        headers: Extra HTTP headers for the upgrade request.
+        timeout: Default seconds a call waits for its first frame.
+        open_timeout: Seconds for TCP, TLS and the upgrade together.
+        ping_interval: Seconds between keepalive pings; ``None`` disables.
+        ping_timeout: Seconds to wait for a pong before closing.
+        close_timeout: Seconds to wait for the closing handshake.
+        max_message_size: Largest incoming message, in bytes (close 1009).
+        max_inbound_calls: Remote calls allowed to run here at once.
+        max_buffered_items: Items buffered per streaming call.
+        claims: Claims describing the principal, for this worker's
+            capabilities to read through ``current_peer().claims``.
+
+    Yields:
+        The running :class:`astral.Peer`.
+
+    Raises:
+        Unauthorized: The principal refused the token (HTTP 401).
+        HandshakeError: The principal refused the upgrade otherwise.
+        TLSError: The TLS handshake failed.
+        ConnectTimeout: Opening took longer than ``open_timeout``.
+        ConnectError: The connection was refused or the URL is invalid.
+        TypeError: A capability is not async, or the token function
+            returned something other than a string.
+    """
+    value = await _resolve_token(token)
+    all_headers = list(headers)
+    if value is not None:
+        if token_in_query:
+            url = _with_token_query(url, value)
+        else:
+            all_headers.append(("Authorization", f"Bearer {value}"))
+    async with (
+        open_websocket(
+            url,
+            ssl_context=ssl,
+            headers=all_headers,
+            open_timeout=open_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            close_timeout=close_timeout,
+            max_message_size=max_message_size,
+        ) as websocket,
+        Peer(
+            websocket,
+            capabilities=capabilities,
+            claims=claims,
+            timeout=timeout,
+            max_inbound_calls=max_inbound_calls,
+            max_buffered_items=max_buffered_items,
+        ) as peer,
+    ):
+        yield peer

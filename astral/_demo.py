@@ -1,0 +1,164 @@
+"""``python -m astral demo``: a principal and a worker talking over wss://.
+
+Everything is real: a TLS certificate made on the spot (signed by a
+throwaway CA), a TCP socket on 127.0.0.1, the WebSocket upgrade with a JWT
+checked before it is accepted, and calls in both directions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ipaddress
+import secrets
+import ssl
+import tempfile
+from pathlib import Path
+
+import anyio
+
+from ._auth import JWTVerifier, mint_token
+from ._client import connect
+from ._exceptions import Unauthorized
+from ._peer import current_peer
+from ._server import PeerRegistry, serve
+
+
+def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client trusting it."""
+    from cryptography import x509  # noqa: PLC0415 - only the demo needs it
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "astral demo CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as tmp:
+        cert_path, key_path = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        cert_path.write_bytes(cert.public_bytes(pem))
+        key_path.write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+        key_path.chmod(0o600)
+        server.load_cert_chain(cert_path, key_path)
+    client = ssl.create_default_context(cadata=ca_cert.public_bytes(pem).decode())
+    return server, client
+
+
+async def _demo() -> None:
+    say = functools.partial(print, flush=True)
+    secret = secrets.token_bytes(32)
+    server_tls, client_tls = _tls_contexts()
+    workers = PeerRegistry()
+    finally_ran = anyio.Event()
+
+    # -- the principal's capabilities --------------------------------------
+    async def transcription(audio: str) -> str:
+        caller = current_peer()
+        say(f"  principal: transcribing for {caller.claims['sub']!r}")
+        return audio.upper()
+
+    async def countdown(n: int):  # type: ignore[no-untyped-def]  # noqa: ANN202
+        for i in range(n, 0, -1):
+            yield i
+
+    # -- the worker's capabilities -----------------------------------------
+    async def bash(command: str) -> str:
+        return f"$ {command}\nok"
+
+    async def long_job(_: object) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            finally_ran.set()
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(
+            functools.partial(
+                serve,
+                verifier=JWTVerifier(secret, algorithms=["HS256"]),
+                capabilities={"transcription": transcription, "countdown": countdown},
+                ssl=server_tls,
+                registry=workers,
+                path="/astral",
+            )
+        )
+        url = f"wss://127.0.0.1:{port}/astral"
+        say(f"principal listening on {url} (TLS, JWT checked before the upgrade)")
+
+        token = functools.partial(mint_token, secret, subject="worker-1", expires_in=60)
+        async with connect(
+            url, token=token, ssl=client_tls, capabilities={"bash": bash, "long_job": long_job}
+        ) as worker:
+            say("worker-1 connected")
+            say("worker -> principal: transcription('hello astral')")
+            say(f"  = {await worker.call('transcription', 'hello astral')!r}")
+
+            say("worker -> principal: countdown(3), streamed")
+            async with worker.stream("countdown", 3) as items:
+                async for item in items:
+                    say(f"  item {item}")
+
+            principal_side = await workers.wait_for("worker-1")
+            say("principal -> worker: bash('uptime')")
+            say(f"  = {await principal_side.call('bash', 'uptime')!r}")
+
+            say("principal -> worker: long_job, cancelled after it starts")
+            with anyio.move_on_after(0.2):
+                await principal_side.call("long_job", timeout=None)
+            with anyio.fail_after(5):
+                await finally_ran.wait()
+            say("  the worker's long_job was cancelled and its finally block ran")
+
+        bad = mint_token(secrets.token_bytes(32), subject="mallory")
+        say("a worker with a token signed by the wrong key tries to connect")
+        try:
+            async with connect(url, token=bad, ssl=client_tls):
+                pass
+        except Unauthorized as exc:
+            say(f"  refused before the upgrade: {exc}")
+        tg.cancel_scope.cancel()
+    say("principal stopped; every connection closed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo on asyncio, or on trio with ``--trio``."""
+    import sys  # noqa: PLC0415
+
+    args = sys.argv[1:] if argv is None else argv
+    backend = "trio" if "--trio" in args else "asyncio"
+    if args and args[0] not in ("demo", "--trio"):
+        print("usage: python -m astral demo [--trio]")
+        return 2
+    print(f"astral demo on {backend}")
+    anyio.run(_demo, backend=backend)
+    return 0

@@ -1,0 +1,49 @@
+"""Developer sessions: ``nox -s tests``, ``lint``, ``typing``, ``docs``, ``bench``."""
+
+from __future__ import annotations
+
+import shutil
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typing", "docs"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHONS = [v for v in ("3.11", "3.12", "3.13") if shutil.which(f"python{v}")]
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """The test suite, on asyncio and trio, with branch coverage."""
+    session.install("-e", ".[test]")
+    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "report", "--fail-under=85")
+
+
+@nox.session(python=PYTHONS[:1])
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install("-e", ".[lint]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHONS[:1])
+def typing(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install("-e", ".[lint]")
+    session.run("mypy", "astral")
+
+
+@nox.session(python=PYTHONS[:1])
+def docs(session: nox.Session) -> None:
+    """Docs: every Python block compiles, every public name is documented."""
+    session.install("-e", ".")
+    session.run("python", "docs/check.py")
+
+
+@nox.session(python=PYTHONS[:1])
+def bench(session: nox.Session) -> None:
+    """The benchmark suite (separate processes on 127.0.0.1): ``nox -s bench -- --quick``."""
+    session.install("-e", ".[bench]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

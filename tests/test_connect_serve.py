@@ -1,0 +1,393 @@
+"""astral.connect and astral.serve over real sockets on 127.0.0.1, on both backends."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import anyio
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from joserfc.jwk import OctKey
+
+import astral
+
+from .helpers import SECRET, forge, make_tls, running_principal, token
+
+
+async def test_worker_and_principal_call_each_other() -> None:
+    async def bash(command: str) -> str:
+        return f"ran {command}"
+
+    async with (
+        running_principal() as principal,
+        astral.connect(principal.url, token=token(), capabilities={"bash": bash}) as worker,
+    ):
+        assert await worker.call("echo", {"x": 1}) == {"x": 1}
+        assert await worker.call("whoami") == "worker-1"
+        principal_side = await principal.registry.wait_for("worker-1")
+        assert principal_side.claims["sub"] == "worker-1"
+        assert await principal_side.call("bash", "uptime") == "ran uptime"
+        async with worker.stream("count", 5) as items:
+            assert [item async for item in items] == [0, 1, 2, 3, 4]
+        with pytest.raises(astral.RemoteError, match="unknown capability"):
+            await worker.call("__class__")
+
+
+async def test_many_concurrent_calls_both_ways() -> None:
+    async with (
+        running_principal() as principal,
+        astral.connect(principal.url, token=token(), capabilities={"echo": lambda_echo}) as worker,
+    ):
+        principal_side = await principal.registry.wait_for("worker-1")
+
+        async def one(peer: astral.Peer, i: int) -> None:
+            assert await peer.call("echo", i) == i
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, worker, i)
+                tg.start_soon(one, principal_side, i)
+
+
+async def lambda_echo(value: Any) -> Any:
+    return value
+
+
+@pytest.mark.parametrize("in_query", [False, True], ids=["bearer-header", "query-param"])
+async def test_token_in_header_or_query(in_query: bool) -> None:
+    async with (
+        running_principal() as principal,
+        astral.connect(principal.url, token=token("w"), token_in_query=in_query) as worker,
+    ):
+        assert await worker.call("whoami") == "w"
+
+
+async def test_token_functions_are_called_per_connection() -> None:
+    minted: list[str] = []
+
+    def sync_token() -> str:
+        minted.append("sync")
+        return token("sync")
+
+    async def async_token() -> str:
+        await anyio.lowlevel.checkpoint()
+        minted.append("async")
+        return token("async")
+
+    async with running_principal() as principal:
+        for source, subject in ((sync_token, "sync"), (async_token, "async")):
+            async with astral.connect(principal.url, token=source) as worker:
+                assert await worker.call("whoami") == subject
+        async with astral.connect(principal.url, token=sync_token) as worker:
+            assert await worker.call("whoami") == "sync"
+    assert minted == ["sync", "async", "sync"]
+
+
+async def test_wss_with_certificates_made_in_the_test() -> None:
+    tls = make_tls()
+    async with (
+        running_principal(ssl_context=tls.server) as principal,
+        astral.connect(principal.url, token=token(), ssl=tls.client) as worker,
+    ):
+        assert principal.url.startswith("wss://")
+        assert await worker.call("echo", "over tls") == "over tls"
+
+
+async def test_untrusted_certificate_is_a_tls_error() -> None:
+    tls = make_tls()
+    async with running_principal(ssl_context=tls.server) as principal:
+        with pytest.raises(astral.TLSError):
+            async with astral.connect(principal.url, token=token(), ssl=tls.untrusting_client):
+                pass
+        # The listener is unharmed.
+        async with astral.connect(principal.url, token=token(), ssl=tls.client) as worker:
+            assert await worker.call("echo", 1) == 1
+
+
+async def test_connection_refused_is_a_connect_error() -> None:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    await listener.aclose()
+    with pytest.raises(astral.ConnectError):
+        async with astral.connect(f"ws://127.0.0.1:{port}/", token=token()):
+            pass
+
+
+async def test_cancelling_a_call_cancels_the_remote_capability() -> None:
+    async with (
+        running_principal() as principal,
+        astral.connect(principal.url, token=token()) as worker,
+    ):
+        with anyio.move_on_after(0.05):
+            await worker.call("sleepy", timeout=None)
+        await principal.finally_ran.wait()
+        # The connection still works, and neither side kept the call.
+        assert await worker.call("echo", "still here") == "still here"
+        principal_side = principal.registry["worker-1"]
+        await anyio.wait_all_tasks_blocked()
+        assert not worker._state.outbound
+        assert not principal_side._state.inbound
+
+
+async def test_server_shutdown_closes_with_1001_and_fails_pending_calls() -> None:
+    closed = anyio.Event()
+    outcome: list[BaseException] = []
+    async with running_principal() as principal:
+        async with astral.connect(principal.url, token=token()) as worker:
+
+            async def pending() -> None:
+                try:
+                    await worker.call("sleepy", timeout=None)
+                except astral.ConnectionClosed as exc:
+                    outcome.append(exc)
+                closed.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pending)
+                await anyio.wait_all_tasks_blocked()
+                principal.stop()  # shut the principal down while the call is pending
+                await closed.wait()
+            error = await worker.wait_closed()
+            assert error.code == 1001
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], astral.ConnectionClosed)
+
+
+async def test_worker_leaving_fails_principal_pending_calls() -> None:
+    async def sleepy_worker(_: Any) -> None:
+        await anyio.sleep_forever()
+
+    async with running_principal() as principal:
+        errors: list[BaseException] = []
+        got = anyio.Event()
+        async with astral.connect(
+            principal.url, token=token(), capabilities={"sleepy": sleepy_worker}
+        ) as worker:
+            principal_side = await principal.registry.wait_for("worker-1")
+
+            async def pending() -> None:
+                try:
+                    await principal_side.call("sleepy", timeout=None)
+                except astral.ConnectionClosed as exc:
+                    errors.append(exc)
+                got.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pending)
+                await anyio.wait_all_tasks_blocked()
+                await worker.aclose()
+                await got.wait()
+        assert len(errors) == 1
+        await principal_side.wait_closed()
+        await anyio.wait_all_tasks_blocked()
+        assert "worker-1" not in principal.registry
+
+
+async def test_registry_newest_connection_wins() -> None:
+    async with running_principal() as principal:
+        async with astral.connect(principal.url, token=token("w")):
+            first = await principal.registry.wait_for("w")
+            async with astral.connect(principal.url, token=token("w")):
+                await anyio.wait_all_tasks_blocked()
+                second = principal.registry["w"]
+                assert second is not first
+            await second.wait_closed()
+            await anyio.wait_all_tasks_blocked()
+            assert "w" not in principal.registry
+
+
+async def test_on_connect_failure_closes_only_that_connection() -> None:
+    async def on_connect(peer: astral.Peer) -> None:
+        if peer.claims["sub"] == "bad":
+            raise RuntimeError("handler bug")
+
+    async with running_principal(on_connect=on_connect) as principal:
+        async with astral.connect(principal.url, token=token("bad")) as bad:
+            error = await bad.wait_closed()
+            assert error.code == 1011
+        async with astral.connect(principal.url, token=token("good")) as good:
+            assert await good.call("echo", 1) == 1
+
+
+# -- the token matrix ---------------------------------------------------------
+
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+RSA_PUBLIC_PEM = RSA_KEY.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+)
+RSA_PRIVATE_PEM = RSA_KEY.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+)
+
+
+def _claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": "mallory", "iat": now, "exp": now + 300}
+    claims.update(overrides)
+    return claims
+
+
+def _hs256_verifier() -> astral.JWTVerifier:
+    return astral.JWTVerifier(SECRET, algorithms=["HS256"], issuer="principal", audience="astral")
+
+
+def _good(**kwargs: Any) -> str:
+    return astral.mint_token(
+        SECRET, subject="mallory", issuer="principal", audience="astral", **kwargs
+    )
+
+
+def _rs256_verifier() -> astral.JWTVerifier:
+    return astral.JWTVerifier(RSA_PUBLIC_PEM, algorithms=["RS256"])
+
+
+def _jwks_verifier() -> astral.JWTVerifier:
+    key = OctKey.import_key(SECRET, {"kid": "a"})
+    return astral.JWTVerifier({"keys": [key.as_dict(private=True)]}, algorithms=["HS256"])
+
+
+TOKEN_CASES: dict[str, tuple[Any, Any]] = {
+    # name: (verifier factory, token or None)
+    "missing": (_hs256_verifier, None),
+    "expired": (_hs256_verifier, lambda: _good(expires_in=-3600)),
+    # Expired 45 s ago: beyond the default 30 s leeway.
+    "expired-beyond-leeway": (
+        _hs256_verifier,
+        lambda: _good(now=time.time() - 345, expires_in=300),
+    ),
+    "not-yet-valid": (
+        _hs256_verifier,
+        lambda: forge(
+            {"alg": "HS256"},
+            _claims(nbf=int(time.time()) + 3600, iss="principal", aud="astral"),
+            SECRET,
+        ),
+    ),
+    "wrong-audience": (
+        _hs256_verifier,
+        lambda: astral.mint_token(SECRET, subject="m", issuer="principal", audience="other"),
+    ),
+    "wrong-issuer": (
+        _hs256_verifier,
+        lambda: astral.mint_token(SECRET, subject="m", issuer="evil", audience="astral"),
+    ),
+    "wrong-key": (
+        _hs256_verifier,
+        lambda: astral.mint_token(b"k" * 32, subject="m", issuer="principal", audience="astral"),
+    ),
+    "alg-none": (
+        _hs256_verifier,
+        lambda: forge({"alg": "none"}, _claims(iss="principal", aud="astral"), None),
+    ),
+    "alg-not-allowed": (
+        _hs256_verifier,
+        lambda: astral.mint_token(
+            b"s" * 64, subject="m", algorithm="HS512", issuer="principal", audience="astral"
+        ),
+    ),
+    "hs256-signed-with-rsa-public-key": (
+        _rs256_verifier,
+        lambda: forge({"alg": "HS256", "typ": "JWT"}, _claims(), RSA_PUBLIC_PEM),
+    ),
+    "unknown-kid": (
+        _jwks_verifier,
+        lambda: forge({"alg": "HS256", "kid": "zzz"}, _claims(), SECRET),
+    ),
+    "malformed": (_hs256_verifier, lambda: "not.a.jwt!"),
+    # 74,000 characters of padding make a token of about 100 KB once base64-encoded.
+    "100-kb": (_hs256_verifier, lambda: _good(claims={"pad": "x" * 74_000})),
+    "jku-header": (
+        _hs256_verifier,
+        lambda: forge(
+            {"alg": "HS256", "jku": "https://attacker.example/jwks.json"},
+            _claims(iss="principal", aud="astral"),
+            SECRET,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("in_query", [False, True], ids=["header", "query"])
+@pytest.mark.parametrize("case", sorted(TOKEN_CASES))
+async def test_bad_tokens_get_401_and_no_connection(
+    case: str, in_query: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    make_verifier, make_token = TOKEN_CASES[case]
+    bad = make_token() if make_token is not None else None
+    if case == "100-kb":
+        assert 98_000 < len(bad) < 128 * 1024
+    async with running_principal(make_verifier()) as principal:
+        with pytest.raises(astral.Unauthorized) as caught:
+            async with astral.connect(principal.url, token=bad, token_in_query=in_query):
+                pass
+        assert caught.value.status == 401
+        assert isinstance(caught.value, astral.AuthenticationError)
+        assert principal.connected == []
+        assert len(principal.registry) == 0
+    if bad:
+        texts = [caplog.text, str(caught.value), repr(caught.value)]
+        cause = caught.value.__cause__
+        while cause is not None:
+            texts.append(repr(cause))
+            cause = cause.__cause__
+        for text in texts:
+            assert bad not in text
+            for segment in bad.split("."):
+                if len(segment) > 8:
+                    assert segment not in text
+
+
+async def test_token_within_leeway_is_accepted() -> None:
+    # Expired about 15 s ago, within the default 30 s leeway.
+    almost = _good(now=time.time() - 315, expires_in=300)
+    async with (
+        running_principal(_hs256_verifier()) as principal,
+        astral.connect(principal.url, token=almost) as worker,
+    ):
+        assert await worker.call("whoami") == "mallory"
+
+
+async def test_rs256_and_custom_async_verifier() -> None:
+    rs = astral.mint_token(RSA_PRIVATE_PEM, subject="rsa-worker", algorithm="RS256")
+    async with (
+        running_principal(_rs256_verifier()) as principal,
+        astral.connect(principal.url, token=rs) as worker,
+    ):
+        assert await worker.call("whoami") == "rsa-worker"
+
+    async def custom(tok: str) -> dict[str, Any]:
+        await anyio.lowlevel.checkpoint()
+        if tok != "open sesame":
+            raise ValueError(f"bad token {tok}")
+        return {"sub": "custom"}
+
+    async with running_principal(custom) as principal:
+        async with astral.connect(principal.url, token="open sesame") as worker:
+            assert await worker.call("whoami") == "custom"
+        with pytest.raises(astral.Unauthorized):
+            async with astral.connect(principal.url, token="wrong"):
+                pass
+
+
+async def test_wrong_path_is_404() -> None:
+    async with running_principal() as principal:
+        with pytest.raises(astral.HandshakeError) as caught:
+            async with astral.connect(principal.url.replace("/astral", "/other"), token=token()):
+                pass
+        assert caught.value.status == 404
+        assert not isinstance(caught.value, astral.Unauthorized)
+
+
+def test_serve_refuses_sync_capabilities_before_listening() -> None:
+    def not_async(_: Any) -> None:
+        return None
+
+    async def main() -> None:
+        with pytest.raises(TypeError, match="must be an async function"):
+            await astral.serve(verifier=_hs256_verifier(), capabilities={"x": not_async}, port=0)
+
+    anyio.run(main)
