@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Mapping
 from collections.abc import Callable as _Fn
+from contextlib import aclosing
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from ._frames import Call, Result, Yield
@@ -82,18 +83,26 @@ def resolve(capabilities: Capabilities | None) -> dict[str, _Invoke]:
     return table
 
 
+def _is_async(function: Any) -> bool:
+    # Also true for a functools.partial of an async function.
+    return inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
+
+
 def _invoker(name: str, capability: Any) -> _Invoke:
-    if inspect.iscoroutinefunction(capability) or inspect.isasyncgenfunction(capability):
+    if _is_async(capability):
         return capability  # type: ignore[no-any-return]
-    method = getattr(type(capability), "call", None)
-    if method is not None and (
-        inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method)
-    ):
+    # Looked up on the type, as Python looks up special methods, so a
+    # __getattr__ cannot pass for an async method.
+    if _is_async(getattr(type(capability), "call", None)):
         return capability.call  # type: ignore[no-any-return]
-    if callable(capability):
-        # A sync callable that returns an awaitable (functools.partial of an
-        # async function, a callable class...): checked when it runs.
+    if (
+        callable(capability)
+        and not inspect.isroutine(capability)
+        and _is_async(type(capability).__call__)
+    ):
         return capability  # type: ignore[no-any-return]
+    # Anything else, a plain sync function above all, would only fail when the
+    # remote first calls it: refuse it now.
     raise TypeError(
         f"capability {name!r} must be an async function, an async generator function "
         f"or an object with an async 'call' method, not {type(capability).__name__}"
@@ -171,7 +180,8 @@ def handle(capabilities: Capabilities) -> Dispatch:
         if invoke is None:
             yield Result(call.id, error=UNKNOWN_CAPABILITY)
             return
-        async for frame in run(invoke, call):
-            yield frame
+        async with aclosing(run(invoke, call)) as frames:
+            async for frame in frames:
+                yield frame
 
     return dispatch

@@ -157,7 +157,12 @@ def encode(frame: Frame) -> str:
         text = orjson.dumps(obj).decode()
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise ProtocolError(f"value is not JSON-serializable: {exc}", frame_id=frame.id) from None
-    _check_text(text, obj)
+    try:
+        # Checked on the text, not on ``obj``: orjson also writes tuples,
+        # dataclasses and subclasses of dict and list, which the walk skips.
+        _check_text(text, None)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc), frame_id=frame.id) from None
     return text
 
 
@@ -195,10 +200,11 @@ def decode(text: str | bytes) -> Frame:
         raise ProtocolError("frame has no string 'id'", frame_type=kind)
     if len(frame_id) > MAX_ID_LENGTH:
         raise ProtocolError(f"frame id longer than {MAX_ID_LENGTH} characters", frame_type=kind)
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
+    if not isinstance(text, str):
+        # bytes, or any other buffer orjson accepted (bytearray, memoryview)
+        text = bytes(text).decode("utf-8", "replace")
     try:
-        obj = _check_text(text, obj)
+        _check_text(text, obj)
     except ProtocolError as exc:
         raise ProtocolError(str(exc), frame_id=frame_id, frame_type=kind) from None
     if kind == "result":
@@ -228,22 +234,22 @@ def decode(text: str | bytes) -> Frame:
     raise ProtocolError(f"unknown frame type {kind!r:.40}", frame_id=frame_id, frame_type=kind)
 
 
-def _check_text(text: str, obj: dict[str, Any]) -> dict[str, Any]:
+def _check_text(text: str, obj: dict[str, Any] | None) -> None:
     """Run the checks orjson does not, but only when the text could fail them.
 
     Counting brackets and searching for long digit runs are C-speed scans of
-    the text; the exact walk runs only when one of them fires. Returns the
-    object to use: re-parsed exactly when long integers may have been read
-    as floats.
+    the text; the exact walk runs only when one of them fires. ``obj`` is the
+    text already parsed by orjson, or ``None`` to parse it only if needed.
+    Integers that pass are at most 2**53 - 1, which orjson reads exactly, so
+    ``obj`` needs no re-parse.
     """
     if text.count("[") + text.count("{") > MAX_DEPTH:
-        _check_depth(obj)
+        _check_depth(orjson.loads(text) if obj is None else obj)
     if _LONG_INTEGER.search(text) is not None:
         # orjson turns integer literals beyond 64 bits into floats; re-read
         # exactly with the standard library (orjson already vetted the text).
         exact = json.loads(text)
         _check_integers(exact)
-    return obj
 
 
 def _check_depth(value: Any) -> None:

@@ -32,7 +32,13 @@ import anyio
 import anyio.abc
 
 from ._dispatch import run
-from ._exceptions import CallTimeout, ConnectionClosed, RemoteError, StreamOverrun
+from ._exceptions import (
+    CallTimeout,
+    ConnectionClosed,
+    ProtocolError,
+    RemoteError,
+    StreamOverrun,
+)
 from ._frames import Result, Yield, encode
 from ._protocol import (
     CANCELLED,
@@ -104,7 +110,13 @@ class _Channel:
         try:
             return await self.receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
-            raise self.error or ConnectionClosed("call abandoned") from None
+            pass
+        error = self.error
+        if isinstance(error, ConnectionClosed):
+            # The connection's error is shared by every pending call: raise a
+            # copy per call, so tracebacks do not pile up on one instance.
+            raise ConnectionClosed(error.reason, code=error.code) from error
+        raise error or ConnectionClosed("call abandoned")
 
 
 class _Inbound:
@@ -279,7 +291,15 @@ class Peer:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
         finally:
-            suppress = await self._outer.__aexit__(exc_type, exc, tb)
+            try:
+                suppress = await self._outer.__aexit__(exc_type, exc, tb)
+            except BaseExceptionGroup as group:
+                # The task group wraps an exception from the body of the
+                # ``async with`` in a group; when it is the only one, let it
+                # propagate as it was raised (returning False re-raises it).
+                if exc is None or len(group.exceptions) != 1 or group.exceptions[0] is not exc:
+                    raise
+                suppress = False
         return suppress
 
     async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -291,7 +311,12 @@ class Peer:
                 task_status.started()
         finally:
             self._shutdown(ConnectionClosed("peer stopped"))
-            self._stopped.set()
+            try:
+                # However the peer stopped (the remote left, a flood was cut
+                # off, aclose), the transport goes too, so the remote learns it.
+                await self._close_transport()
+            finally:
+                self._stopped.set()
 
     async def aclose(self) -> None:
         """Close the connection and end every task of this peer. Idempotent.
@@ -301,14 +326,18 @@ class Peer:
         peer's capabilities, it cancels that capability too.
         """
         self._shutdown(ConnectionClosed("connection closed by this peer", code=1000))
+        await self._close_transport()
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
+            # Only a peer whose tasks started will ever be stopped.
+            await self._stopped.wait()
+
+    async def _close_transport(self) -> None:
         with anyio.CancelScope(shield=True):
             try:
                 await self._transport.aclose()
             except Exception:
                 logger.debug("transport raised while closing", exc_info=True)
-        if self._tasks is not None:
-            self._tasks.cancel_scope.cancel()
-        await self._stopped.wait()
 
     async def wait_closed(self) -> ConnectionClosed:
         """Wait until the connection has ended, for any reason.
@@ -340,7 +369,9 @@ class Peer:
             channel.fail(error)
         for handle in inbound:
             handle.scope.cancel()
+        # Both ends: queued replies and cancels have no one to go to any more.
         self._control_send.close()
+        self._control_receive.close()
         self._closed.set()
 
     def _check_open(self) -> None:
@@ -387,7 +418,8 @@ class Peer:
                     f"{self._max_buffered} items behind"
                 )
             )
-            self._abandon(channel)
+            # Not _abandon: the consumer still reads what is buffered first.
+            self._forget(channel)
             return
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._abandon(channel)  # the consumer has gone away
@@ -452,7 +484,12 @@ class Peer:
     async def _open(self, capability: str, input: Any) -> _Channel:
         self._check_open()
         channel = _Channel(capability, self._max_buffered)
-        channel.call_id, text = self._state.start_call(capability, input, channel)
+        try:
+            channel.call_id, text = self._state.start_call(capability, input, channel)
+        except ProtocolError:
+            channel.send.close()  # nothing was registered or sent
+            channel.receive.close()
+            raise
         try:
             await self._transport.send(text)
         except CLOSED_ERRORS as exc:
@@ -463,12 +500,17 @@ class Peer:
             raise
         return channel
 
-    def _abandon(self, channel: _Channel) -> None:
+    def _forget(self, channel: _Channel) -> None:
+        # Route nothing more to this call; if it is still running, tell the remote.
         text = self._state.abandon(channel.call_id)
-        channel.send.close()
-        channel.receive.close()
         if text is not None:
             self._send_control(text)
+
+    def _abandon(self, channel: _Channel) -> None:
+        # The consumer has gone: also drop whatever is buffered.
+        channel.send.close()
+        channel.receive.close()
+        self._forget(channel)
 
     def _deadline(self, timeout: float | EllipsisType | None) -> float:
         if timeout is ...:
@@ -641,5 +683,10 @@ async def accept(
         TypeError: If a capability is not async.
     """
     transport = _FeedTransport(send, input_buffer)
-    async with AcceptedPeer(transport, capabilities=capabilities, claims=claims, **options) as peer:
+    try:
+        peer = AcceptedPeer(transport, capabilities=capabilities, claims=claims, **options)
+    except BaseException:
+        await transport.aclose()  # a bad capability: close what was opened for it
+        raise
+    async with peer:
         yield peer

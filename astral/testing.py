@@ -65,6 +65,8 @@ async def connected_pair(
     """
     a_transport, b_transport = memory_transport_pair()
     async with (
+        a_transport,  # closed even if a Peer refuses its capabilities
+        b_transport,
         Peer(a_transport, capabilities=a_capabilities, **options) as a,
         Peer(b_transport, capabilities=b_capabilities, **options) as b,
     ):

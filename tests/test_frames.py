@@ -1,0 +1,501 @@
+"""Frames: the exact wire encoding, and a decoder that only ever raises ProtocolError."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from typing import Any
+
+import pytest
+
+import astral
+from astral import Call, Cancel, ProtocolError, Result, Yield, decode, encode
+from astral._frames import MAX_DEPTH, MAX_ID_LENGTH, MAX_SAFE_INTEGER
+
+# -- encode: exactly what the original writes ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "text"),
+    [
+        (
+            Call("7", "echo", {"x": 1}),
+            '{"type":"call","id":"7","capability":"echo","input":{"x":1}}',
+        ),
+        (Call("7", "ping"), '{"type":"call","id":"7","capability":"ping"}'),
+        (Call("7", "ping", 0), '{"type":"call","id":"7","capability":"ping","input":0}'),
+        (Call("7", "ping", ""), '{"type":"call","id":"7","capability":"ping","input":""}'),
+        (Call("7", "ping", False), '{"type":"call","id":"7","capability":"ping","input":false}'),
+        (Yield("7", 1), '{"type":"yield","id":"7","output":1}'),
+        (Yield("7", [1, "a", None]), '{"type":"yield","id":"7","output":[1,"a",null]}'),
+        (Result("7", {"x": 1}), '{"type":"result","id":"7","output":{"x":1}}'),
+        (Result("7"), '{"type":"result","id":"7"}'),
+        (Result("7", error="boom"), '{"type":"result","id":"7","error":"boom"}'),
+        (Result("7", error=""), '{"type":"result","id":"7","error":""}'),
+        (Result("7", 0), '{"type":"result","id":"7","output":0}'),
+        (Result("7", 1, "e"), '{"type":"result","id":"7","output":1,"error":"e"}'),
+        (Cancel("7"), '{"type":"cancel","id":"7"}'),
+    ],
+)
+def test_encode_is_the_originals_compact_json(frame: astral.Frame, text: str) -> None:
+    assert encode(frame) == text
+
+
+def test_encode_does_not_escape_non_ascii() -> None:
+    text = encode(Yield("1", "héllo ✓ 😀 日本"))
+    assert text == '{"type":"yield","id":"1","output":"héllo ✓ 😀 日本"}'
+    assert "\\u" not in text
+
+
+def test_encode_keeps_input_key_order() -> None:
+    assert encode(Call("1", "f", {"b": 1, "a": 2})) == (
+        '{"type":"call","id":"1","capability":"f","input":{"b":1,"a":2}}'
+    )
+
+
+def test_encode_sends_nan_and_infinities_as_null_like_json_stringify() -> None:
+    text = encode(Result("1", [float("nan"), float("inf"), float("-inf")]))
+    assert text == '{"type":"result","id":"1","output":[null,null,null]}'
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        object(),
+        {1, 2},
+        b"bytes",
+        {1: "int key"},
+        {"nested": [object()]},
+        MAX_SAFE_INTEGER + 1,
+        -MAX_SAFE_INTEGER - 1,
+        2**64,
+        -(2**70),
+        [1, [2, 2**53]],
+        "lone \ud800 surrogate",
+        {"key \udfff": 1},
+    ],
+    ids=lambda value: re.sub(r" at 0x[0-9a-f]+", "", repr(value)),
+)
+def test_encode_refuses_values_json_cannot_carry(value: Any) -> None:
+    for frame in (Call("9", "f", value), Yield("9", value), Result("9", value)):
+        with pytest.raises(ProtocolError):
+            encode(frame)
+
+
+def test_encode_refusal_names_the_frame() -> None:
+    with pytest.raises(ProtocolError) as info:
+        encode(Call("42", "f", object()))
+    assert info.value.frame_id == "42"
+
+
+def test_encode_accepts_the_largest_safe_integers() -> None:
+    for value in (MAX_SAFE_INTEGER, -MAX_SAFE_INTEGER):
+        text = encode(Yield("1", value))
+        assert decode(text) == Yield("1", value)
+
+
+def _nested(depth: int, leaf: Any = 0, *, container: type = list) -> Any:
+    value = leaf
+    for _ in range(depth):
+        value = container([value]) if container is not dict else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("container", [list, dict, tuple])
+def test_encode_refuses_nesting_deeper_than_the_limit(container: type) -> None:
+    # The frame's own object is level 1, so its input may nest MAX_DEPTH - 1 deep.
+    ok = Call("1", "f", _nested(MAX_DEPTH - 1, container=container))
+    assert decode(encode(ok)) == Call(
+        "1", "f", _nested(MAX_DEPTH - 1, container=_json_like(container))
+    )
+    with pytest.raises(ProtocolError):
+        encode(Call("1", "f", _nested(MAX_DEPTH, container=container)))
+
+
+def _json_like(container: type) -> type:
+    return list if container is tuple else container
+
+
+class _Dict(dict[str, Any]):
+    pass
+
+
+@dataclasses.dataclass
+class _Box:
+    inner: Any
+
+
+def test_encode_depth_counts_every_container_orjson_writes() -> None:
+    deep_subclass: Any = 0
+    deep_dataclass: Any = 0
+    for _ in range(MAX_DEPTH):
+        deep_subclass = _Dict(k=deep_subclass)
+        deep_dataclass = _Box(deep_dataclass)
+    for value in (deep_subclass, deep_dataclass):
+        with pytest.raises(ProtocolError, match="nesting") as info:
+            encode(Result("3", value))
+        assert info.value.frame_id == "3"
+
+
+def test_encode_unsafe_integer_names_the_frame() -> None:
+    with pytest.raises(ProtocolError, match="2\\*\\*53") as info:
+        encode(Yield("8", [1, MAX_SAFE_INTEGER + 1]))
+    assert info.value.frame_id == "8"
+
+
+def test_encode_refuses_what_is_not_a_frame() -> None:
+    with pytest.raises(ProtocolError):
+        encode({"type": "call", "id": "1", "capability": "f"})  # type: ignore[arg-type]
+
+
+# -- decode: round trips ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        Call("1", "echo", {"x": [1, 2.5, None, True, "s"]}),
+        Call("1", "echo"),
+        Call("", ""),
+        Call("x" * MAX_ID_LENGTH, "cap"),
+        Yield("2", "héllo 😀"),
+        Yield("2", None),
+        Yield("2", {"nested": {"deep": [[]]}}),
+        Result("3", 1.5),
+        Result("3"),
+        Result("3", error="boom"),
+        Result("3", error=""),
+        Result("3", output={"a": 1}, error="both"),
+        Cancel("4"),
+    ],
+    ids=repr,
+)
+def test_decode_round_trips(frame: astral.Frame) -> None:
+    text = encode(frame)
+    assert decode(text) == frame
+    assert decode(text.encode()) == frame
+
+
+def test_decode_ignores_extra_fields() -> None:
+    frame = decode('{"type":"call","id":"1","capability":"f","input":2,"deadline":5,"x":{}}')
+    assert frame == Call("1", "f", 2)
+    assert decode('{"id":"1","output":3,"type":"yield","window":8}') == Yield("1", 3)
+    assert decode('{"type":"result","id":"1","output":3,"code":"E1"}') == Result("1", 3)
+    assert decode('{"type":"cancel","id":"1","reason":"bored"}') == Cancel("1")
+
+
+def test_decode_accepts_whitespace_and_any_key_order() -> None:
+    assert decode(' { "input" : [ 1 ] , "capability":"f" ,"id":"1","type":"call" } \n') == Call(
+        "1", "f", [1]
+    )
+
+
+@pytest.mark.parametrize("error_json", ["null", '""'])
+def test_decode_error_null_or_empty_is_a_failure(error_json: str) -> None:
+    frame = decode('{"type":"result","id":"1","output":5,"error":' + error_json + "}")
+    assert isinstance(frame, Result)
+    assert frame.error == ""
+    assert frame.error is not None
+
+
+def test_decode_result_without_error_is_a_success() -> None:
+    frame = decode('{"type":"result","id":"1","output":null}')
+    assert frame == Result("1")
+    assert isinstance(frame, Result)
+    assert frame.error is None
+
+
+def test_decode_result_with_output_and_error_keeps_the_error() -> None:
+    assert decode('{"type":"result","id":"1","output":1,"error":"e"}') == Result("1", 1, "e")
+
+
+# -- decode: everything malformed is a ProtocolError -----------------------------
+
+MALFORMED: list[str | bytes] = [
+    # not JSON
+    "",
+    " ",
+    "hello",
+    "{",
+    '{"type":"call"',
+    '{"type":"call","id":"1","capability":"f"}{}',
+    "{'type':'call'}",
+    '{"type":"call","id":"1","capability":"f",}',
+    '{"type":"call","id":"1","capability":"f","input":01}',
+    '{"type":"call","id":"1","capability":"f","input":"\t"}',
+    '\ufeff{"type":"cancel","id":"1"}',
+    # bytes that are not UTF-8
+    b"\xff\xfe",
+    b'{"type":"call","id":"1","capability":"\xc3\x28"}',
+    b'{"type":"call","id":"\xed\xa0\x80","capability":"f"}',
+    # not an object
+    "[]",
+    '[{"type":"call","id":"1","capability":"f"}]',
+    '"call"',
+    "1",
+    "1.5",
+    "null",
+    "true",
+    # type
+    '{"id":"1","capability":"f"}',
+    '{"type":"ping","id":"1"}',
+    '{"type":"CALL","id":"1","capability":"f"}',
+    '{"type":1,"id":"1"}',
+    '{"type":null,"id":"1"}',
+    '{"type":["call"],"id":"1","capability":"f"}',
+    # id
+    '{"type":"call","capability":"f"}',
+    '{"type":"call","id":1,"capability":"f"}',
+    '{"type":"call","id":null,"capability":"f"}',
+    '{"type":"result","id":["1"]}',
+    '{"type":"yield","id":{"x":"1"},"output":1}',
+    '{"type":"cancel","id":' + '"' + "x" * (MAX_ID_LENGTH + 1) + '"}',
+    # call without a string capability
+    '{"type":"call","id":"1"}',
+    '{"type":"call","id":"1","capability":null}',
+    '{"type":"call","id":"1","capability":7}',
+    '{"type":"call","id":"1","capability":["f"]}',
+    # result error of the wrong type
+    '{"type":"result","id":"1","error":1}',
+    '{"type":"result","id":"1","error":false}',
+    '{"type":"result","id":"1","error":{"message":"x"}}',
+    '{"type":"result","id":"1","error":["x"]}',
+    # NaN and the infinities
+    '{"type":"yield","id":"1","output":NaN}',
+    '{"type":"yield","id":"1","output":Infinity}',
+    '{"type":"yield","id":"1","output":-Infinity}',
+    '{"type":"yield","id":"1","output":1e400}',
+    '{"type":"yield","id":"1","output":-1e400}',
+    '{"type":"yield","id":"1","output":[1E999]}',
+    # integers a JavaScript peer would round
+    '{"type":"yield","id":"1","output":9007199254740992}',
+    '{"type":"yield","id":"1","output":9007199254740993}',
+    '{"type":"yield","id":"1","output":-9007199254740992}',
+    '{"type":"yield","id":"1","output":12345678901234567890}',
+    '{"type":"yield","id":"1","output":123456789012345678901234567890}',
+    '{"type":"yield","id":"1","output":-123456789012345678901234567890}',
+    '{"type":"yield","id":"1","output":' + "9" * 300 + "}",
+    '{"type":"yield","id":"1","output":' + "9" * 5000 + "}",
+    '{"type":"call","id":"1","capability":"f","input":{"a":[1,{"b":18446744073709551616}]}}',
+    # lone surrogates
+    '{"type":"yield","id":"1","output":"\\ud800"}',
+    '{"type":"yield","id":"1","output":"\\udfff"}',
+    '{"type":"yield","id":"1","output":"x\\ud800y"}',
+    '{"type":"yield","id":"1","output":{"\\ud800":1}}',
+    '{"type":"call","id":"\\ud800","capability":"f"}',
+    '{"type":"call","id":"1","capability":"\\udc00"}',
+    '{"type":"result","id":"1","error":"\\ud83d"}',
+    '{"type":"yield","id":"1","output":"\ud800"}',
+]
+
+
+@pytest.mark.parametrize("text", MALFORMED, ids=lambda t: repr(t)[:60])
+def test_decode_refuses_malformed_frames(text: str | bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [t for t in MALFORMED if isinstance(t, str) and t.isascii()],
+    ids=lambda t: repr(t)[:60],
+)
+def test_decode_refuses_malformed_frames_given_as_bytes(text: str) -> None:
+    with pytest.raises(ProtocolError):
+        decode(text.encode())
+
+
+@pytest.mark.parametrize(
+    "value", [None, 1, 1.5, [], {}, object()], ids=["None", "1", "1.5", "[]", "{}", "object"]
+)
+def test_decode_refuses_what_is_not_text(value: Any) -> None:
+    with pytest.raises(ProtocolError):
+        decode(value)
+
+
+def test_decode_accepts_bytes_like_objects() -> None:
+    text = b'{"type":"call","id":"1","capability":"f","input":[1]}'
+    assert decode(bytearray(text)) == Call("1", "f", [1])  # type: ignore[arg-type]
+    assert decode(memoryview(text)) == Call("1", "f", [1])  # type: ignore[arg-type]
+
+
+def test_decode_safe_integer_limits() -> None:
+    frame = decode('{"type":"yield","id":"1","output":[9007199254740991,-9007199254740991]}')
+    assert frame == Yield("1", [MAX_SAFE_INTEGER, -MAX_SAFE_INTEGER])
+    assert isinstance(frame, Yield)
+    assert type(frame.output[0]) is int
+    with pytest.raises(ProtocolError, match="2\\*\\*53"):
+        decode('{"type":"yield","id":"1","output":9007199254740993}')
+
+
+def test_decode_long_digit_runs_that_are_not_integers() -> None:
+    digits = "1234567890" * 5
+    text = '{"type":"call","id":"' + digits + '","capability":"f","input":"' + digits + '"}'
+    assert decode(text) == Call(digits, "f", digits)
+    assert decode('{"type":"yield","id":"1","output":{"' + digits + '":1}}') == Yield(
+        "1", {digits: 1}
+    )
+    # Floats with many digits are floats, as in JavaScript.
+    frame = decode('{"type":"yield","id":"1","output":[0.12345678901234567890,1.5e300,1e22]}')
+    assert frame == Yield("1", [0.12345678901234568, 1.5e300, 1e22])
+    frame = decode('{"type":"yield","id":"1","output":12345678901234567890.5}')
+    assert frame == Yield("1", 12345678901234567890.5)
+    assert decode('{"type":"yield","id":"1","output":12345678901234567890e0}') == Yield(
+        "1", 1.2345678901234567e19
+    )
+
+
+def test_decode_nesting_limit() -> None:
+    def frame_text(levels: int) -> str:
+        # ``levels`` arrays inside the frame object: the frame is levels + 1 deep.
+        return '{"type":"yield","id":"1","output":' + "[" * levels + "]" * levels + "}"
+
+    assert decode(frame_text(MAX_DEPTH - 1)) == Yield("1", _nested(MAX_DEPTH - 2, []))
+    with pytest.raises(ProtocolError, match="nesting"):
+        decode(frame_text(MAX_DEPTH))
+    with pytest.raises(ProtocolError):
+        decode(frame_text(5000))
+    objects = '{"type":"yield","id":"1","output":' + '{"a":' * MAX_DEPTH + "1" + "}" * MAX_DEPTH
+    with pytest.raises(ProtocolError, match="nesting"):
+        decode(objects + "}")
+    ok = '{"type":"yield","id":"1","output":' + '{"a":' * (MAX_DEPTH - 1) + "1"
+    assert isinstance(decode(ok + "}" * MAX_DEPTH), Yield)
+
+
+def test_decode_many_brackets_that_are_not_nesting() -> None:
+    wide = "[" + ",".join(["[]"] * 500) + "]"
+    brackets_in_a_string = "[" * 500
+    text = (
+        '{"type":"call","id":"1","capability":"f","input":{"w":'
+        + wide
+        + ',"s":"'
+        + brackets_in_a_string
+        + '"}}'
+    )
+    frame = decode(text)
+    assert isinstance(frame, Call)
+    assert frame.input["s"] == brackets_in_a_string
+
+
+def test_decode_accepts_surrogate_pairs() -> None:
+    assert decode('{"type":"yield","id":"1","output":"\\ud83d\\ude00"}') == Yield("1", "😀")
+
+
+def test_decode_id_length_limit() -> None:
+    assert decode('{"type":"cancel","id":"' + "x" * MAX_ID_LENGTH + '"}') == Cancel(
+        "x" * MAX_ID_LENGTH
+    )
+    # The limit is in characters, not bytes.
+    assert decode('{"type":"cancel","id":"' + "é" * MAX_ID_LENGTH + '"}') == Cancel(
+        "é" * MAX_ID_LENGTH
+    )
+
+
+# -- ProtocolError says which frame it was about ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "frame_id", "frame_type"),
+    [
+        ("not json", None, None),
+        ("[1]", None, None),
+        ('{"type":"call","id":"5"}', "5", "call"),
+        ('{"type":"call","id":"5","capability":"f","input":NaN}', None, None),
+        ('{"type":"call","id":"5","capability":"f","input":9007199254740993}', "5", "call"),
+        ('{"type":"result","id":"6","error":3}', "6", "result"),
+        ('{"type":"yield","id":"7","output":' + "[" * 80 + "]" * 80 + "}", "7", "yield"),
+        ('{"type":"ping","id":"8"}', "8", "ping"),
+        ('{"type":3,"id":"9"}', "9", None),
+        ('{"id":"9"}', "9", None),
+        ('{"type":"result","id":3}', None, "result"),
+        ('{"type":"result"}', None, "result"),
+        ('{"type":"result","id":"' + "x" * 300 + '"}', None, "result"),
+    ],
+)
+def test_protocol_error_names_the_frame_when_readable(
+    text: str, frame_id: str | None, frame_type: str | None
+) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(text)
+    assert info.value.frame_id == frame_id
+    assert info.value.frame_type == frame_type
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, astral.AstralError)
+
+
+# -- fuzz ---------------------------------------------------------------------
+
+_SEEDS = [
+    '{"type":"call","id":"1","capability":"echo","input":{"x":[1,2.5,"s",null,true]}}',
+    '{"type":"yield","id":"22","output":"h\\u00e9llo \\ud83d\\ude00"}',
+    '{"type":"result","id":"3","output":9007199254740991}',
+    '{"type":"result","id":"3","error":"boom"}',
+    '{"type":"cancel","id":"4"}',
+    '{"type":"call","id":"5","capability":"f","input":[[[[[{"a":[-1e10]}]]]]]}',
+    '{"type":"yield","id":"6","output":"12345678901234567890"}',
+]
+_ALPHABET = [
+    *'{}[]",:\\0123456789-+.eEtruefalsnNIy \t\n',
+    "\\u",
+    "\\ud800",
+    "é",
+    "😀",
+    "\x00",
+    "\x7f",
+    "1234567890123456789",
+    "[" * 70,
+    "NaN",
+    "Infinity",
+    '"type"',
+    '"id"',
+    '"call"',
+    '"result"',
+    '"error"',
+]
+
+
+def _mutate(rng: random.Random, text: str) -> str:
+    for _ in range(rng.randint(1, 4)):
+        if not text:
+            text = rng.choice(_SEEDS)
+        i = rng.randrange(len(text) + 1)
+        op = rng.randrange(6)
+        if op == 0:
+            text = text[:i] + text[i + 1 :]
+        elif op == 1:
+            text = text[:i] + rng.choice(_ALPHABET) + text[i:]
+        elif op == 2:
+            text = text[:i] + rng.choice(_ALPHABET) + text[i + 1 :]
+        elif op == 3:
+            j = rng.randrange(len(text) + 1)
+            text = text[:i] + text[min(i, j) : max(i, j)] + text[i:]
+        elif op == 4:
+            text = text[:i]
+        else:
+            text = text[i:] + text[:i]
+    return text
+
+
+def test_fuzzed_frames_raise_only_protocol_error() -> None:
+    rng = random.Random(20240607)
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(4000):
+        mutated = _mutate(rng, rng.choice(_SEEDS))
+        text: str | bytes = mutated
+        if rng.random() < 0.3:
+            raw = bytearray(mutated.encode("utf-8", "surrogatepass"))
+            if raw and rng.random() < 0.5:
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+            text = bytes(raw)
+        try:
+            frame = decode(text)
+        except ProtocolError:
+            outcomes["refused"] += 1
+            continue
+        outcomes["ok"] += 1
+        # What decode accepts, encode can send again, and it means the same.
+        assert decode(encode(frame)) == frame
+    # The fuzz must exercise both paths to mean anything.
+    assert outcomes["ok"] > 100
+    assert outcomes["refused"] > 1000

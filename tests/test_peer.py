@@ -1,0 +1,1323 @@
+"""The AnyIO Peer, end to end over astral.testing, on asyncio and trio."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import anyio
+import pytest
+
+import astral
+from astral import (
+    Call,
+    CallTimeout,
+    Cancel,
+    ConnectionClosed,
+    Peer,
+    ProtocolError,
+    RemoteError,
+    Result,
+    Stream,
+    StreamOverrun,
+    Yield,
+    current_peer,
+    decode,
+    encode,
+)
+from astral.testing import connected_pair, memory_transport_pair
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+
+    from anyio.streams.stapled import StapledObjectStream
+
+# -- helpers --------------------------------------------------------------------
+
+
+async def echo(input: Any) -> Any:
+    return input
+
+
+async def count(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
+
+
+async def fail(message: str) -> NoReturn:
+    raise RuntimeError(message)
+
+
+async def failing_stream(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
+    raise ValueError(f"failed after {n}")
+
+
+async def empty_stream(_: Any) -> AsyncIterator[int]:
+    return
+    yield  # pragma: no cover
+
+
+async def nothing(_: Any) -> None:
+    return None
+
+
+BASICS: dict[str, Any] = {
+    "echo": echo,
+    "count": count,
+    "fail": fail,
+    "failing_stream": failing_stream,
+    "empty_stream": empty_stream,
+    "nothing": nothing,
+}
+
+
+class Blocker:
+    """A capability that blocks until cancelled, and says when it started and ended."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.finished = anyio.Event()
+        self.runs = 0
+
+    async def call(self, _: Any) -> None:
+        self.runs += 1
+        self.started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.finished.set()
+
+
+class Firehose:
+    """An endless stream, as fast as it can go; says when it started and ended."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.finished = anyio.Event()
+        self.sent = 0
+
+    async def call(self, _: Any) -> AsyncIterator[int]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[int]:
+        self.started.set()
+        try:
+            while True:
+                yield self.sent
+                self.sent += 1
+        finally:
+            self.finished.set()
+
+
+async def collect_into(items: AsyncIterable[Any], into: list[Any]) -> None:
+    """Append each item as it arrives, so a test sees what came before an error."""
+    async for item in items:
+        into.append(item)  # noqa: PERF401 - the items before an error must be kept
+
+
+async def assert_settled(*peers: Peer) -> None:
+    """Once every task is idle, no peer remembers any call."""
+    await anyio.wait_all_tasks_blocked()
+    for peer in peers:
+        assert peer._state.outbound == {}
+        assert peer._state.inbound == {}
+
+
+async def capture(coro: Awaitable[Any]) -> Any:
+    """Await ``coro``; return its value or the Exception it raised."""
+    try:
+        return await coro
+    except Exception as exc:
+        return exc
+
+
+class Outcomes:
+    """Run awaitables in a task group and remember how each ended."""
+
+    def __init__(self, tg: anyio.abc.TaskGroup) -> None:
+        self._tg = tg
+        self.results: dict[str, Any] = {}
+        self.done: dict[str, anyio.Event] = {}
+
+    def start(self, name: str, fn: Callable[[], Awaitable[Any]]) -> None:
+        self.done[name] = anyio.Event()
+
+        async def run() -> None:
+            self.results[name] = await capture(fn())
+            self.done[name].set()
+
+        self._tg.start_soon(run)
+
+
+# -- calls --------------------------------------------------------------------------
+
+
+async def test_call_resolves_with_the_output() -> None:
+    async with connected_pair(BASICS, {}) as (a, b):
+        assert await b.call("echo", {"x": [1, "two", None]}) == {"x": [1, "two", None]}
+        assert await b.call("echo") is None
+        assert await b.call("nothing", 1) is None
+        await assert_settled(a, b)
+
+
+async def test_inbound_calls_are_dispatched_on_both_sides() -> None:
+    seen: list[tuple[str, Any]] = []
+
+    def recorder(side: str) -> Callable[[Any], Awaitable[str]]:
+        async def record(input: Any) -> str:
+            seen.append((side, input))
+            return side
+
+        return record
+
+    async with connected_pair({"who": recorder("a")}, {"who": recorder("b")}) as (a, b):
+        assert await b.call("who", 1) == "a"
+        assert await a.call("who", 2) == "b"
+    assert seen == [("a", 1), ("b", 2)]
+
+
+async def test_many_concurrent_calls_both_ways_answered_out_of_order() -> None:
+    n = 25
+    gates = {side: [anyio.Event() for _ in range(n)] for side in "ab"}
+    running = {"count": 0}
+    all_running = anyio.Event()
+
+    def waiter(side: str) -> Callable[[int], Awaitable[dict[str, Any]]]:
+        async def wait(i: int) -> dict[str, Any]:
+            running["count"] += 1
+            if running["count"] == 2 * n:
+                all_running.set()
+            await gates[side][i].wait()
+            return {"served_by": side, "i": i}
+
+        return wait
+
+    finished: list[tuple[str, int]] = []
+    done = {(caller, i): anyio.Event() for caller in "ab" for i in range(n)}
+
+    async with connected_pair({"wait": waiter("a")}, {"wait": waiter("b")}) as (a, b):
+
+        async def one(caller: str, i: int) -> None:
+            peer, server = (a, "b") if caller == "a" else (b, "a")
+            assert await peer.call("wait", i, timeout=None) == {"served_by": server, "i": i}
+            finished.append((caller, i))
+            done[caller, i].set()
+
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(one, "a", i)
+                tg.start_soon(one, "b", i)
+            await all_running.wait()
+            for peer in (a, b):
+                assert len(peer._state.outbound) == n
+                assert len(peer._state.inbound) == n
+            # Release in reverse order, alternating directions: each result
+            # comes back before any call made earlier.
+            for i in reversed(range(n)):
+                gates["b"][i].set()
+                await done["a", i].wait()
+                gates["a"][i].set()
+                await done["b", i].wait()
+        assert finished == [(caller, i) for i in reversed(range(n)) for caller in "ab"]
+        await assert_settled(a, b)
+
+
+async def test_each_call_gets_its_own_answer() -> None:
+    async def slow_echo(input: int) -> int:
+        for _ in range(input % 5):
+            await anyio.lowlevel.checkpoint()
+        return input * 10
+
+    async with connected_pair({"e": slow_echo}, {}) as (a, b):
+        results: dict[int, int] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await b.call("e", i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, i)
+        assert results == {i: i * 10 for i in range(200)}
+        await assert_settled(a, b)
+
+
+async def test_input_that_cannot_be_sent_raises_protocol_error() -> None:
+    async with connected_pair(BASICS, {}) as (a, b):
+        with pytest.raises(ProtocolError):
+            await b.call("echo", object())
+        with pytest.raises(ProtocolError):
+            await b.call("echo", 2**53)
+        with pytest.raises(ProtocolError):
+            async with b.stream("count", {"x": {1, 2}}):
+                pass  # pragma: no cover
+        assert await b.call("echo", 2**53 - 1) == 2**53 - 1
+        await assert_settled(a, b)
+
+
+# -- streams ---------------------------------------------------------------------
+
+
+async def test_call_of_a_streaming_capability_returns_a_stream() -> None:
+    async with connected_pair(BASICS, {}) as (a, b):
+        stream = await b.call("count", 4)
+        assert isinstance(stream, Stream)
+        assert stream.capability == "count"
+        assert [item async for item in stream] == [0, 1, 2, 3]
+        # Exhausted: nothing more, and nothing left behind.
+        assert [item async for item in stream] == []
+        await assert_settled(a, b)
+
+
+async def test_stream_context_manager() -> None:
+    async with connected_pair(BASICS, {}) as (a, b):
+        async with b.stream("count", 3) as items:
+            assert isinstance(items, Stream)
+            assert [item async for item in items] == [0, 1, 2]
+        # A single result is a stream of one item...
+        async with b.stream("echo", "only") as items:
+            assert [item async for item in items] == ["only"]
+        # ...unless it is None.
+        async with b.stream("nothing") as items:
+            assert [item async for item in items] == []
+        await assert_settled(a, b)
+
+
+async def test_a_long_stream_arrives_in_order() -> None:
+    async with connected_pair(BASICS, {}, max_buffered_items=4096) as (a, b):
+        async with b.stream("count", 3000) as items:
+            assert [item async for item in items] == list(range(3000))
+        await assert_settled(a, b)
+
+
+async def test_a_failing_stream_yields_its_items_then_raises() -> None:
+    async with connected_pair(BASICS, {}) as (a, b):
+        stream = await b.call("failing_stream", 3)
+        received: list[Any] = []
+        with pytest.raises(RemoteError, match=r"^failed after 3$"):
+            await collect_into(stream, received)
+        assert received == [0, 1, 2]
+
+        received = []
+        async with b.stream("failing_stream", 2) as items:
+            with pytest.raises(RemoteError, match=r"^failed after 2$"):
+                await collect_into(items, received)
+        assert received == [0, 1]
+
+        # Failing before the first item: call raises at once.
+        with pytest.raises(RemoteError, match=r"^failed after 0$"):
+            await b.call("failing_stream", 0)
+        await assert_settled(a, b)
+
+
+async def test_an_empty_stream() -> None:
+    async with connected_pair(BASICS, {}) as (a, b):
+        assert await b.call("empty_stream") is None
+        async with b.stream("empty_stream") as items:
+            assert [item async for item in items] == []
+        assert await b.call("count", 0) is None
+        await assert_settled(a, b)
+
+
+async def test_streams_and_calls_interleave() -> None:
+    async with connected_pair(BASICS, BASICS) as (a, b):
+        s1 = await a.call("count", 3)
+        s2 = await b.call("count", 2)
+        assert await anext(s1) == 0
+        assert await a.call("echo", "between") == "between"
+        assert [x async for x in s2] == [0, 1]
+        assert [x async for x in s1] == [1, 2]
+        await assert_settled(a, b)
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+async def test_remote_error_for_an_unknown_capability() -> None:
+    async with connected_pair(BASICS, {}) as (a, b):
+        for name in ("nope", "__class__", "__proto__", "call", ""):
+            with pytest.raises(RemoteError) as info:
+                await b.call(name, 1)
+            assert str(info.value) == "unknown capability"
+            assert info.value.message == "unknown capability"
+            assert isinstance(info.value, astral.CallError)
+        # The other direction has nothing registered at all.
+        with pytest.raises(RemoteError, match=r"^unknown capability$"):
+            await a.call("echo", 1)
+        await assert_settled(a, b)
+
+
+async def test_remote_error_for_a_failing_capability() -> None:
+    async with connected_pair(BASICS, {}) as (a, b):
+        with pytest.raises(RemoteError) as info:
+            await b.call("fail", "the disk is full")
+        assert info.value.message == "the disk is full"
+        assert str(info.value) == "the disk is full"
+        assert info.value.__cause__ is None
+        # The connection lives on.
+        assert await b.call("echo", 1) == 1
+        await assert_settled(a, b)
+
+
+async def test_an_output_that_cannot_be_sent_is_a_remote_error() -> None:
+    async def unserializable(_: Any) -> Any:
+        return {"handle": object()}
+
+    async def unsafe_integer(_: Any) -> int:
+        return 2**60
+
+    async def bad_item(_: Any) -> AsyncIterator[Any]:
+        yield 1
+        yield {1, 2}
+        yield 3  # pragma: no cover
+
+    caps = {"u": unserializable, "i": unsafe_integer, "s": bad_item}
+    async with connected_pair(caps, {}, timeout=None) as (a, b):
+        with pytest.raises(RemoteError, match="not JSON-serializable"):
+            await b.call("u")
+        with pytest.raises(RemoteError, match=r"2\*\*53"):
+            await b.call("i")
+        received: list[Any] = []
+        async with b.stream("s") as items:
+            with pytest.raises(RemoteError, match="not JSON-serializable"):
+                await collect_into(items, received)
+        assert received == [1]
+        await assert_settled(a, b)
+
+
+async def test_call_timeout() -> None:
+    blocker = Blocker()
+    async with connected_pair({"block": blocker}, {}) as (a, b):
+        with pytest.raises(CallTimeout) as info:
+            await b.call("block", timeout=0.05)
+        assert isinstance(info.value, TimeoutError)
+        assert isinstance(info.value, astral.CallError)
+        assert str(info.value) == "call block timed out"
+        # The remote was told to stop.
+        await blocker.finished.wait()
+        await assert_settled(a, b)
+
+
+async def test_the_peers_default_timeout_applies() -> None:
+    blocker = Blocker()
+    async with connected_pair({"block": blocker}, {}, timeout=0.05) as (a, b):
+        with pytest.raises(CallTimeout, match=r"^call block timed out$"):
+            await b.call("block")
+        with pytest.raises(CallTimeout, match=r"^call block timed out$"):
+            async with b.stream("block") as items:
+                await anext(items)
+        await blocker.finished.wait()
+        assert blocker.runs == 2
+        await assert_settled(a, b)
+
+
+async def test_the_timeout_covers_only_the_first_frame() -> None:
+    gates = [anyio.Event(), anyio.Event()]
+    blocker = Blocker()
+
+    async def slow_after_first(gate: int) -> AsyncIterator[str]:
+        yield "first"
+        await gates[gate].wait()
+        yield "second"
+
+    caps: dict[str, Any] = {"s": slow_after_first, "block": blocker}
+    async with connected_pair(caps, {}) as (a, b):
+        stream = await b.call("s", 0, timeout=0.25)
+        async with b.stream("s", 1, timeout=0.25) as items:
+            assert await anext(stream) == "first"
+            assert await anext(items) == "first"
+            # Let well over 0.25 s pass (measured by another call timing out)...
+            with pytest.raises(CallTimeout):
+                await b.call("block", timeout=0.6)
+            # ...and both streams are still alive.
+            for gate in gates:
+                gate.set()
+            assert [x async for x in stream] == ["second"]
+            assert [x async for x in items] == ["second"]
+        await blocker.finished.wait()
+        await assert_settled(a, b)
+
+
+# -- current_peer and claims ---------------------------------------------------------
+
+
+async def test_current_peer_inside_a_capability_and_calling_back() -> None:
+    seen: dict[str, Any] = {}
+
+    async def ask(question: str) -> Any:
+        peer = current_peer()
+        seen["peer"] = peer
+        return {"answer": await peer.call("answer", question)}
+
+    async def answer(question: str) -> str:
+        seen["answer_peer"] = current_peer()
+        return f"{question}? 42"
+
+    async with connected_pair({"ask": ask}, {"answer": answer}) as (a, b):
+        assert await b.call("ask", "why") == {"answer": "why? 42"}
+        assert seen["peer"] is a
+        assert seen["answer_peer"] is b
+        await assert_settled(a, b)
+
+
+async def test_current_peer_in_a_streaming_capability() -> None:
+    async def who(_: Any) -> AsyncIterator[bool]:
+        yield current_peer() is peers[0]
+        yield current_peer() is peers[0]
+
+    peers: list[Peer] = []
+    async with connected_pair({"who": who}, {}) as (a, b):
+        peers.append(a)
+        assert [x async for x in await b.call("who")] == [True, True]
+
+
+async def test_current_peer_outside_a_capability_raises() -> None:
+    with pytest.raises(RuntimeError, match="outside a capability"):
+        current_peer()
+    async with connected_pair(BASICS, {}):
+        with pytest.raises(RuntimeError, match="outside a capability"):
+            current_peer()
+
+
+async def test_claims_are_visible_through_current_peer() -> None:
+    async def whoami(_: Any) -> Any:
+        claims = current_peer().claims
+        with pytest.raises(TypeError):
+            claims["sub"] = "someone else"  # type: ignore[index]
+        return dict(claims)
+
+    claims = {"sub": "worker-1", "scope": ["bash"]}
+    async with connected_pair({"whoami": whoami}, {}, claims=claims) as (a, b):
+        claims["sub"] = "changed later"
+        assert await b.call("whoami") == {"sub": "worker-1", "scope": ["bash"]}
+        assert a.claims["sub"] == "worker-1"
+
+
+async def test_claims_default_to_empty() -> None:
+    async with connected_pair(BASICS, {}) as (a, _):
+        assert dict(a.claims) == {}
+
+
+# -- cancellation crosses the wire -------------------------------------------------------
+
+
+async def test_cancelling_the_callers_scope_cancels_the_remote() -> None:
+    blocker = Blocker()
+    async with connected_pair({"block": blocker}, {}) as (a, b):
+        outcome: list[str] = []
+
+        async def caller(
+            *, task_status: anyio.abc.TaskStatus[anyio.CancelScope] = anyio.TASK_STATUS_IGNORED
+        ) -> None:
+            with anyio.CancelScope() as scope:
+                task_status.started(scope)
+                await b.call("block", timeout=None)
+            outcome.append("cancelled" if scope.cancelled_caught else "returned")
+
+        async with anyio.create_task_group() as tg:
+            scope = await tg.start(caller)
+            await blocker.started.wait()
+            assert len(b._state.outbound) == 1
+            assert len(a._state.inbound) == 1
+            scope.cancel()
+        assert outcome == ["cancelled"]
+        with anyio.fail_after(5):
+            await blocker.finished.wait()
+        await assert_settled(a, b)
+
+
+async def test_cancelling_a_task_group_with_calls_in_flight() -> None:
+    blockers = [Blocker() for _ in range(5)]
+    caps = {f"block{i}": blocker for i, blocker in enumerate(blockers)}
+    async with connected_pair(caps, {"echo": echo}) as (a, b):
+        async with anyio.create_task_group() as tg:
+            for name in caps:
+                tg.start_soon(b.call, name, None)
+            for blocker in blockers:
+                await blocker.started.wait()
+            tg.cancel_scope.cancel()
+        for blocker in blockers:
+            await blocker.finished.wait()
+        await assert_settled(a, b)
+        assert await a.call("echo", "still works") == "still works"
+
+
+async def test_a_timeout_cancels_the_remote() -> None:
+    blocker = Blocker()
+    async with connected_pair({"block": blocker}, {}) as (a, b):
+        with pytest.raises(CallTimeout):
+            await b.call("block", timeout=0.05)
+        with anyio.fail_after(5):
+            await blocker.finished.wait()
+        await assert_settled(a, b)
+
+
+async def test_leaving_a_stream_early_cancels_the_remote() -> None:
+    firehose = Firehose()
+    async with connected_pair({"firehose": firehose}, {}, max_buffered_items=10_000) as (a, b):
+        async with b.stream("firehose") as items:
+            received = [await anext(items) for _ in range(3)]
+        assert received == [0, 1, 2]
+        with anyio.fail_after(5):
+            await firehose.finished.wait()
+        await assert_settled(a, b)
+
+
+async def test_breaking_out_of_a_stream_block_cancels_the_remote() -> None:
+    firehose = Firehose()
+    async with connected_pair({"firehose": firehose}, {}, max_buffered_items=10_000) as (a, b):
+        async with b.stream("firehose") as items:
+            async for item in items:
+                if item == 5:
+                    break
+        await firehose.finished.wait()
+        await assert_settled(a, b)
+
+
+async def test_aclose_on_a_stream_from_call_cancels_the_remote() -> None:
+    firehose = Firehose()
+    async with connected_pair({"firehose": firehose}, {}, max_buffered_items=10_000) as (a, b):
+        stream = await b.call("firehose")
+        assert await anext(stream) == 0
+        await stream.aclose()
+        await stream.aclose()  # idempotent
+        with pytest.raises(StopAsyncIteration):
+            await anext(stream)
+        await firehose.finished.wait()
+        await assert_settled(a, b)
+
+
+async def test_cancelling_a_stream_consumer_cancels_the_remote() -> None:
+    gate_never = anyio.Event()
+    finished = anyio.Event()
+
+    async def one_then_wait(_: Any) -> AsyncIterator[int]:
+        try:
+            yield 1
+            await gate_never.wait()
+            yield 2  # pragma: no cover
+        finally:
+            finished.set()
+
+    async with connected_pair({"s": one_then_wait}, {}) as (a, b):
+        async with b.stream("s") as items:
+            assert await anext(items) == 1
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await anext(items)
+        await finished.wait()
+        await assert_settled(a, b)
+
+
+@pytest.mark.parametrize("via", ["call", "stream"])
+async def test_a_consumer_overrun_fails_that_call_only(via: str) -> None:
+    limit = 4
+    firehose = Firehose()
+    blocker = Blocker()
+    caps: dict[str, Any] = {"firehose": firehose, "echo": echo, "block": blocker}
+    async with connected_pair(caps, {}, max_buffered_items=limit, timeout=None) as (a, b):
+        async with anyio.create_task_group() as tg:
+            # Another call in flight on the same connection, untouched by the overrun.
+            bystander = Outcomes(tg)
+            bystander.start("block", lambda: b.call("block"))
+            await blocker.started.wait()
+
+            received: list[int] = []
+            if via == "call":
+                stream = await b.call("firehose")
+                assert isinstance(stream, Stream)
+                received.append(await anext(stream))
+                context: Any = stream
+            else:
+                context = b.stream("firehose")
+                stream = await context.__aenter__()
+            try:
+                # The consumer blocks; the producer runs on until the remote is told to stop.
+                with anyio.fail_after(5):
+                    await firehose.finished.wait()
+                with pytest.raises(StreamOverrun) as info:
+                    await collect_into(stream, received)
+            finally:
+                await context.__aexit__(None, None, None)
+            assert "firehose" in str(info.value)
+            assert isinstance(info.value, astral.CallError)
+            # Every buffered item first, in order, none lost, none invented.
+            assert received == list(range(len(received)))
+            assert len(received) == limit + (1 if via == "call" else 0)
+            assert firehose.sent > len(received)
+
+            # Other calls on the connection keep working.
+            assert await b.call("echo", "alive") == "alive"
+            assert not bystander.done["block"].is_set()
+            tg.cancel_scope.cancel()
+        await blocker.finished.wait()
+        await assert_settled(a, b)
+
+
+# -- closing ------------------------------------------------------------------------------
+
+
+async def test_closing_one_side_fails_everything_on_the_other_at_once() -> None:
+    a_blocker, b_blocker = Blocker(), Blocker()
+    stream_started = anyio.Event()
+    stream_gate = anyio.Event()
+
+    async def one_then_wait(_: Any) -> AsyncIterator[str]:
+        yield "one"
+        await stream_gate.wait()  # never set
+        yield "two"  # pragma: no cover
+
+    a_caps: dict[str, Any] = {"block": a_blocker, "stream": one_then_wait}
+    async with connected_pair(a_caps, {"block": b_blocker}, timeout=None) as (a, b):
+        async with anyio.create_task_group() as tg:
+            out = Outcomes(tg)
+            # b waits on a (a call and a stream); a waits on b.
+            out.start("b_call", lambda: b.call("block"))
+
+            async def b_stream() -> list[str]:
+                got: list[str] = []
+                async with b.stream("stream") as items:
+                    async for item in items:
+                        got.append(item)
+                        stream_started.set()
+                return got  # pragma: no cover
+
+            out.start("b_stream", b_stream)
+            out.start("a_call", lambda: a.call("block"))
+            await a_blocker.started.wait()
+            await b_blocker.started.wait()
+            await stream_started.wait()
+
+            await a.aclose()
+        for name in ("b_call", "b_stream", "a_call"):
+            assert isinstance(out.results[name], ConnectionClosed), (name, out.results[name])
+        # b's inbound capability (a's call) was cancelled; so was a's.
+        await b_blocker.finished.wait()
+        await a_blocker.finished.wait()
+
+        assert a.closed
+        a_reason = await a.wait_closed()
+        assert a_reason.code == 1000
+        with anyio.fail_after(5):
+            b_reason = await b.wait_closed()
+        assert b.closed
+        assert isinstance(b_reason, ConnectionClosed)
+        assert out.results["b_call"].reason == b_reason.reason
+        for peer in (a, b):
+            with pytest.raises(ConnectionClosed):
+                await peer.call("block")
+            with pytest.raises(ConnectionClosed):
+                async with peer.stream("stream"):
+                    pass  # pragma: no cover
+        await assert_settled(a, b)
+
+
+async def test_leaving_the_async_with_closes_the_other_side() -> None:
+    a_transport, b_transport = memory_transport_pair()
+    a_blocker, b_blocker = Blocker(), Blocker()
+    async with Peer(b_transport, capabilities={"block": b_blocker}, timeout=None) as b:
+        async with anyio.create_task_group() as tg:
+            out = Outcomes(tg)
+            async with Peer(a_transport, capabilities={"block": a_blocker}, timeout=None) as a:
+                out.start("b_call", lambda: b.call("block"))
+                out.start("a_call", lambda: a.call("block"))
+                await a_blocker.started.wait()
+                await b_blocker.started.wait()
+            # a has exited: every task of a is gone.
+            assert a.closed
+            assert a._stopped.is_set()
+        assert isinstance(out.results["b_call"], ConnectionClosed)
+        assert isinstance(out.results["a_call"], ConnectionClosed)
+        await b_blocker.finished.wait()
+        assert a_blocker.finished.is_set()
+        await b.wait_closed()
+        assert b.closed
+        with pytest.raises(ConnectionClosed):
+            await b.call("block")
+        await assert_settled(a, b)
+
+
+async def test_the_remote_closing_ends_the_peer_on_its_own() -> None:
+    ours, theirs = memory_transport_pair()
+    async with theirs, Peer(ours) as peer:
+        await theirs.aclose()
+        reason = await peer.wait_closed()
+        assert "remote" in reason.reason
+        assert peer.closed
+        # Its tasks have ended, before the async with is left.
+        with anyio.fail_after(5):
+            await peer._stopped.wait()
+
+
+async def test_aclose_is_idempotent_and_works_from_a_capability() -> None:
+    entered = anyio.Event()
+    finished = anyio.Event()
+
+    async def hang_up(_: Any) -> None:
+        entered.set()
+        try:
+            await current_peer().aclose()
+        finally:
+            finished.set()
+
+    async with connected_pair({"hang_up": hang_up}, {}, timeout=None) as (a, b):
+        with pytest.raises(ConnectionClosed):
+            await b.call("hang_up")
+        assert entered.is_set()
+        await finished.wait()
+        assert a.closed
+        await a.aclose()
+        await a.aclose()
+        assert (await b.wait_closed()).code is None
+
+
+async def test_cancelling_the_task_group_holding_a_peer_tears_down_both_sides() -> None:
+    a_transport, b_transport = memory_transport_pair()
+    a_blocker, b_blocker = Blocker(), Blocker()
+    a_ref: list[Peer] = []
+    async with Peer(b_transport, capabilities={"block": b_blocker}, timeout=None) as b:
+        async with anyio.create_task_group() as outer:
+            out = Outcomes(outer)
+            async with anyio.create_task_group() as doomed:
+
+                async def run_a() -> None:
+                    async with Peer(a_transport, capabilities={"block": a_blocker}) as a:
+                        a_ref.append(a)
+                        await a.call("block", timeout=None)  # waits on b
+
+                doomed.start_soon(run_a)
+                await b_blocker.started.wait()
+                out.start("b_call", lambda: b.call("block"))
+                await a_blocker.started.wait()
+                doomed.cancel_scope.cancel()
+            # a is torn down: its capability was cancelled, its tasks are gone.
+            assert a_blocker.finished.is_set()
+            assert a_ref[0].closed
+            assert a_ref[0]._stopped.is_set()
+        # b saw the connection end: its call failed, its capability was cancelled.
+        assert isinstance(out.results["b_call"], ConnectionClosed)
+        await b_blocker.finished.wait()
+        await b.wait_closed()
+        await assert_settled(a_ref[0], b)
+
+
+async def test_an_exception_in_the_body_propagates_as_raised() -> None:
+    # Not wrapped in an ExceptionGroup by the peers' task groups.
+    with pytest.raises(RemoteError, match=r"^boom$"):
+        async with connected_pair(BASICS, {}) as (_, b):
+            await b.call("fail", "boom")
+    ours, theirs = memory_transport_pair()
+    with pytest.raises(KeyError):
+        async with theirs, Peer(ours):
+            raise KeyError("mine")
+
+    async def hang_up(_: Any) -> None:
+        await current_peer().aclose()
+
+    with pytest.raises(ConnectionClosed):
+        async with connected_pair({"hang_up": hang_up}, {}, timeout=None) as (_, b):
+            await b.call("hang_up")
+
+
+async def test_a_peer_is_used_inside_async_with_only() -> None:
+    ours, theirs = memory_transport_pair()
+    peer = Peer(ours)
+    with pytest.raises(RuntimeError, match="async with"):
+        await peer.call("x")
+    async with theirs, peer:
+        with pytest.raises(RuntimeError, match="only once"):
+            await peer.__aenter__()
+
+
+async def test_aclose_of_a_peer_never_entered_returns() -> None:
+    ours, theirs = memory_transport_pair()
+    peer = Peer(ours)
+    with anyio.fail_after(5):
+        await peer.aclose()
+    assert peer.closed
+    with pytest.raises(ConnectionClosed):
+        await peer.call("x")
+    with pytest.raises(anyio.EndOfStream):
+        await theirs.receive()
+    await theirs.aclose()
+
+
+async def test_connected_pair_checks_capabilities() -> None:
+    def sync(_: Any) -> Any:  # pragma: no cover
+        return None
+
+    with pytest.raises(TypeError):
+        async with connected_pair({"echo": echo}, {"sync": sync}):
+            pass  # pragma: no cover
+    with pytest.raises(TypeError):
+        async with connected_pair({"sync": sync}):
+            pass  # pragma: no cover
+
+
+async def test_capabilities_are_checked_when_the_peer_is_made() -> None:
+    def sync(_: Any) -> Any:  # pragma: no cover
+        return None
+
+    ours, theirs = memory_transport_pair()
+    async with ours, theirs:
+        with pytest.raises(TypeError, match="'sync'"):
+            Peer(ours, capabilities={"sync": sync})
+
+
+# -- transports that end or fail -------------------------------------------------------------
+
+
+class ScriptedTransport:
+    """A transport whose input ends, on cue, with a given error."""
+
+    def __init__(
+        self, end: BaseException, *, broken_send: bool = False, failing_close: bool = False
+    ) -> None:
+        self.sent: list[str] = []
+        self.end = anyio.Event()
+        self.closed = False
+        self._error = end
+        self._broken_send = broken_send
+        self._failing_close = failing_close
+
+    async def send(self, item: str, /) -> None:
+        if self._broken_send:
+            raise anyio.BrokenResourceError
+        self.sent.append(item)
+
+    async def receive(self) -> str:
+        await self.end.wait()
+        raise self._error
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self.end.set()
+        if self._failing_close:
+            raise OSError("the socket was already gone")
+
+
+async def test_the_transports_close_code_reaches_pending_calls() -> None:
+    transport = ScriptedTransport(ConnectionClosed("server going away", code=1001))
+    assert isinstance(transport, astral.Transport)
+    async with Peer(transport, timeout=None) as peer:
+        async with anyio.create_task_group() as tg:
+            out = Outcomes(tg)
+            out.start("call", lambda: peer.call("f"))
+            await anyio.wait_all_tasks_blocked()
+            assert len(transport.sent) == 1
+            transport.end.set()
+        error = out.results["call"]
+        assert isinstance(error, ConnectionClosed)
+        assert (error.code, error.reason) == (1001, "server going away")
+        reason = await peer.wait_closed()
+        assert (reason.code, reason.reason) == (1001, "server going away")
+        assert isinstance(reason.__cause__, ConnectionClosed)
+    assert transport.closed
+
+
+@pytest.mark.parametrize(
+    "end", [anyio.EndOfStream(), anyio.BrokenResourceError(), anyio.ClosedResourceError()]
+)
+async def test_any_end_of_input_closes_the_peer(end: BaseException) -> None:
+    transport = ScriptedTransport(end)
+    async with Peer(transport, timeout=None) as peer:
+        transport.end.set()
+        reason = await peer.wait_closed()
+        assert reason.__cause__ is end
+        with pytest.raises(ConnectionClosed):
+            await peer.call("f")
+    assert transport.closed
+
+
+async def test_a_send_that_fails_fails_the_call_with_connection_closed() -> None:
+    transport = ScriptedTransport(anyio.EndOfStream(), broken_send=True)
+    async with Peer(transport, timeout=None) as peer:
+        with pytest.raises(ConnectionClosed) as info:
+            await peer.call("f")
+        assert isinstance(info.value.__cause__, anyio.BrokenResourceError)
+        assert peer._state.outbound == {}
+
+
+async def test_a_transport_failing_to_close_does_not_break_closing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="astral.peer")
+    transport = ScriptedTransport(anyio.EndOfStream(), failing_close=True)
+    async with Peer(transport) as peer:
+        pass
+    assert peer.closed
+    assert transport.closed
+    assert any("closing" in record.getMessage() for record in caplog.records)
+
+
+# -- bad input from the remote never crashes the peer ----------------------------------------
+
+
+class RawRemote:
+    """A hand-written remote speaking raw JSON text to a Peer."""
+
+    def __init__(self, transport: StapledObjectStream[str]) -> None:
+        self.transport = transport
+        self.unexpected: list[astral.Frame] = []
+        self._probes = 0
+
+    async def send(self, text: str) -> None:
+        await self.transport.send(text)
+
+    async def receive(self) -> astral.Frame:
+        return decode(await self.transport.receive())
+
+    async def receive_text(self) -> str:
+        return await self.transport.receive()
+
+    async def probe(self) -> list[astral.Frame]:
+        """Make a normal call; return the other frames that arrived before its answer."""
+        self._probes += 1
+        probe_id = f"probe-{self._probes}"
+        await self.send(encode(Call(probe_id, "echo", {"probe": self._probes})))
+        others: list[astral.Frame] = []
+        while True:
+            frame = await self.receive()
+            if frame.id == probe_id:
+                assert frame == Result(probe_id, {"probe": self._probes})
+                return others
+            others.append(frame)
+
+
+async def test_bad_input_never_crashes_the_peer() -> None:
+    ours, theirs = memory_transport_pair()
+    remote = RawRemote(theirs)
+    blocker = Blocker()
+    caps: dict[str, Any] = {"echo": echo, "block": blocker, "count": count}
+    async with theirs, Peer(ours, capabilities=caps, timeout=None) as peer:
+        async with anyio.create_task_group() as tg:
+            pending = Outcomes(tg)
+            pending.start("call", lambda: peer.call("remote_cap", {"q": 1}))
+            call = await remote.receive()
+            assert isinstance(call, Call)
+            assert call.capability == "remote_cap"
+
+            # A call of the remote's, still running here.
+            await remote.send(encode(Call("running", "block")))
+            await blocker.started.wait()
+
+            ignored = [
+                "",
+                "not json",
+                "{",
+                "[1,2,3]",
+                '"just a string"',
+                "42",
+                "null",
+                "{}",
+                '{"type":"ping","id":"1"}',
+                '{"type":"hello","id":"' + call.id + '","output":1}',
+                '{"id":"' + call.id + '","output":1}',
+                '{"type":"result"}',
+                '{"type":"result","id":7,"output":1}',
+                '{"type":"call","capability":"echo"}',
+                '{"type":"result","id":"unknown","output":1}',
+                '{"type":"yield","id":"unknown","output":1}',
+                '{"type":"result","id":"unknown","error":"x"}',
+                '{"type":"result","id":"unknown","error":5}',
+                '{"type":"cancel","id":"unknown"}',
+                '{"type":"yield","id":"' + call.id + '","output":NaN}',
+                '{"type":"yield","id":"x","output":"\\ud800"}',
+                '{"type":"cancel","id":"' + "x" * 1000 + '"}',
+                "[" * 100_000,
+                '{"type":"call","id":"' + "x" * 300 + '","capability":"echo"}',
+            ]
+            for text in ignored:
+                await remote.send(text)
+                assert await remote.probe() == [], text
+
+            refused = [
+                ('{"type":"call","id":"m1"}', Result, "malformed call: "),
+                ('{"type":"call","id":"m2","capability":null}', Result, "malformed call: "),
+                (
+                    '{"type":"call","id":"m3","capability":"echo","input":9007199254740993}',
+                    Result,
+                    "malformed call: ",
+                ),
+                ('{"type":"call","id":"u1","capability":"nope"}', Result, "unknown capability"),
+                ('{"type":"call","id":"running","capability":"echo"}', Result, "duplicate call"),
+            ]
+            for text, kind, error in refused:
+                await remote.send(text)
+                [answer] = await remote.probe()
+                assert isinstance(answer, kind)
+                assert answer.id == decode_id(text)
+                assert answer.error is not None
+                assert answer.error.startswith(error), answer
+
+            # The running call was untouched by the duplicate: cancel it, get its one result.
+            assert not blocker.finished.is_set()
+            assert set(peer._state.inbound) == {"running"}
+            await remote.send(encode(Cancel("running")))
+            assert await remote.receive() == Result("running", error="cancelled")
+            await blocker.finished.wait()
+
+            # The well-formed pending call was untouched all along.
+            assert not pending.done["call"].is_set()
+            await remote.send(encode(Result(call.id, {"answer": 1})))
+            await pending.done["call"].wait()
+            assert pending.results["call"] == {"answer": 1}
+        assert not peer.closed
+        await assert_settled(peer)
+
+
+async def send_many(transport: StapledObjectStream[str], n: int) -> None:
+    for i in range(n):
+        await transport.send(encode(Call(f"after-{i}", "unknown")))
+
+
+def decode_id(text: str) -> str:
+    start = text.index('"id":"') + len('"id":"')
+    return text[start : text.index('"', start)]
+
+
+async def test_frames_after_a_call_ended_are_ignored() -> None:
+    ours, theirs = memory_transport_pair()
+    remote = RawRemote(theirs)
+    async with theirs, Peer(ours, capabilities={"echo": echo}, timeout=None) as peer:
+        async with anyio.create_task_group() as tg:
+            out = Outcomes(tg)
+            out.start("first", lambda: peer.call("f"))
+            first = await remote.receive()
+            out.start("second", lambda: peer.call("g"))
+            second = await remote.receive()
+            assert first.id != second.id
+
+            await remote.send(encode(Result(first.id, "one")))
+            for late in (
+                Result(first.id, "again"),
+                Result(first.id, error="late error"),
+                Yield(first.id, "late item"),
+            ):
+                await remote.send(encode(late))
+                assert await remote.probe() == []
+            await out.done["first"].wait()
+            assert out.results["first"] == "one"
+            assert not out.done["second"].is_set()
+
+            # A stream: a yield after its result is ignored too.
+            await remote.send(encode(Yield(second.id, 1)))
+            await out.done["second"].wait()
+            stream = out.results["second"]
+            assert isinstance(stream, Stream)
+            await remote.send(encode(Yield(second.id, 2)))
+            await remote.send(encode(Result(second.id)))
+            await remote.send(encode(Yield(second.id, 3)))
+            await remote.send(encode(Result(second.id, error="after the end")))
+            assert await remote.probe() == []
+            assert [x async for x in stream] == [1, 2]
+        await assert_settled(peer)
+
+
+async def test_a_malformed_result_fails_that_call_at_once() -> None:
+    ours, theirs = memory_transport_pair()
+    remote = RawRemote(theirs)
+    async with theirs, Peer(ours, capabilities={"echo": echo}, timeout=None) as peer:
+        async with anyio.create_task_group() as tg:
+            out = Outcomes(tg)
+            out.start("victim", lambda: peer.call("f"))
+            victim = await remote.receive()
+            out.start("bystander", lambda: peer.call("g"))
+            bystander = await remote.receive()
+
+            await remote.send('{"type":"result","id":"' + victim.id + '","output":1e999}')
+            # Not even JSON (1e999): the id cannot be read, nothing fails.
+            assert await remote.probe() == []
+            assert not out.done["victim"].is_set()
+
+            await remote.send('{"type":"result","id":"' + victim.id + '","error":{"code":1}}')
+            with anyio.fail_after(5):
+                await out.done["victim"].wait()
+            error = out.results["victim"]
+            assert isinstance(error, ProtocolError)
+            assert error.frame_id == victim.id
+
+            assert not out.done["bystander"].is_set()
+            assert await remote.probe() == []
+            await remote.send(encode(Result(bystander.id, "fine")))
+            await out.done["bystander"].wait()
+            assert out.results["bystander"] == "fine"
+        await assert_settled(peer)
+
+
+async def test_a_malformed_yield_fails_that_stream_after_its_items() -> None:
+    ours, theirs = memory_transport_pair()
+    remote = RawRemote(theirs)
+    async with theirs, Peer(ours, capabilities={"echo": echo}, timeout=None) as peer:
+        async with peer.stream("s") as items:
+            call = await remote.receive()
+            await remote.send(encode(Yield(call.id, "good")))
+            await remote.send(
+                '{"type":"yield","id":"' + call.id + '","output":12345678901234567890}'
+            )
+            assert await anext(items) == "good"
+            with pytest.raises(ProtocolError):
+                await anext(items)
+        assert await remote.probe() == []
+        await assert_settled(peer)
+
+
+async def test_a_flood_of_refused_calls_closes_the_connection() -> None:
+    ours, theirs = memory_transport_pair()
+    limit = 8
+    async with theirs, Peer(ours, timeout=None, max_inbound_calls=limit) as peer:
+        async with anyio.create_task_group() as tg:
+            out = Outcomes(tg)
+            out.start("pending", lambda: peer.call("anything"))
+            assert isinstance(decode(await theirs.receive()), Call)
+            # The remote never reads again; every call it sends is refused.
+            sent = 0
+            while not peer.closed:
+                await theirs.send(encode(Call(str(sent), "unknown")))
+                sent += 1
+                assert sent < 10_000, "the peer never cut the flood off"
+            # Once cut off, the connection is closed: the remote cannot go on.
+            with pytest.raises(anyio.BrokenResourceError):
+                await send_many(theirs, 1000)
+            reason = await peer.wait_closed()
+            assert reason.code == 1008
+            await out.done["pending"].wait()
+            assert isinstance(out.results["pending"], ConnectionClosed)
+            assert out.results["pending"].code == 1008
+            # Memory stayed bounded: at most the limit of queued answers, plus
+            # what the transport itself buffers.
+            assert sent <= limit + 64 + 2 + 64
+        # What was queued is still readable, then the end.
+        answers: list[Any] = []
+        await collect_into(theirs, answers)  # until the end of the stream
+        assert answers
+        assert all(isinstance(decode(text), Result) for text in answers)
+        assert {decode(text).error for text in answers} == {"unknown capability"}  # type: ignore[union-attr]
+        await assert_settled(peer)
+
+
+async def test_an_unresponsive_remote_is_not_cut_off_for_running_calls() -> None:
+    # Calls that run (rather than being refused) are bounded by max_inbound_calls,
+    # not by the flood rule.
+    ours, theirs = memory_transport_pair()
+    blocker = Blocker()
+    async with theirs, Peer(ours, capabilities={"block": blocker}, max_inbound_calls=3) as peer:
+        for i in range(3):
+            await theirs.send(encode(Call(f"b{i}", "block")))
+        await theirs.send(encode(Call("over", "block")))
+        assert await theirs.receive() == encode(Result("over", error="too many concurrent calls"))
+        assert len(peer._state.inbound) == 3
+        assert blocker.runs == 3
+        assert not peer.closed
+
+
+# -- the original's semantics on the wire --------------------------------------------------
+
+
+async def test_calls_are_sent_with_exactly_the_originals_fields() -> None:
+    ours, theirs = memory_transport_pair()
+    async with theirs, Peer(ours, timeout=None) as peer:
+        async with anyio.create_task_group() as tg:
+            out = Outcomes(tg)
+            out.start("with_input", lambda: peer.call("transcription", {"audio": "é"}))
+            text = await theirs.receive()
+            call = decode(text)
+            assert text == (
+                '{"type":"call","id":"' + call.id + '","capability":"transcription",'
+                '"input":{"audio":"é"}}'
+            )
+            out.start("without_input", lambda: peer.call("ping"))
+            text = await theirs.receive()
+            second = decode(text)
+            assert text == '{"type":"call","id":"' + second.id + '","capability":"ping"}'
+            await theirs.send(encode(Result(call.id)))
+            await theirs.send(encode(Result(second.id)))
+        assert out.results == {"with_input": None, "without_input": None}
+
+
+async def test_answers_are_sent_with_exactly_the_originals_fields() -> None:
+    ours, theirs = memory_transport_pair()
+    uuid = "0b7c1a9e-3f0e-4c39-9a54-3c1d2f0c8f11"
+    async with theirs, Peer(ours, capabilities=BASICS) as _:
+        await theirs.send(
+            '{"type":"call","id":"' + uuid + '","capability":"count","input":2,"extra":1}'
+        )
+        assert await theirs.receive() == '{"type":"yield","id":"' + uuid + '","output":0}'
+        assert await theirs.receive() == '{"type":"yield","id":"' + uuid + '","output":1}'
+        assert await theirs.receive() == '{"type":"result","id":"' + uuid + '"}'
+        await theirs.send('{"type":"call","id":"2","capability":"echo","input":{"b":1,"a":"ü"}}')
+        assert await theirs.receive() == '{"type":"result","id":"2","output":{"b":1,"a":"ü"}}'
+        await theirs.send('{"type":"call","id":"3","capability":"fail","input":"no"}')
+        assert await theirs.receive() == '{"type":"result","id":"3","error":"no"}'
+        await theirs.send('{"type":"call","id":"4","capability":"nothing"}')
+        assert await theirs.receive() == '{"type":"result","id":"4"}'
+        await theirs.send('{"type":"call","id":"5","capability":"__proto__"}')
+        assert await theirs.receive() == '{"type":"result","id":"5","error":"unknown capability"}'
+        await theirs.send('{"type":"call","id":"6","capability":"failing_stream","input":1}')
+        assert await theirs.receive() == '{"type":"yield","id":"6","output":0}'
+        assert await theirs.receive() == '{"type":"result","id":"6","error":"failed after 1"}'
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ('"output":1,"error":"the error wins"', "the error wins"),
+        ('"error":"the error wins","output":1', "the error wins"),
+        ('"error":null', ""),
+        ('"error":""', ""),
+        ('"output":{"ok":true},"error":null', ""),
+    ],
+)
+async def test_any_error_key_fails_the_call(answer: str, message: str) -> None:
+    ours, theirs = memory_transport_pair()
+    async with theirs, Peer(ours, timeout=None) as peer:
+        async with anyio.create_task_group() as tg:
+            out = Outcomes(tg)
+            out.start("call", lambda: peer.call("f"))
+            call = await theirs.receive()
+            await theirs.send('{"type":"result","id":"' + decode(call).id + '",' + answer + "}")
+        error = out.results["call"]
+        assert isinstance(error, RemoteError)
+        assert error.message == message
+
+
+async def test_an_error_result_ends_a_stream_from_the_original() -> None:
+    ours, theirs = memory_transport_pair()
+    async with theirs, Peer(ours, timeout=None) as peer:
+        async with peer.stream("generate") as items:
+            call_id = decode(await theirs.receive()).id
+            for text in ("a", "b"):
+                await theirs.send(encode(Yield(call_id, text)))
+            await theirs.send('{"type":"result","id":"' + call_id + '","error":null}')
+            received: list[Any] = []
+            with pytest.raises(RemoteError):
+                await collect_into(items, received)
+            assert received == ["a", "b"]
+
+
+async def test_a_cancel_is_the_only_frame_astral_adds_and_only_when_giving_up() -> None:
+    ours, theirs = memory_transport_pair()
+    async with theirs, Peer(ours) as peer:
+        with pytest.raises(CallTimeout):
+            await peer.call("slow", timeout=0.01)
+        call = decode(await theirs.receive())
+        assert await theirs.receive() == '{"type":"cancel","id":"' + call.id + '"}'
+        # The original ignores the cancel and answers anyway: harmless.
+        await theirs.send(encode(Result(call.id, "late")))
+        await theirs.send(encode(Call("x", "nothing-here")))
+        assert decode(await theirs.receive()) == Result("x", error="unknown capability")
+        await assert_settled(peer)
+
+
+async def test_transport_pair_is_joined_both_ways() -> None:
+    left, right = memory_transport_pair(buffer=math.inf)
+    async with left, right:
+        await left.send("to right")
+        await right.send("to left")
+        assert await right.receive() == "to right"
+        assert await left.receive() == "to left"
+        await left.aclose()
+        with pytest.raises(anyio.EndOfStream):
+            await right.receive()
