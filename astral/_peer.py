@@ -39,7 +39,7 @@ from ._exceptions import (
     RemoteError,
     StreamOverrun,
 )
-from ._frames import Result, Yield, encode
+from ._frames import Cancel, Result, Yield, encode
 from ._protocol import (
     CANCELLED,
     CancelInbound,
@@ -238,6 +238,7 @@ class Peer:
 
     Raises:
         TypeError: If a capability is not async.
+        ValueError: If a limit is not positive.
     """
 
     def __init__(
@@ -250,6 +251,10 @@ class Peer:
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
     ) -> None:
+        if timeout is not None and not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds, or None")
+        if max_inbound_calls < 1 or max_buffered_items < 1:
+            raise ValueError("max_inbound_calls and max_buffered_items must be at least 1")
         self._transport = transport
         self._state: PeerState[_Channel, _Inbound] = PeerState(
             capabilities, _Inbound, max_inbound_calls=max_inbound_calls
@@ -400,6 +405,10 @@ class Peer:
                     self._queue_reply(event.text)
                 elif isinstance(event, Fail):
                     event.handle.fail(event.error)
+                    if event.error.frame_type == "yield":
+                        # A result ends the call remotely; a yield means the
+                        # stream still runs there: stop it.
+                        self._send_control(encode(Cancel(event.handle.call_id)))
         except CLOSED_ERRORS as exc:
             if isinstance(exc, ConnectionClosed):
                 error = ConnectionClosed(exc.reason, code=exc.code)
@@ -494,7 +503,12 @@ class Peer:
             await self._transport.send(text)
         except CLOSED_ERRORS as exc:
             self._abandon(channel)
-            raise self._close_error or ConnectionClosed("connection closed") from exc
+            if self._close_error is not None:
+                error = self._close_error
+                raise ConnectionClosed(error.reason, code=error.code) from exc
+            if isinstance(exc, ConnectionClosed):
+                raise  # the transport's own account of what happened
+            raise ConnectionClosed("connection closed") from exc
         except BaseException:
             self._abandon(channel)
             raise
@@ -632,7 +646,13 @@ class _FeedTransport:
         self._in, self._out = anyio.create_memory_object_stream[str](buffer)
 
     async def send(self, item: str, /) -> None:
-        await self._send(item)
+        try:
+            await self._send(item)
+        except CLOSED_ERRORS:
+            raise
+        except Exception as exc:
+            # Your server's own "disconnected" error: the connection is broken.
+            raise ConnectionClosed(f"send failed: {type(exc).__name__}: {exc}") from exc
 
     async def receive(self) -> str:
         return await self._out.receive()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 
+import astral
 from astral import (
     AcceptedPeer,
     Call,
@@ -256,3 +257,15 @@ async def test_an_exception_in_the_body_propagates_as_raised() -> None:
         with pytest.raises(LookupError, match="mine"):
             async with accept(send=sent.send, capabilities=CAPS):
                 raise LookupError("mine")
+
+
+async def test_a_failing_send_callback_closes_the_connection_instead_of_crashing() -> None:
+    class Disconnected(Exception):
+        pass
+
+    async def send(_: str) -> None:
+        raise Disconnected("client went away")
+
+    async with astral.accept(send=send) as peer:
+        with pytest.raises(astral.ConnectionClosed, match="send failed: Disconnected"):
+            await peer.call("anything", timeout=None)

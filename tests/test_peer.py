@@ -1160,7 +1160,8 @@ async def test_a_malformed_yield_fails_that_stream_after_its_items() -> None:
             assert await anext(items) == "good"
             with pytest.raises(ProtocolError):
                 await anext(items)
-        assert await remote.probe() == []
+        # The stream still runs on the remote: it is told to stop, once.
+        assert await remote.probe() == [Cancel(call.id)]
         await assert_settled(peer)
 
 
@@ -1321,3 +1322,14 @@ async def test_transport_pair_is_joined_both_ways() -> None:
         await left.aclose()
         with pytest.raises(anyio.EndOfStream):
             await right.receive()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"timeout": 0}, {"timeout": -1.0}, {"max_inbound_calls": 0}, {"max_buffered_items": 0}],
+)
+async def test_limits_must_be_positive(options: dict[str, Any]) -> None:
+    a, b = memory_transport_pair()
+    async with a, b:
+        with pytest.raises(ValueError, match="must be"):
+            astral.Peer(a, **options)
