@@ -30,6 +30,7 @@ from ._exceptions import TLSError as TLSError
 from ._exceptions import Unauthorized as Unauthorized
 from ._frames import Call as Call
 from ._frames import Cancel as Cancel
+from ._frames import Credit as Credit
 from ._frames import Frame as Frame
 from ._frames import Result as Result
 from ._frames import Yield as Yield
@@ -58,6 +59,7 @@ __all__ = [
     "ConnectError",
     "ConnectTimeout",
     "ConnectionClosed",
+    "Credit",
     "Frame",
     "HandshakeError",
     "JWTVerifier",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeGuard
 
 import orjson
 
@@ -35,6 +35,7 @@ __all__ = [
     "MAX_SAFE_INTEGER",
     "Call",
     "Cancel",
+    "Credit",
     "Frame",
     "Result",
     "Yield",
@@ -60,11 +61,15 @@ class Call:
             caller, unique among the caller's calls in flight.
         capability: The registered name to invoke.
         input: Any JSON value; ``None`` is sent as an absent ``input``.
+        window: astral extension: how many ``yield`` frames the caller can
+            take before the callee must wait for :class:`Credit`; ``None``
+            (absent, as from the original) means no flow control.
     """
 
     id: str
     capability: str
     input: Any = None
+    window: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +118,23 @@ class Cancel:
     id: str
 
 
-Frame: TypeAlias = Call | Yield | Result | Cancel
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """astral extension: the caller took ``n`` more items of stream ``id``.
+
+    A callee that received a ``window`` with the call may send ``n`` more
+    ``yield`` frames. The original TypeScript peer ignores this frame.
+
+    Attributes:
+        id: The streaming call.
+        n: How many more items may be sent (at least 1).
+    """
+
+    id: str
+    n: int
+
+
+Frame: TypeAlias = Call | Yield | Result | Cancel | Credit
 
 # An integer literal of 16+ digits may exceed MAX_SAFE_INTEGER (16 digits).
 # It can only start a digit run that is not a fraction, and is not followed by
@@ -149,8 +170,12 @@ def encode(frame: Frame) -> str:
         obj = {"type": "call", "id": frame.id, "capability": frame.capability}
         if frame.input is not None:
             obj["input"] = frame.input
+        if frame.window is not None:
+            obj["window"] = frame.window
     elif type(frame) is Cancel:
         obj = {"type": "cancel", "id": frame.id}
+    elif type(frame) is Credit:
+        obj = {"type": "credit", "id": frame.id, "n": frame.n}
     else:
         raise ProtocolError(f"not a frame: {type(frame).__name__}")
     try:
@@ -226,12 +251,28 @@ def decode(text: str | bytes) -> Frame:
             raise ProtocolError(
                 "call has no string 'capability'", frame_id=frame_id, frame_type=kind
             )
-        return Call(frame_id, capability, obj.get("input"))
+        window = obj.get("window")
+        if window is not None and not _is_count(window):
+            raise ProtocolError(
+                "call 'window' must be a positive integer", frame_id=frame_id, frame_type=kind
+            )
+        return Call(frame_id, capability, obj.get("input"), window)
     if kind == "cancel":
         return Cancel(frame_id)
+    if kind == "credit":
+        n = obj.get("n")
+        if not _is_count(n):
+            raise ProtocolError(
+                "credit 'n' must be a positive integer", frame_id=frame_id, frame_type=kind
+            )
+        return Credit(frame_id, n)
     if kind is None:
         raise ProtocolError("frame has no string 'type'", frame_id=frame_id)
     raise ProtocolError(f"unknown frame type {kind!r:.40}", frame_id=frame_id, frame_type=kind)
+
+
+def _is_count(value: Any) -> TypeGuard[int]:
+    return type(value) is int and 1 <= value <= MAX_SAFE_INTEGER
 
 
 def _check_text(text: str, obj: dict[str, Any] | None) -> None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ._dispatch import run
 from ._exceptions import (
@@ -43,6 +44,7 @@ from ._frames import Cancel, Result, Yield, encode
 from ._protocol import (
     CANCELLED,
     CancelInbound,
+    CreditInbound,
     Deliver,
     Fail,
     PeerState,
@@ -120,13 +122,33 @@ class _Channel:
 
 
 class _Inbound:
-    """A remote call running here: its cancel scope, and who cancelled it."""
+    """A remote call running here: its cancel scope, who cancelled it, its credit."""
 
-    __slots__ = ("by_remote", "scope")
+    __slots__ = ("by_remote", "credit", "more", "scope")
 
     def __init__(self) -> None:
         self.scope = anyio.CancelScope()
         self.by_remote = False
+        # Items it may still stream; None when the caller asked for no flow
+        # control (the original never does).
+        self.credit: int | None = None
+        self.more: anyio.Event | None = None
+
+    def grant(self, n: int) -> None:
+        if self.credit is not None:
+            self.credit += n
+            if self.more is not None:
+                self.more.set()
+
+    async def spend(self) -> None:
+        """Wait until one more item may be sent, and take it."""
+        if self.credit is None:
+            return
+        while self.credit <= 0:
+            self.more = anyio.Event()
+            await self.more.wait()
+        self.more = None
+        self.credit -= 1
 
 
 class Stream:
@@ -148,7 +170,7 @@ class Stream:
         ConnectionClosed: The connection ended.
     """
 
-    __slots__ = ("_channel", "_deadline", "_done", "_first", "_peer")
+    __slots__ = ("_channel", "_deadline", "_done", "_first", "_peer", "_taken")
 
     def __init__(self, peer: Peer, channel: _Channel, first: Yield | None, deadline: float) -> None:
         self._peer = peer
@@ -156,6 +178,7 @@ class Stream:
         self._first = first
         self._deadline = deadline
         self._done = False
+        self._taken = 0
 
     @property
     def capability(self) -> str:
@@ -168,6 +191,7 @@ class Stream:
     async def __anext__(self) -> Any:
         if self._first is not None:
             first, self._first = self._first, None
+            self._took()
             return first.output
         if self._done:
             raise StopAsyncIteration
@@ -181,6 +205,7 @@ class Stream:
             self._close()
             raise
         if isinstance(frame, Yield):
+            self._took()
             return frame.output
         self._close()
         if frame.error is not None:
@@ -188,6 +213,14 @@ class Stream:
         if frame.output is None:
             raise StopAsyncIteration
         return frame.output
+
+    def _took(self) -> None:
+        # Flow control: hand the remote credit for half a window at a time,
+        # so it never waits while this consumer keeps up.
+        self._taken += 1
+        if self._taken >= self._peer._credit_batch:
+            self._peer._grant(self._channel, self._taken)
+            self._taken = 0
 
     def _close(self) -> None:
         if not self._done:
@@ -263,6 +296,7 @@ class Peer:
         self._timeout = timeout
         self._max_inbound = max_inbound_calls
         self._max_buffered = max_buffered_items
+        self._credit_batch = max(1, max_buffered_items // 2)
         self._control_send, self._control_receive = anyio.create_memory_object_stream[str](math.inf)
         self._close_error: ConnectionClosed | None = None
         self._closed = anyio.Event()
@@ -394,10 +428,17 @@ class Peer:
             while True:
                 event = state.receive(await receive())
                 if isinstance(event, Deliver):
-                    self._deliver(event)
+                    if self._deliver(event):
+                        # A producer that ignores flow control (the original)
+                        # can outrun a consumer that never got scheduled:
+                        # let it run before the buffer overruns.
+                        await anyio.lowlevel.checkpoint()
                 elif isinstance(event, StartInbound):
                     assert self._tasks is not None
+                    event.handle.credit = event.call.window
                     self._tasks.start_soon(self._serve, event.call, event.invoke, event.handle)
+                elif isinstance(event, CreditInbound):
+                    event.handle.grant(event.n)
                 elif isinstance(event, CancelInbound):
                     event.handle.by_remote = True
                     event.handle.scope.cancel()
@@ -416,7 +457,8 @@ class Peer:
         finally:
             self._shutdown(error)
 
-    def _deliver(self, event: Deliver[_Channel]) -> None:
+    def _deliver(self, event: Deliver[_Channel]) -> bool:
+        """Hand a frame to its call without waiting; True if the consumer lags."""
         channel, frame = event.handle, event.frame
         try:
             channel.send.send_nowait(frame)
@@ -429,12 +471,14 @@ class Peer:
             )
             # Not _abandon: the consumer still reads what is buffered first.
             self._forget(channel)
-            return
+            return False
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._abandon(channel)  # the consumer has gone away
-            return
+            return False
         if type(frame) is Result:
             channel.send.close()
+            return False
+        return channel.send.statistics().current_buffer_used > self._credit_batch
 
     def _queue_reply(self, text: str) -> None:
         # Replies the reader makes up are queued, never awaited. A remote that
@@ -476,6 +520,7 @@ class Peer:
                         if ended:
                             final = text
                             break
+                        await handle.spend()
                         await send(text)
             if final is None and handle.by_remote:
                 final = encode(Result(call.id, error=CANCELLED))
@@ -494,7 +539,9 @@ class Peer:
         self._check_open()
         channel = _Channel(capability, self._max_buffered)
         try:
-            channel.call_id, text = self._state.start_call(capability, input, channel)
+            channel.call_id, text = self._state.start_call(
+                capability, input, channel, self._max_buffered
+            )
         except ProtocolError:
             channel.send.close()  # nothing was registered or sent
             channel.receive.close()
@@ -513,6 +560,11 @@ class Peer:
             self._abandon(channel)
             raise
         return channel
+
+    def _grant(self, channel: _Channel, n: int) -> None:
+        text = self._state.credit(channel.call_id, n)
+        if text is not None:
+            self._send_control(text)
 
     def _forget(self, channel: _Channel) -> None:
         # Route nothing more to this call; if it is still running, tell the remote.

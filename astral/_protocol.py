@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._dispatch import UNKNOWN_CAPABILITY, resolve
 from ._exceptions import ProtocolError
-from ._frames import Call, Cancel, Result, Yield, decode, encode
+from ._frames import Call, Cancel, Credit, Result, Yield, decode, encode
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
     "CancelInbound",
+    "CreditInbound",
     "Deliver",
     "Fail",
     "PeerState",
@@ -90,6 +91,14 @@ class CancelInbound(Generic[In]):
 
 
 @dataclass(slots=True)
+class CreditInbound(Generic[In]):
+    """The remote took ``n`` more items of the inbound stream under ``handle``."""
+
+    handle: In
+    n: int
+
+
+@dataclass(slots=True)
 class Reply:
     """Send ``text`` back at once; no capability runs."""
 
@@ -122,14 +131,26 @@ class PeerState(Generic[Out, In]):
 
     # -- frames we send ----------------------------------------------------
 
-    def start_call(self, capability: str, input: Any, handle: Out) -> tuple[str, str]:
+    def start_call(
+        self,
+        capability: str,
+        input: Any,
+        handle: Out,
+        window: int | None = None,
+    ) -> tuple[str, str]:
         """Register an outbound call; return its id and its ``call`` frame.
+
+        Args:
+            capability: The remote name.
+            input: The input value.
+            handle: What the driver wants delivered with this call's frames.
+            window: Items the callee may stream before it needs credit.
 
         Raises:
             ProtocolError: If ``input`` cannot be encoded (nothing is registered).
         """
         call_id = str(next(self._ids))
-        text = encode(Call(call_id, capability, input))
+        text = encode(Call(call_id, capability, input, window))
         self.outbound[call_id] = handle
         return call_id, text
 
@@ -156,6 +177,16 @@ class PeerState(Generic[Out, In]):
         except ProtocolError as exc:
             return encode(Result(frame.id, error=str(exc))), True
 
+    def credit(self, call_id: str, n: int) -> str | None:
+        """The consumer of an outbound stream took ``n`` items.
+
+        Returns:
+            The ``credit`` frame to send, or ``None`` if the call has ended.
+        """
+        if call_id not in self.outbound:
+            return None
+        return encode(Credit(call_id, n))
+
     def finished(self, call_id: str, handle: In) -> None:
         """Forget an inbound call that has ended (its result is sent or moot)."""
         if self.inbound.get(call_id) is handle:
@@ -172,7 +203,15 @@ class PeerState(Generic[Out, In]):
 
     def receive(
         self, text: str
-    ) -> Deliver[Out] | Fail[Out] | StartInbound[In] | CancelInbound[In] | Reply | None:
+    ) -> (
+        Deliver[Out]
+        | Fail[Out]
+        | StartInbound[In]
+        | CancelInbound[In]
+        | CreditInbound[In]
+        | Reply
+        | None
+    ):
         """Route one incoming text message. Never raises.
 
         Returns:
@@ -192,8 +231,10 @@ class PeerState(Generic[Out, In]):
         else:
             inbound = self.inbound.get(frame.id)
             if inbound is None:
-                logger.debug("ignored cancel for call %s: not running", frame.id)
+                logger.debug("ignored %s for call %s: not running", kind.__name__.lower(), frame.id)
                 return None
+            if kind is Credit:
+                return CreditInbound(inbound, frame.n)  # type: ignore[union-attr]
             return CancelInbound(inbound)
         if handle is None:
             logger.debug("ignored %s for unknown call id %s", kind.__name__.lower(), frame.id)

@@ -499,3 +499,35 @@ def test_fuzzed_frames_raise_only_protocol_error() -> None:
     # The fuzz must exercise both paths to mean anything.
     assert outcomes["ok"] > 100
     assert outcomes["refused"] > 1000
+
+
+def test_flow_control_extension_round_trips() -> None:
+    call = astral.Call("7", "generate", "hi", window=1024)
+    text = astral.encode(call)
+    assert text == '{"type":"call","id":"7","capability":"generate","input":"hi","window":1024}'
+    assert astral.decode(text) == call
+    credit = astral.Credit("7", 512)
+    assert astral.encode(credit) == '{"type":"credit","id":"7","n":512}'
+    assert astral.decode(astral.encode(credit)) == credit
+    # Without a window, a call is exactly the original's.
+    assert astral.encode(astral.Call("7", "x")) == '{"type":"call","id":"7","capability":"x"}'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"call","id":"1","capability":"x","window":0}',
+        '{"type":"call","id":"1","capability":"x","window":-3}',
+        '{"type":"call","id":"1","capability":"x","window":1.5}',
+        '{"type":"call","id":"1","capability":"x","window":true}',
+        '{"type":"call","id":"1","capability":"x","window":"8"}',
+        '{"type":"credit","id":"1"}',
+        '{"type":"credit","id":"1","n":0}',
+        '{"type":"credit","id":"1","n":9007199254740992}',
+        '{"type":"credit","id":"1","n":null}',
+    ],
+)
+def test_flow_control_fields_are_validated(text: str) -> None:
+    with pytest.raises(astral.ProtocolError) as info:
+        astral.decode(text)
+    assert info.value.frame_id == "1"

@@ -613,46 +613,73 @@ async def test_cancelling_a_stream_consumer_cancels_the_remote() -> None:
 
 @pytest.mark.parametrize("via", ["call", "stream"])
 async def test_a_consumer_overrun_fails_that_call_only(via: str) -> None:
+    # Between astral peers flow control prevents overruns (next test). A
+    # producer that ignores it, as the original TypeScript peer does, is played
+    # here by a hand-written remote that sends past the window.
+    limit = 4
+    ours, theirs = memory_transport_pair()
+    remote = RawRemote(theirs)
+    caps: dict[str, Any] = {"echo": echo}
+    async with (
+        theirs,
+        Peer(ours, capabilities=caps, max_buffered_items=limit, timeout=None) as peer,
+    ):
+        received: list[int] = []
+        if via == "call":
+            answers: list[Any] = []
+            async with anyio.create_task_group() as tg:
+
+                async def call() -> None:
+                    answers.append(await peer.call("firehose"))
+
+                tg.start_soon(call)
+                frame = await remote.receive()
+                await remote.send(encode(Yield(frame.id, 0)))
+            stream = answers[0]
+            assert isinstance(stream, Stream)
+            received.append(await anext(stream))
+            context: Any = stream
+        else:
+            context = peer.stream("firehose")
+            stream = await context.__aenter__()
+            frame = await remote.receive()
+        first = len(received)
+        assert isinstance(frame, Call)
+        assert frame.window == limit
+        try:
+            for i in range(first, first + limit + 3):
+                await remote.send(encode(Yield(frame.id, i)))
+            # The remote is told to stop...
+            seen: list[astral.Frame] = []
+            while Cancel(frame.id) not in seen:
+                seen.append(await remote.receive())
+            # ...and the connection still answers other calls.
+            await remote.probe()
+            with pytest.raises(StreamOverrun) as info:
+                await collect_into(stream, received)
+        finally:
+            await context.__aexit__(None, None, None)
+        assert "firehose" in str(info.value)
+        assert isinstance(info.value, astral.CallError)
+        # Every buffered item first, in order, none lost, none invented.
+        assert received == list(range(limit + first))
+        await assert_settled(peer)
+
+
+async def test_flow_control_paces_an_astral_producer_to_its_consumer() -> None:
     limit = 4
     firehose = Firehose()
-    blocker = Blocker()
-    caps: dict[str, Any] = {"firehose": firehose, "echo": echo, "block": blocker}
-    async with connected_pair(caps, {}, max_buffered_items=limit, timeout=None) as (a, b):
-        async with anyio.create_task_group() as tg:
-            # Another call in flight on the same connection, untouched by the overrun.
-            bystander = Outcomes(tg)
-            bystander.start("block", lambda: b.call("block"))
-            await blocker.started.wait()
-
-            received: list[int] = []
-            if via == "call":
-                stream = await b.call("firehose")
-                assert isinstance(stream, Stream)
-                received.append(await anext(stream))
-                context: Any = stream
-            else:
-                context = b.stream("firehose")
-                stream = await context.__aenter__()
-            try:
-                # The consumer blocks; the producer runs on until the remote is told to stop.
-                with anyio.fail_after(5):
-                    await firehose.finished.wait()
-                with pytest.raises(StreamOverrun) as info:
-                    await collect_into(stream, received)
-            finally:
-                await context.__aexit__(None, None, None)
-            assert "firehose" in str(info.value)
-            assert isinstance(info.value, astral.CallError)
-            # Every buffered item first, in order, none lost, none invented.
-            assert received == list(range(len(received)))
-            assert len(received) == limit + (1 if via == "call" else 0)
-            assert firehose.sent > len(received)
-
-            # Other calls on the connection keep working.
-            assert await b.call("echo", "alive") == "alive"
-            assert not bystander.done["block"].is_set()
-            tg.cancel_scope.cancel()
-        await blocker.finished.wait()
+    async with connected_pair({"firehose": firehose}, {}, max_buffered_items=limit) as (a, b):
+        async with b.stream("firehose", timeout=None) as items:
+            await firehose.started.wait()
+            await anyio.wait_all_tasks_blocked()
+            # Nothing taken yet: the producer waits at the window, no overrun.
+            assert firehose.sent <= limit + 1
+            taken = [await anext(items) for _ in range(50)]
+            assert taken == list(range(50))
+            await anyio.wait_all_tasks_blocked()
+            assert 50 <= firehose.sent <= 50 + limit + 1
+        await firehose.finished.wait()
         await assert_settled(a, b)
 
 
@@ -1218,8 +1245,10 @@ async def test_an_unresponsive_remote_is_not_cut_off_for_running_calls() -> None
 
 
 async def test_calls_are_sent_with_exactly_the_originals_fields() -> None:
+    # Plus one optional field, the flow-control window (docs/protocol.md),
+    # which the original ignores like any unknown field.
     ours, theirs = memory_transport_pair()
-    async with theirs, Peer(ours, timeout=None) as peer:
+    async with theirs, Peer(ours, timeout=None, max_buffered_items=8) as peer:
         async with anyio.create_task_group() as tg:
             out = Outcomes(tg)
             out.start("with_input", lambda: peer.call("transcription", {"audio": "é"}))
@@ -1227,12 +1256,12 @@ async def test_calls_are_sent_with_exactly_the_originals_fields() -> None:
             call = decode(text)
             assert text == (
                 '{"type":"call","id":"' + call.id + '","capability":"transcription",'
-                '"input":{"audio":"é"}}'
+                '"input":{"audio":"é"},"window":8}'
             )
             out.start("without_input", lambda: peer.call("ping"))
             text = await theirs.receive()
             second = decode(text)
-            assert text == '{"type":"call","id":"' + second.id + '","capability":"ping"}'
+            assert text == '{"type":"call","id":"' + second.id + '","capability":"ping","window":8}'
             await theirs.send(encode(Result(call.id)))
             await theirs.send(encode(Result(second.id)))
         assert out.results == {"with_input": None, "without_input": None}

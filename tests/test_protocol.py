@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import random
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from astral import Call, Cancel, ProtocolError, Result, Yield, decode, encode
 from astral._protocol import (
     CancelInbound,
+    CreditInbound,
     Deliver,
     Fail,
     PeerState,
@@ -554,3 +556,25 @@ def test_the_core_imports_no_io_library(module: str) -> None:
     assert imported
     forbidden = {"anyio", "trio", "asyncio", "wsproto", "joserfc", "socket", "ssl"}
     assert not imported & forbidden
+
+
+def test_credit_for_a_running_call_is_handed_to_the_driver() -> None:
+    state = make_state()
+    started = state.receive(encode(Call("9", "echo", 1, window=4)))
+    assert isinstance(started, StartInbound)
+    assert started.call.window == 4
+    event = state.receive('{"type":"credit","id":"9","n":2}')
+    assert isinstance(event, CreditInbound)
+    assert event.handle is started.handle
+    assert event.n == 2
+    # For a call not running here, credit is ignored.
+    assert state.receive('{"type":"credit","id":"nope","n":2}') is None
+
+
+def test_credit_is_only_sent_for_a_pending_call() -> None:
+    state = make_state()
+    call_id, text = state.start_call("gen", None, Handle("out"), 8)
+    assert json.loads(text)["window"] == 8
+    assert state.credit(call_id, 4) == '{"type":"credit","id":"' + call_id + '","n":4}'
+    state.abandon(call_id)
+    assert state.credit(call_id, 4) is None
