@@ -115,11 +115,15 @@ def error_message(exc: BaseException) -> str:
     return message if message else type(exc).__name__
 
 
-async def run(invoke: _Invoke, call: Call) -> AsyncGenerator[Yield | Result, None]:
-    """Run one resolved capability: ``Yield`` frames, then exactly one ``Result``.
+async def start(invoke: _Invoke, call: Call) -> Result | AsyncIterator[Any]:
+    """Run a capability up to its output.
 
-    Only :class:`Exception` becomes an error result; cancellation and other
-    ``BaseException`` propagate.
+    Returns:
+        The terminal :class:`Result` of a single-result call (its output, or
+        its error when it raised an :class:`Exception`), or the async iterator
+        of a streaming one, to be drained with :func:`stream`.
+
+    Cancellation and other ``BaseException`` propagate.
     """
     try:
         output = invoke(call.input)
@@ -128,12 +132,20 @@ async def run(invoke: _Invoke, call: Call) -> AsyncGenerator[Yield | Result, Non
         elif not isinstance(output, AsyncIterable):
             raise TypeError(f"capability returned {type(output).__name__}, not an awaitable")
     except Exception as exc:  # noqa: BLE001 - a capability's failure becomes its error result
-        yield Result(call.id, error=error_message(exc))
-        return
-    if not isinstance(output, AsyncIterable):
-        yield Result(call.id, output)
-        return
-    iterator = aiter(output)
+        return Result(call.id, error=error_message(exc))
+    if isinstance(output, AsyncIterable):
+        return aiter(output)
+    return Result(call.id, output)
+
+
+async def stream(
+    call_id: str, iterator: AsyncIterator[Any]
+) -> AsyncGenerator[Yield | Result, None]:
+    """Drain a streaming capability: ``Yield`` frames, then exactly one ``Result``.
+
+    A stream that fails part-way ends with the error result; the iterator is
+    closed however this generator ends.
+    """
     try:
         while True:
             try:
@@ -141,14 +153,29 @@ async def run(invoke: _Invoke, call: Call) -> AsyncGenerator[Yield | Result, Non
             except StopAsyncIteration:
                 break
             except Exception as exc:  # noqa: BLE001 - a stream failing part-way
-                yield Result(call.id, error=error_message(exc))
+                yield Result(call_id, error=error_message(exc))
                 return
-            yield Yield(call.id, item)
+            yield Yield(call_id, item)
     finally:
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()
-    yield Result(call.id)
+    yield Result(call_id)
+
+
+async def run(invoke: _Invoke, call: Call) -> AsyncGenerator[Yield | Result, None]:
+    """Run one resolved capability: ``Yield`` frames, then exactly one ``Result``.
+
+    Only :class:`Exception` becomes an error result; cancellation and other
+    ``BaseException`` propagate.
+    """
+    first = await start(invoke, call)
+    if isinstance(first, Result):
+        yield first
+        return
+    async with aclosing(stream(call.id, first)) as frames:
+        async for frame in frames:
+            yield frame
 
 
 def handle(capabilities: Capabilities) -> Dispatch:

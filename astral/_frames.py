@@ -141,6 +141,8 @@ Frame: TypeAlias = Call | Yield | Result | Cancel | Credit
 # a fraction or exponent. Strings with long digit runs match too; that only
 # costs an exact check.
 _LONG_INTEGER = re.compile(r"(?<![\d.])\d{16,}(?![\d.eE])")
+# A much cheaper first filter: most frames have no run of 16 digits at all.
+_DIGITS_16 = re.compile(r"\d{16}")
 
 
 def encode(frame: Frame) -> str:
@@ -286,7 +288,7 @@ def _check_text(text: str, obj: dict[str, Any] | None) -> None:
     """
     if text.count("[") + text.count("{") > MAX_DEPTH:
         _check_depth(orjson.loads(text) if obj is None else obj)
-    if _LONG_INTEGER.search(text) is not None:
+    if _DIGITS_16.search(text) is not None and _LONG_INTEGER.search(text) is not None:
         # orjson turns integer literals beyond 64 bits into floats; re-read
         # exactly with the standard library (orjson already vetted the text).
         exact = json.loads(text)

@@ -32,7 +32,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._dispatch import run
+from ._dispatch import start, stream
 from ._exceptions import (
     CallTimeout,
     ConnectionClosed,
@@ -299,6 +299,11 @@ class Peer:
         self._credit_batch = max(1, max_buffered_items // 2)
         self._control_send, self._control_receive = anyio.create_memory_object_stream[str](math.inf)
         self._close_error: ConnectionClosed | None = None
+        # The inbound calls waiting for a worker; bounded by max_inbound_calls.
+        self._work_send, self._work_receive = anyio.create_memory_object_stream[
+            tuple["Call", "Callable[[Any], Any]", _Inbound]
+        ](math.inf)
+        self._idle_workers = 0
         self._closed = anyio.Event()
         self._stopped = anyio.Event()
         self._outer: anyio.abc.TaskGroup | None = None
@@ -411,6 +416,9 @@ class Peer:
         # Both ends: queued replies and cancels have no one to go to any more.
         self._control_send.close()
         self._control_receive.close()
+        # Calls still waiting for a worker were cancelled above: never start them.
+        self._work_send.close()
+        self._work_receive.close()
         self._closed.set()
 
     def _check_open(self) -> None:
@@ -434,9 +442,7 @@ class Peer:
                         # let it run before the buffer overruns.
                         await anyio.lowlevel.checkpoint()
                 elif isinstance(event, StartInbound):
-                    assert self._tasks is not None
-                    event.handle.credit = event.call.window
-                    self._tasks.start_soon(self._serve, event.call, event.invoke, event.handle)
+                    self._start_inbound(event.call, event.invoke, event.handle)
                 elif isinstance(event, CreditInbound):
                     event.handle.grant(event.n)
                 elif isinstance(event, CancelInbound):
@@ -508,20 +514,45 @@ class Peer:
 
     # -- calls the remote makes ----------------------------------------------
 
-    async def _serve(self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound) -> None:
+    async def _worker(self) -> None:
+        # Inbound calls are served by a pool of reusable worker tasks, not a
+        # task each: spawning an AnyIO task costs ten times a hand-over.
         _current_peer.set(self)
+        receive = self._work_receive
+        while True:
+            try:
+                call, invoke, handle = await receive.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            await self._serve(call, invoke, handle)
+            self._idle_workers += 1
+
+    def _start_inbound(self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound) -> None:
+        handle.credit = call.window
+        self._work_send.send_nowait((call, invoke, handle))
+        if self._idle_workers:
+            self._idle_workers -= 1  # that idle worker takes this call
+        else:
+            assert self._tasks is not None
+            self._tasks.start_soon(self._worker)
+
+    async def _serve(self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound) -> None:
         state, send = self._state, self._transport.send
         final: str | None = None
         try:
             with handle.scope:
-                async with aclosing(run(invoke, call)) as frames:
-                    async for frame in frames:
-                        text, ended = state.reply(frame)
-                        if ended:
-                            final = text
-                            break
-                        await handle.spend()
-                        await send(text)
+                first = await start(invoke, call)
+                if isinstance(first, Result):
+                    final = state.reply(first)[0]
+                else:
+                    async with aclosing(stream(call.id, first)) as frames:
+                        async for frame in frames:
+                            text, ended = state.reply(frame)
+                            if ended:
+                                final = text
+                                break
+                            await handle.spend()
+                            await send(text)
             if final is None and handle.by_remote:
                 final = encode(Result(call.id, error=CANCELLED))
             if final is not None:
