@@ -91,12 +91,13 @@ def current_peer() -> Peer:
 class _Channel:
     """The per-call memory object stream the reader feeds, and its fate."""
 
-    __slots__ = ("call_id", "capability", "error", "receive", "send")
+    __slots__ = ("buffered", "call_id", "capability", "error", "receive", "send")
 
     def __init__(self, capability: str, size: int) -> None:
         self.capability = capability
         self.call_id = ""
         self.error: BaseException | None = None
+        self.buffered = 0  # frames delivered and not yet taken
         self.send: MemoryObjectSendStream[Yield | Result]
         self.receive: MemoryObjectReceiveStream[Yield | Result]
         self.send, self.receive = anyio.create_memory_object_stream[Yield | Result](size)
@@ -110,9 +111,17 @@ class _Channel:
 
     async def next(self) -> Yield | Result:
         try:
-            return await self.receive.receive()
+            try:
+                # Buffered items are taken without a trip through the event
+                # loop (receive() always makes one); at most a window of them.
+                frame = self.receive.receive_nowait()
+            except anyio.WouldBlock:
+                frame = await self.receive.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             pass
+        else:
+            self.buffered -= 1
+            return frame
         error = self.error
         if isinstance(error, ConnectionClosed):
             # The connection's error is shared by every pending call: raise a
@@ -481,10 +490,11 @@ class Peer:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._abandon(channel)  # the consumer has gone away
             return False
+        channel.buffered += 1
         if type(frame) is Result:
             channel.send.close()
             return False
-        return channel.send.statistics().current_buffer_used > self._credit_batch
+        return channel.buffered > self._credit_batch
 
     def _queue_reply(self, text: str) -> None:
         # Replies the reader makes up are queued, never awaited. A remote that

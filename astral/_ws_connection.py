@@ -313,7 +313,9 @@ class WebSocketConnection:
                 left, with the close code (1005 if the peer's close frame had
                 none, 1006 if TCP died without a close frame).
         """
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        # A message already assembled is returned at once, with no trip
+        # through the event loop: this is the RPC hot path. Waiting for the
+        # next one is a cancellation point as usual.
         while True:
             messages = self._messages
             if messages:
