@@ -32,6 +32,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from ._deadlines import Deadlines
 from ._dispatch import start, stream
 from ._exceptions import (
     CallTimeout,
@@ -179,13 +180,12 @@ class Stream:
         ConnectionClosed: The connection ended.
     """
 
-    __slots__ = ("_channel", "_deadline", "_done", "_first", "_peer", "_taken")
+    __slots__ = ("_channel", "_done", "_first", "_peer", "_taken")
 
-    def __init__(self, peer: Peer, channel: _Channel, first: Yield | None, deadline: float) -> None:
+    def __init__(self, peer: Peer, channel: _Channel, first: Yield | None) -> None:
         self._peer = peer
         self._channel = channel
         self._first = first
-        self._deadline = deadline
         self._done = False
         self._taken = 0
 
@@ -205,11 +205,7 @@ class Stream:
         if self._done:
             raise StopAsyncIteration
         try:
-            if self._deadline == math.inf:
-                frame = await self._channel.next()
-            else:
-                frame = await self._peer._first_frame(self._channel, self._deadline)
-                self._deadline = math.inf
+            frame = await self._channel.next()
         except BaseException:
             self._close()
             raise
@@ -313,6 +309,9 @@ class Peer:
             tuple["Call", "Callable[[Any], Any]", _Inbound]
         ](math.inf)
         self._idle_workers = 0
+        self._deadlines: Deadlines[_Channel] = Deadlines()
+        self._timer_target = math.inf
+        self._timer_wake = anyio.Event()
         self._closed = anyio.Event()
         self._stopped = anyio.Event()
         self._outer: anyio.abc.TaskGroup | None = None
@@ -361,6 +360,7 @@ class Peer:
                 self._tasks = tasks
                 tasks.start_soon(self._read_loop)
                 tasks.start_soon(self._control_loop)
+                tasks.start_soon(self._timer_loop)
                 task_status.started()
         finally:
             self._shutdown(ConnectionClosed("peer stopped"))
@@ -428,6 +428,7 @@ class Peer:
         # Calls still waiting for a worker were cancelled above: never start them.
         self._work_send.close()
         self._work_receive.close()
+        self._timer_wake.set()  # the timer loop ends too
         self._closed.set()
 
     def _check_open(self) -> None:
@@ -475,6 +476,7 @@ class Peer:
     def _deliver(self, event: Deliver[_Channel]) -> bool:
         """Hand a frame to its call without waiting; True if the consumer lags."""
         channel, frame = event.handle, event.frame
+        self._deadlines.discard(channel)  # the timeout covers the first frame only
         try:
             channel.send.send_nowait(frame)
         except anyio.WouldBlock:
@@ -576,13 +578,16 @@ class Peer:
 
     # -- calls we make -------------------------------------------------------
 
-    async def _open(self, capability: str, input: Any) -> _Channel:
+    async def _open(
+        self, capability: str, input: Any, timeout: float | EllipsisType | None
+    ) -> _Channel:
         self._check_open()
         channel = _Channel(capability, self._max_buffered)
         try:
             channel.call_id, text = self._state.start_call(
                 capability, input, channel, self._max_buffered
             )
+            self._arm(channel, timeout)
         except ProtocolError:
             channel.send.close()  # nothing was registered or sent
             channel.receive.close()
@@ -608,6 +613,7 @@ class Peer:
             self._send_control(text)
 
     def _forget(self, channel: _Channel) -> None:
+        self._deadlines.discard(channel)
         # Route nothing more to this call; if it is still running, tell the remote.
         text = self._state.abandon(channel.call_id)
         if text is not None:
@@ -619,17 +625,27 @@ class Peer:
         channel.receive.close()
         self._forget(channel)
 
-    def _deadline(self, timeout: float | EllipsisType | None) -> float:
+    # -- timeouts: one timer task, no cancel scope per call ------------------
+
+    def _arm(self, channel: _Channel, timeout: float | EllipsisType | None) -> None:
         if timeout is ...:
             timeout = self._timeout
-        return math.inf if timeout is None else anyio.current_time() + timeout
+        if timeout is None:
+            return
+        deadline = self._deadlines.add(channel, timeout, anyio.current_time())
+        if deadline < self._timer_target:
+            self._timer_wake.set()
 
-    async def _first_frame(self, channel: _Channel, deadline: float) -> Yield | Result:
-        with anyio.CancelScope(deadline=deadline) as scope:
-            return await channel.next()
-        if scope.cancelled_caught:
-            raise CallTimeout(f"call {channel.capability} timed out")
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def _timer_loop(self) -> None:
+        deadlines = self._deadlines
+        while self._close_error is None:
+            self._timer_wake = anyio.Event()
+            self._timer_target = deadlines.earliest()
+            with anyio.CancelScope(deadline=self._timer_target):
+                await self._timer_wake.wait()
+            for channel in deadlines.expired(anyio.current_time()):
+                channel.fail(CallTimeout(f"call {channel.capability} timed out"))
+                self._forget(channel)  # and tell the remote to stop
 
     async def call(
         self,
@@ -659,15 +675,14 @@ class Peer:
             ConnectionClosed: The connection ended before the answer.
             ProtocolError: ``input`` cannot be sent as JSON.
         """
-        deadline = self._deadline(timeout)
-        channel = await self._open(capability, input)
+        channel = await self._open(capability, input, timeout)
         try:
-            frame = await self._first_frame(channel, deadline)
+            frame = await channel.next()
         except BaseException:
             self._abandon(channel)
             raise
         if isinstance(frame, Yield):
-            return Stream(self, channel, frame, math.inf)
+            return Stream(self, channel, frame)
         channel.receive.close()
         if frame.error is not None:
             raise RemoteError(frame.error)
@@ -706,9 +721,8 @@ class Peer:
             ConnectionClosed: The connection is closed.
             ProtocolError: ``input`` cannot be sent as JSON.
         """
-        deadline = self._deadline(timeout)
-        channel = await self._open(capability, input)
-        stream = Stream(self, channel, None, deadline)
+        channel = await self._open(capability, input, timeout)
+        stream = Stream(self, channel, None)
         try:
             yield stream
         finally:
