@@ -66,6 +66,20 @@ class _Target:
     host_header: str
 
 
+def redact(url: str) -> str:
+    """The URL without its query string or credentials, for messages and logs.
+
+    A worker may carry its token in ``?token=``; no error text may repeat it.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "?..." if parts.query else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}"
+
+
 def _parse_url(url: str) -> _Target:
     try:
         parts = urlsplit(url)
@@ -75,11 +89,11 @@ def _parse_url(url: str) -> _Target:
         resource.encode("ascii")
         host_header = host.encode("idna").decode("ascii")
     except (ValueError, UnicodeError) as exc:
-        raise ConnectError(f"invalid WebSocket URL {url!r}: {exc}") from exc
+        raise ConnectError(f"invalid WebSocket URL {redact(url)!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("ws", "wss") or not host:
         raise ConnectError(
-            f"invalid WebSocket URL {url!r}: expected ws://host/... or wss://host/..."
+            f"invalid WebSocket URL {redact(url)!r}: expected ws://host/... or wss://host/..."
         )
     if parts.username is not None or parts.password is not None:
         raise ConnectError("credentials in a WebSocket URL are not supported; use headers")
@@ -126,7 +140,8 @@ class _ClientHandshake:
             request = h11.Request(method="GET", target=target.resource, headers=fields)
             self.request = self._h11.send(request) or b""
         except h11.LocalProtocolError as exc:
-            raise ValueError(f"invalid request header: {exc}") from exc
+            # Not h11's text: it may quote the value, a token included.
+            raise ValueError(f"invalid request header ({type(exc).__name__})") from None
         #: The status of a refusal, once its head has arrived.
         self.status: int | None = None
         self._body = bytearray()
@@ -270,7 +285,7 @@ async def _connect(
             return stream, trailing
         if handshake.status is not None:  # refused, but the body never ended
             raise handshake.refusal()
-        raise ConnectTimeout(f"opening {url} took more than {open_timeout} s")
+        raise ConnectTimeout(f"opening {redact(url)} took more than {open_timeout} s")
     finally:
         if stream is not None and not done:
             await anyio.aclose_forcefully(stream)

@@ -143,7 +143,11 @@ class _ServerHandshake:
                 hint = 431 if exc.error_status_hint == 431 else 400
                 message = HTTPStatus(hint).phrase.lower()
                 status = hint if data else None
-                raise _BadRequest(status, message, detail=f"bad HTTP request: {exc}") from exc
+                # Not h11's text: it quotes the offending line, which may
+                # carry a token in its query string.
+                raise _BadRequest(
+                    status, message, detail=f"bad HTTP request ({type(exc).__name__})"
+                ) from None
             if event is h11.NEED_DATA:
                 return False
             if event is h11.PAUSED:

@@ -391,3 +391,54 @@ def test_serve_refuses_sync_capabilities_before_listening() -> None:
             await astral.serve(verifier=_hs256_verifier(), capabilities={"x": not_async}, port=0)
 
     anyio.run(main)
+
+
+# -- the token never leaks into errors or logs --------------------------------
+
+
+def _assert_no_token(secret: str, *texts: str) -> None:
+    for text in texts:
+        assert secret not in text
+
+
+async def test_connect_timeout_message_hides_a_query_token() -> None:
+    secret = "TOPSECRETTOKENVALUE"
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener:  # accepts TCP (the kernel does) but never answers
+        with pytest.raises(astral.ConnectTimeout) as caught:
+            async with astral.connect(
+                f"ws://127.0.0.1:{port}/x", token=secret, token_in_query=True, open_timeout=0.2
+            ):
+                pass
+    _assert_no_token(secret, str(caught.value), repr(caught.value), repr(caught.value.__cause__))
+
+
+async def test_invalid_url_message_hides_its_query() -> None:
+    secret = "TOPSECRETTOKENVALUE"
+    with pytest.raises(astral.ConnectError) as caught:
+        async with astral.connect(f"ws://[::1/?token={secret}"):
+            pass
+    _assert_no_token(secret, str(caught.value), repr(caught.value), repr(caught.value.__cause__))
+    with pytest.raises(ValueError) as header_error:
+        async with astral.connect("ws://127.0.0.1:9/", token=f"bad\n{secret}"):
+            pass
+    _assert_no_token(secret, str(header_error.value), repr(header_error.value.__cause__))
+
+
+async def test_a_malformed_request_line_is_logged_without_its_token(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "TOPSECRETTOKENVALUE"
+    async with running_principal() as principal:
+        stream = await anyio.connect_tcp("127.0.0.1", principal.port)
+        async with stream:
+            await stream.send(f"GET /astral?token={secret} HTTP/1.1 extra\r\n\r\n".encode())
+            answer = b""
+            with anyio.move_on_after(5):
+                while b"\r\n\r\n" not in answer:
+                    answer += await stream.receive()
+        assert answer.startswith(b"HTTP/1.1 400")
+        assert secret.encode() not in answer
+    _assert_no_token(secret, caplog.text)
