@@ -12,6 +12,7 @@ from __future__ import annotations
 from ._auth import JWTVerifier as JWTVerifier
 from ._auth import Verifier as Verifier
 from ._auth import mint_token as mint_token
+from ._auth import verify_token as verify_token
 from ._client import connect as connect
 from ._dispatch import Callable as Callable
 from ._dispatch import handle as handle
@@ -83,4 +84,5 @@ __all__ = [
     "handle",
     "mint_token",
     "serve",
+    "verify_token",
 ]

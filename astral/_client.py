@@ -13,7 +13,15 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ._peer import DEFAULT_MAX_BUFFERED_ITEMS, DEFAULT_MAX_INBOUND_CALLS, DEFAULT_TIMEOUT, Peer
+import anyio
+
+from ._peer import (
+    DEFAULT_MAX_BUFFERED_ITEMS,
+    DEFAULT_MAX_INBOUND_CALLS,
+    DEFAULT_TIMEOUT,
+    Peer,
+    check_limits,
+)
 from ._websocket import open_websocket
 
 if TYPE_CHECKING:
@@ -107,7 +115,9 @@ async def connect(
         ConnectError: The connection was refused or the URL is invalid.
         TypeError: A capability is not async, or the token function
             returned something other than a string.
+        ValueError: A limit is not positive, or a header is one astral sets.
     """
+    check_limits(timeout, max_inbound_calls, max_buffered_items)
     value = await _resolve_token(token)
     all_headers = list(headers)
     if value is not None:
@@ -135,4 +145,14 @@ async def connect(
             max_buffered_items=max_buffered_items,
         ) as peer,
     ):
-        yield peer
+        try:
+            yield peer
+        except BaseException as exc:
+            # Say why on the wire: 1001 when the worker is going away
+            # (cancelled), 1011 when the code using the peer failed.
+            going_away = isinstance(exc, anyio.get_cancelled_exc_class())
+            with anyio.CancelScope(shield=True):
+                await websocket.aclose(
+                    1001 if going_away else 1011, "going away" if going_away else "error"
+                )
+            raise

@@ -74,6 +74,18 @@ DEFAULT_MAX_INBOUND_CALLS = 1000
 DEFAULT_MAX_BUFFERED_ITEMS = 1024
 
 
+def check_limits(timeout: float | None, max_inbound_calls: int, max_buffered_items: int) -> None:
+    """Refuse limits that cannot work, before anything is opened.
+
+    Raises:
+        ValueError: If ``timeout`` is not positive (or ``None``), or a count is below 1.
+    """
+    if timeout is not None and not timeout > 0:
+        raise ValueError("timeout must be a positive number of seconds, or None")
+    if max_inbound_calls < 1 or max_buffered_items < 1:
+        raise ValueError("max_inbound_calls and max_buffered_items must be at least 1")
+
+
 def current_peer() -> Peer:
     """Return the peer whose remote called the running capability.
 
@@ -101,7 +113,9 @@ class _Channel:
         self.buffered = 0  # frames delivered and not yet taken
         self.send: MemoryObjectSendStream[Yield | Result]
         self.receive: MemoryObjectReceiveStream[Yield | Result]
-        self.send, self.receive = anyio.create_memory_object_stream[Yield | Result](size)
+        # One slot more than the flow-control window: the terminal result
+        # must fit behind a full window of items.
+        self.send, self.receive = anyio.create_memory_object_stream[Yield | Result](size + 1)
 
     def fail(self, error: BaseException) -> None:
         # The buffer may be full, so the error travels beside the stream: the
@@ -219,6 +233,15 @@ class Stream:
             raise StopAsyncIteration
         return frame.output
 
+    def __del__(self) -> None:
+        # A stream dropped without aclose() must not leave the remote waiting
+        # for credit, holding a slot, until the connection ends.
+        if not self._done:
+            try:
+                self._close()
+            except Exception:  # noqa: BLE001, S110 - never raise from a finalizer
+                pass
+
     def _took(self) -> None:
         # Flow control: hand the remote credit for half a window at a time,
         # so it never waits while this consumer keeps up.
@@ -289,10 +312,7 @@ class Peer:
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
     ) -> None:
-        if timeout is not None and not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds, or None")
-        if max_inbound_calls < 1 or max_buffered_items < 1:
-            raise ValueError("max_inbound_calls and max_buffered_items must be at least 1")
+        check_limits(timeout, max_inbound_calls, max_buffered_items)
         self._transport = transport
         self._state: PeerState[_Channel, _Inbound] = PeerState(
             capabilities, _Inbound, max_inbound_calls=max_inbound_calls
@@ -441,7 +461,7 @@ class Peer:
 
     async def _read_loop(self) -> None:
         state, receive = self._state, self._transport.receive
-        error = ConnectionClosed("connection closed by the remote peer")
+        error = ConnectionClosed("peer stopped")
         try:
             while True:
                 event = state.receive(await receive())
@@ -469,6 +489,8 @@ class Peer:
         except CLOSED_ERRORS as exc:
             if isinstance(exc, ConnectionClosed):
                 error = ConnectionClosed(exc.reason, code=exc.code)
+            else:
+                error = ConnectionClosed("connection closed by the remote peer")
             error.__cause__ = exc
         finally:
             self._shutdown(error)

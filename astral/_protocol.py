@@ -231,13 +231,13 @@ class PeerState(Generic[Out, In]):
         else:
             inbound = self.inbound.get(frame.id)
             if inbound is None:
-                logger.debug("ignored %s for call %s: not running", kind.__name__.lower(), frame.id)
+                logger.debug("ignored %s for call %r: not running", kind.__name__.lower(), frame.id)
                 return None
             if kind is Credit:
                 return CreditInbound(inbound, frame.n)  # type: ignore[union-attr]
             return CancelInbound(inbound)
         if handle is None:
-            logger.debug("ignored %s for unknown call id %s", kind.__name__.lower(), frame.id)
+            logger.debug("ignored %s for unknown call id %r", kind.__name__.lower(), frame.id)
             return None
         return Deliver(handle, frame)  # type: ignore[arg-type]
 
@@ -247,24 +247,24 @@ class PeerState(Generic[Out, In]):
         if exc.frame_id is not None and exc.frame_type in ("yield", "result"):
             handle = self.outbound.pop(exc.frame_id, None)
             if handle is not None:
-                logger.debug("malformed %s for call %s: %s", exc.frame_type, exc.frame_id, exc)
+                logger.debug("malformed %s for call %r: %s", exc.frame_type, exc.frame_id, exc)
                 return Fail(handle, exc)
         elif exc.frame_id is not None and exc.frame_type == "call":
-            logger.debug("refused malformed call %s: %s", exc.frame_id, exc)
+            logger.debug("refused malformed call %r: %s", exc.frame_id, exc)
             return Reply(encode(Result(exc.frame_id, error=f"malformed call: {exc}")))
         logger.debug("ignored malformed frame: %s", exc)
         return None
 
     def _receive_call(self, call: Call) -> StartInbound[In] | Reply:
         if call.id in self.inbound:
-            logger.debug("refused call %s: id already running", call.id)
+            logger.debug("refused call %r: id already running", call.id)
             return Reply(encode(Result(call.id, error=DUPLICATE_ID)))
         invoke = self._capabilities.get(call.capability)
         if invoke is None:
-            logger.debug("refused call %s: unknown capability %.60r", call.id, call.capability)
+            logger.debug("refused call %r: unknown capability %.60r", call.id, call.capability)
             return Reply(encode(Result(call.id, error=UNKNOWN_CAPABILITY)))
         if len(self.inbound) >= self._max_inbound:
-            logger.debug("refused call %s: %d calls running", call.id, len(self.inbound))
+            logger.debug("refused call %r: %d calls running", call.id, len(self.inbound))
             return Reply(encode(Result(call.id, error=TOO_MANY_CALLS)))
         handle = self._new_inbound()
         self.inbound[call.id] = handle

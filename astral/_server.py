@@ -19,8 +19,14 @@ import anyio.abc
 
 from ._auth import Verifier, verify_token
 from ._dispatch import resolve
-from ._exceptions import AuthenticationError
-from ._peer import DEFAULT_MAX_BUFFERED_ITEMS, DEFAULT_MAX_INBOUND_CALLS, DEFAULT_TIMEOUT, Peer
+from ._exceptions import AuthenticationError, ConnectionClosed
+from ._peer import (
+    DEFAULT_MAX_BUFFERED_ITEMS,
+    DEFAULT_MAX_INBOUND_CALLS,
+    DEFAULT_TIMEOUT,
+    Peer,
+    check_limits,
+)
 from ._websocket import HandshakeRequest, Rejection, WebSocketConnection, serve_websocket
 
 if TYPE_CHECKING:
@@ -163,8 +169,11 @@ async def serve(
     Raises:
         OSError: The address cannot be bound.
         TypeError: A capability is not async.
+        ValueError: A limit is not positive.
     """
-    resolve(capabilities)  # fail fast, before listening, on a capability that is not async
+    # Fail fast, before listening, on a capability that is not async or a bad limit.
+    resolve(capabilities)
+    check_limits(timeout, max_inbound_calls, max_buffered_items)
 
     async def process_request(request: HandshakeRequest) -> Rejection | None:
         if path is not None and request.path.partition("?")[0] != path:
@@ -194,6 +203,8 @@ async def serve(
                 if on_connect is not None:
                     try:
                         await on_connect(peer)
+                    except ConnectionClosed:
+                        pass  # the worker left while on_connect talked to it
                     except Exception:
                         logger.exception("on_connect failed; closing that connection")
                         await websocket.aclose(1011, "internal error")

@@ -49,7 +49,13 @@ import anyio
 from ._auth import Verifier, verify_token
 from ._dispatch import resolve
 from ._exceptions import AuthenticationError, ConnectionClosed
-from ._peer import DEFAULT_MAX_BUFFERED_ITEMS, DEFAULT_MAX_INBOUND_CALLS, DEFAULT_TIMEOUT, Peer
+from ._peer import (
+    DEFAULT_MAX_BUFFERED_ITEMS,
+    DEFAULT_MAX_INBOUND_CALLS,
+    DEFAULT_TIMEOUT,
+    Peer,
+    check_limits,
+)
 
 if TYPE_CHECKING:
     from ._dispatch import Capabilities
@@ -123,7 +129,9 @@ class App:
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
     ) -> None:
-        resolve(capabilities)  # fail now, not at the first connection, on a sync capability
+        # Fail now, not at the first connection, on a sync capability or a bad limit.
+        resolve(capabilities)
+        check_limits(timeout, max_inbound_calls, max_buffered_items)
         self._verifier = verifier
         self._capabilities = capabilities
         self._registry = registry

@@ -21,8 +21,10 @@ A principal checks the token itself in its handler, before accepting (see
 ``astral.serve`` for one that does all of this)::
 
     async def handler(request):
+        authorization = dict(request.headers).get(b"authorization", b"").decode()
+        token = authorization.removeprefix("Bearer ") or None
         try:
-            claims = await verify_token(verifier, token_from(request))
+            claims = await astral.verify_token(verifier, token)
         except astral.AuthenticationError:
             await request.reject(401)
         else:

@@ -442,3 +442,22 @@ async def test_a_malformed_request_line_is_logged_without_its_token(
         assert answer.startswith(b"HTTP/1.1 400")
         assert secret.encode() not in answer
     _assert_no_token(secret, caplog.text)
+
+
+@pytest.mark.parametrize("options", [{"timeout": 0}, {"max_inbound_calls": 0}])
+async def test_bad_limits_fail_before_anything_opens(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        await astral.serve(verifier=_hs256_verifier(), **options)
+    with pytest.raises(ValueError, match="must be"):
+        async with astral.connect("ws://127.0.0.1:9/", **options):
+            pass
+
+
+async def test_a_worker_leaving_with_an_exception_closes_with_1011() -> None:
+    async with running_principal() as principal:
+        with pytest.raises(RuntimeError, match="worker bug"):
+            async with astral.connect(principal.url, token=token()):
+                principal_side = await principal.registry.wait_for("worker-1")
+                raise RuntimeError("worker bug")
+        error = await principal_side.wait_closed()
+        assert error.code == 1011

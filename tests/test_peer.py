@@ -661,8 +661,9 @@ async def test_a_consumer_overrun_fails_that_call_only(via: str) -> None:
             await context.__aexit__(None, None, None)
         assert "firehose" in str(info.value)
         assert isinstance(info.value, astral.CallError)
-        # Every buffered item first, in order, none lost, none invented.
-        assert received == list(range(limit + first))
+        # Every buffered item first, in order, none lost, none invented. The
+        # buffer holds a window of items plus one slot for the final result.
+        assert received == list(range(limit + 1 + first))
         await assert_settled(peer)
 
 
@@ -1362,3 +1363,37 @@ async def test_limits_must_be_positive(options: dict[str, Any]) -> None:
     async with a, b:
         with pytest.raises(ValueError, match="must be"):
             astral.Peer(a, **options)
+
+
+async def test_a_full_window_behind_still_gets_the_final_result() -> None:
+    # The producer may send a whole window before the consumer takes anything;
+    # its final result must still fit.
+    limit = 8
+
+    async def exactly_a_window(_: Any) -> AsyncIterator[int]:
+        for i in range(limit):
+            yield i
+
+    finished = anyio.Event()
+
+    async def notify(_: Any) -> None:
+        finished.set()
+
+    caps = {"window": exactly_a_window, "ping": notify}
+    async with connected_pair(caps, {}, max_buffered_items=limit) as (a, b):
+        async with b.stream("window") as items:
+            await b.call("ping")  # the stream's frames arrived before this answer
+            await finished.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert [item async for item in items] == list(range(limit))
+        await assert_settled(a, b)
+
+
+async def test_a_dropped_stream_stops_the_remote() -> None:
+    firehose = Firehose()
+    async with connected_pair({"firehose": firehose}, {}, max_buffered_items=4) as (a, b):
+        stream = await b.call("firehose")
+        assert isinstance(stream, Stream)
+        del stream  # never closed: the finalizer must cancel the call
+        await firehose.finished.wait()
+        await assert_settled(a, b)
