@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["tests", "lint", "typing", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
-PYTHONS = [v for v in ("3.11", "3.12", "3.13") if shutil.which(f"python{v}")]
+# pyenv installs interpreters it does not activate: their shims then fail.
+# Put the real binaries first on PATH so every installed version is found.
+for bindir in sorted(Path.home().glob(".pyenv/versions/3.1[1-3]*/bin")):
+    os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ['PATH']}"
+
+
+def _works(version: str) -> bool:
+    exe = shutil.which(f"python{version}")
+    if exe is None:
+        return False
+    return subprocess.run([exe, "--version"], capture_output=True, check=False).returncode == 0
+
+
+PYTHONS = [v for v in ("3.11", "3.12", "3.13") if _works(v)]
 
 
 @nox.session(python=PYTHONS)

@@ -33,7 +33,9 @@ Prefer the header, or silence the access log, when workers can send it.
 Server shutdown: uvicorn closes every WebSocket with 1012 and tells the
 application ``websocket.disconnect``; hypercorn waits ``graceful_timeout``
 seconds, then cancels the application, which then closes the connection
-with 1001. Either way the worker's pending calls fail with
+with 1001. (Except hypercorn on asyncio under Python 3.12.1 and later: it
+waits for every client to leave and never tells the application,
+pgjones/hypercorn#308. Its trio worker is not affected.) Either way the worker's pending calls fail with
 :class:`astral.ConnectionClosed` and this side's with the same.
 """
 

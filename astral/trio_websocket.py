@@ -112,7 +112,7 @@ class TrioWebSocketTransport:
         if isinstance(message, str):
             return message
         try:
-            return message.decode("utf-8")
+            return bytes(message).decode("utf-8")
         except UnicodeDecodeError as exc:
             reason = "invalid UTF-8 in binary message"
             with trio.move_on_after(self._close_timeout):

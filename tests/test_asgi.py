@@ -370,7 +370,22 @@ async def test_closing_the_client_fails_the_principals_pending_calls(
         assert "worker-1" not in principal.registry
 
 
-@on_every_server
+# hypercorn's asyncio runner awaits asyncio.Server.wait_closed() before its
+# graceful_timeout; since Python 3.12.1 that waits for every connection to
+# close, so the application is never told to stop (pgjones/hypercorn#308, fix
+# proposed in #374). Strict: this fails loudly once hypercorn is fixed.
+_HYPERCORN_308 = pytest.mark.xfail(
+    sys.version_info >= (3, 12, 1),
+    reason="hypercorn#308: on Python 3.12.1+ asyncio shutdown waits for clients",
+    strict=True,
+)
+SHUTDOWN_SERVERS = [
+    pytest.param(*p.values, id=p.id, marks=_HYPERCORN_308) if p.id == "hypercorn-asyncio" else p
+    for p in SERVERS
+]
+
+
+@pytest.mark.parametrize(("anyio_backend", "server"), SHUTDOWN_SERVERS)
 async def test_server_shutdown_fails_the_workers_pending_calls_promptly(
     anyio_backend: str, server: str
 ) -> None:
