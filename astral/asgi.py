@@ -35,8 +35,9 @@ application ``websocket.disconnect``; hypercorn waits ``graceful_timeout``
 seconds, then cancels the application, which then closes the connection
 with 1001. (Except hypercorn on asyncio under Python 3.12.1 and later: it
 waits for every client to leave and never tells the application,
-pgjones/hypercorn#308. Its trio worker is not affected.) Either way the worker's pending calls fail with
-:class:`astral.ConnectionClosed` and this side's with the same.
+pgjones/hypercorn#308. Its trio worker is not affected.) Either way the
+worker's pending calls fail with :class:`astral.ConnectionClosed` and this
+side's with the same.
 """
 
 from __future__ import annotations
