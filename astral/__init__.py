@@ -42,7 +42,7 @@ from ._peer import Peer as Peer
 from ._peer import Stream as Stream
 from ._peer import accept as accept
 from ._peer import current_peer as current_peer
-from ._server import PeerRegistry as PeerRegistry
+from ._principal import PeerRegistry as PeerRegistry
 from ._server import serve as serve
 from ._transport import Transport as Transport
 

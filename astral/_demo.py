@@ -21,7 +21,8 @@ from ._auth import JWTVerifier, mint_token
 from ._client import connect
 from ._exceptions import Unauthorized
 from ._peer import current_peer
-from ._server import PeerRegistry, serve
+from ._principal import PeerRegistry
+from ._server import serve
 
 
 def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:

@@ -11,15 +11,14 @@ by the token's subject (``sub``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 
 from ._auth import Verifier, verify_token
 from ._dispatch import resolve
-from ._exceptions import AuthenticationError, ConnectionClosed
+from ._exceptions import AuthenticationError
 from ._peer import (
     DEFAULT_MAX_BUFFERED_ITEMS,
     DEFAULT_MAX_INBOUND_CALLS,
@@ -27,6 +26,7 @@ from ._peer import (
     Peer,
     check_limits,
 )
+from ._principal import PeerRegistry, host_worker
 from ._websocket import HandshakeRequest, Rejection, WebSocketConnection, serve_websocket
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from ._dispatch import Capabilities
 
-__all__ = ["PeerRegistry", "serve"]
+__all__ = ["serve"]
 
 logger = logging.getLogger("astral.server")
 
@@ -45,59 +45,6 @@ _UNAUTHORIZED = Rejection(
     (("WWW-Authenticate", 'Bearer realm="astral"'), ("Content-Type", "text/plain")),
 )
 _NOT_FOUND = Rejection(404, "not found\n", (("Content-Type", "text/plain"),))
-
-
-class PeerRegistry(Mapping[str, Peer]):
-    """The connected workers of a principal, keyed by their token's ``sub``.
-
-    A read-only mapping that :func:`serve` keeps up to date. Application code
-    anywhere can reach a worker through it::
-
-        peer = await registry.wait_for("worker-1")
-        await peer.call("bash", "uptime")
-
-    When a second connection arrives with the same subject it replaces the
-    first in the registry (the newest connection wins; the older one keeps
-    running until it closes, but is no longer listed). Connections whose token
-    has no ``sub`` are served but not listed.
-    """
-
-    def __init__(self) -> None:
-        self._peers: dict[str, Peer] = {}
-        self._waiters: dict[str, anyio.Event] = {}
-
-    def __getitem__(self, subject: str) -> Peer:
-        return self._peers[subject]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._peers)
-
-    def __len__(self) -> int:
-        return len(self._peers)
-
-    async def wait_for(self, subject: str) -> Peer:
-        """Return the peer of ``subject``, waiting until it connects.
-
-        Bound the wait with ``anyio.fail_after`` if it may never come.
-        """
-        while True:
-            peer = self._peers.get(subject)
-            if peer is not None and not peer.closed:
-                return peer
-            event = self._waiters.get(subject)
-            if event is None:
-                event = self._waiters[subject] = anyio.Event()
-            await event.wait()
-
-    def _add(self, subject: str, peer: Peer) -> None:
-        self._peers[subject] = peer
-        event = self._waiters.pop(subject, None)
-        if event is not None:
-            event.set()
-
-    def _remove(self, subject: str, peer: Peer) -> None:
-        if self._peers.get(subject) is peer:
-            del self._peers[subject]
 
 
 def _token_of(request: HandshakeRequest) -> str | None:
@@ -187,36 +134,18 @@ async def serve(
 
     async def run_connection(websocket: WebSocketConnection) -> None:
         assert websocket.request is not None
-        claims: Mapping[str, Any] = websocket.request.state["claims"]
-        subject = claims.get("sub")
-        async with Peer(
+        await host_worker(
             websocket,
+            websocket.aclose,
+            websocket.request.state["claims"],
             capabilities=capabilities,
-            claims=claims,
+            registry=registry,
+            on_connect=on_connect,
+            where=_address(websocket.request),
             timeout=timeout,
             max_inbound_calls=max_inbound_calls,
             max_buffered_items=max_buffered_items,
-        ) as peer:
-            if isinstance(subject, str) and registry is not None:
-                registry._add(subject, peer)
-            try:
-                if on_connect is not None:
-                    try:
-                        await on_connect(peer)
-                    except ConnectionClosed:
-                        pass  # the worker left while on_connect talked to it
-                    except Exception:
-                        logger.exception("on_connect failed; closing that connection")
-                        await websocket.aclose(1011, "internal error")
-                        return
-                await peer.wait_closed()
-            except anyio.get_cancelled_exc_class():
-                with anyio.CancelScope(shield=True):
-                    await websocket.aclose(1001, "server shutting down")
-                raise
-            finally:
-                if isinstance(subject, str) and registry is not None:
-                    registry._remove(subject, peer)
+        )
 
     await serve_websocket(
         run_connection,

@@ -59,10 +59,11 @@ from ._peer import (
     Peer,
     check_limits,
 )
+from ._principal import host_worker
 
 if TYPE_CHECKING:
     from ._dispatch import Capabilities
-    from ._server import PeerRegistry
+    from ._principal import PeerRegistry
 
 __all__ = ["App"]
 
@@ -185,45 +186,18 @@ class App:
             return
         await send({"type": "websocket.accept"})
         transport = _ASGITransport(receive, send, close_timeout=self._close_timeout)
-        sub = claims.get("sub")
-        # Connections whose token has no string subject are served, not listed.
-        subject = sub if isinstance(sub, str) and self._registry is not None else None
-        async with Peer(
+        await host_worker(
             transport,
+            transport.close,
+            claims,
             capabilities=self._capabilities,
-            claims=claims,
+            registry=self._registry,
+            on_connect=self._on_connect,
+            where=_address(scope),
             timeout=self._timeout,
             max_inbound_calls=self._max_inbound_calls,
             max_buffered_items=self._max_buffered_items,
-        ) as peer:
-            if subject is not None:
-                assert self._registry is not None
-                self._registry._add(subject, peer)
-            try:
-                if self._on_connect is not None:
-                    await self._run_on_connect(peer, transport, scope)
-                await peer.wait_closed()
-            except anyio.get_cancelled_exc_class():
-                # The server is shutting down (hypercorn cancels its apps):
-                # say so to the worker before the peer tears down.
-                with anyio.CancelScope(shield=True):
-                    await transport.close(1001, "server shutting down")
-                raise
-            finally:
-                if subject is not None:
-                    assert self._registry is not None
-                    self._registry._remove(subject, peer)
-
-    async def _run_on_connect(self, peer: Peer, transport: _ASGITransport, scope: _Scope) -> None:
-        assert self._on_connect is not None
-        try:
-            await self._on_connect(peer)
-        except ConnectionClosed:
-            pass  # the worker left while on_connect talked to it: nothing to report
-        except Exception:
-            logger.exception("on_connect failed for the connection from %s", _address(scope))
-            await transport.close(1011, "internal error")
-            await peer.aclose()
+        )
 
 
 class _ASGITransport:
