@@ -332,6 +332,7 @@ class Peer:
         self._deadlines: Deadlines[_Channel] = Deadlines()
         self._timer_target = math.inf
         self._timer_wake = anyio.Event()
+        self._timer_started = False
         self._closed = anyio.Event()
         self._stopped = anyio.Event()
         self._outer: anyio.abc.TaskGroup | None = None
@@ -380,7 +381,8 @@ class Peer:
                 self._tasks = tasks
                 tasks.start_soon(self._read_loop)
                 tasks.start_soon(self._control_loop)
-                tasks.start_soon(self._timer_loop)
+                # The timer starts with the first call that has a timeout: a
+                # principal that only answers calls never needs it.
                 task_status.started()
         finally:
             self._shutdown(ConnectionClosed("peer stopped"))
@@ -655,7 +657,11 @@ class Peer:
         if timeout is None:
             return
         deadline = self._deadlines.add(channel, timeout, anyio.current_time())
-        if deadline < self._timer_target:
+        if not self._timer_started:
+            self._timer_started = True
+            assert self._tasks is not None
+            self._tasks.start_soon(self._timer_loop)
+        elif deadline < self._timer_target:
             self._timer_wake.set()
 
     async def _timer_loop(self) -> None:
