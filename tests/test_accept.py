@@ -23,19 +23,12 @@ from astral import (
 )
 from astral.testing import memory_transport_pair
 
+from .helpers import count, echo
+
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, AsyncIterator
+    from collections.abc import AsyncIterable
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-
-
-async def echo(input: Any) -> Any:
-    return input
-
-
-async def count(n: int) -> AsyncIterator[int]:
-    for i in range(n):
-        yield i
 
 
 async def whoami(_: Any) -> Any:

@@ -28,21 +28,14 @@ from astral import (
 )
 from astral.testing import connected_pair, memory_transport_pair
 
+from .helpers import count, echo
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
     from anyio.streams.stapled import StapledObjectStream
 
 # -- helpers --------------------------------------------------------------------
-
-
-async def echo(input: Any) -> Any:
-    return input
-
-
-async def count(n: int) -> AsyncIterator[int]:
-    for i in range(n):
-        yield i
 
 
 async def fail(message: str) -> NoReturn:

@@ -16,32 +16,16 @@ import astral
 from astral._auth import verify_token
 from astral.trio_websocket import TrioWebSocketTransport, _translate, open_peer
 
+from .helpers import SECRET, count, echo, token, whoami
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
     import anyio.abc
 
-SECRET = b"t" * 32
 VERIFIER = astral.JWTVerifier(SECRET, algorithms=["HS256"])
 
 trio_only = pytest.mark.parametrize("anyio_backend", ["trio"])
-
-
-def token(subject: str = "worker-1", **kwargs: Any) -> str:
-    return astral.mint_token(SECRET, subject=subject, **kwargs)
-
-
-async def echo(value: Any) -> Any:
-    return value
-
-
-async def count(n: int) -> AsyncIterator[int]:
-    for i in range(n):
-        yield i
-
-
-async def whoami(_: Any) -> Any:
-    return astral.current_peer().claims.get("sub")
 
 
 async def bash(command: str) -> str:
