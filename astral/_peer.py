@@ -2,18 +2,20 @@
 
 Where a frame goes:
 
-* **enters**: :meth:`Peer._read_loop`, the one reader task, awaits
+* **enters**: :meth:`Peer._read_loop`, run by the peer's one reader task, awaits
   ``transport.receive()`` and hands the text to the sans-IO
   :class:`~astral._protocol.PeerState`;
 * **is routed**: the event that comes back is acted on without awaiting:
   an item or result goes into the waiting call's memory object stream, a
-  call starts a new task, a cancel cancels that task's scope, a refusal is
-  queued for the control writer;
+  call is handed to an idle worker task (one is started when none is
+  idle), a cancel cancels that call's scope, credit lets that call's stream
+  go on, a refusal is queued for the control writer;
 * **leaves**: callers and inbound-call tasks await ``transport.send``
   themselves (so a slow remote pushes back on them, not on the reader); the
-  reader's own replies and the caller's cancel frames go through
-  :meth:`Peer._control_loop`, so neither the reader nor a cancelled caller
-  ever awaits the network.
+  reader's own replies, and the caller's cancel and credit frames, go
+  through :meth:`Peer._control_loop`, so neither the reader nor a cancelled
+  caller ever awaits the network. Call timeouts are kept by one timer task
+  (:meth:`Peer._timer_loop`), not a cancel scope per call.
 
 All tasks live in a task group owned by the peer; none outlives
 ``async with Peer(...)``.
@@ -379,11 +381,13 @@ class Peer:
         try:
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
-                tasks.start_soon(self._read_loop)
                 tasks.start_soon(self._control_loop)
                 # The timer starts with the first call that has a timeout: a
                 # principal that only answers calls never needs it.
                 task_status.started()
+                # This task is the reader (one task less per connection);
+                # cancelling the group's scope stops it with the others.
+                await self._read_loop()
         finally:
             self._shutdown(ConnectionClosed("peer stopped"))
             try:
