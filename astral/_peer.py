@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+import threading
 from contextlib import aclosing, asynccontextmanager
 from types import EllipsisType, MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -237,8 +238,9 @@ class Stream:
 
     def __del__(self) -> None:
         # A stream dropped without aclose() must not leave the remote waiting
-        # for credit, holding a slot, until the connection ends.
-        if not self._done:
+        # for credit, holding a slot, until the connection ends. Only on the
+        # peer's own thread: the cyclic GC may run a finalizer in any thread.
+        if not self._done and threading.get_ident() == self._peer._thread:
             try:
                 self._close()
             except Exception:  # noqa: BLE001, S110 - never raise from a finalizer
@@ -338,6 +340,7 @@ class Peer:
         self._closed = anyio.Event()
         self._stopped = anyio.Event()
         self._outer: anyio.abc.TaskGroup | None = None
+        self._thread = threading.get_ident()
         self._tasks: anyio.abc.TaskGroup | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -345,6 +348,7 @@ class Peer:
     async def __aenter__(self) -> Self:
         if self._outer is not None:
             raise RuntimeError("a Peer can be entered only once")
+        self._thread = threading.get_ident()  # the event loop's thread
         self._outer = anyio.create_task_group()
         await self._outer.__aenter__()
         try:

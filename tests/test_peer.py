@@ -1390,3 +1390,19 @@ async def test_a_dropped_stream_stops_the_remote() -> None:
         del stream  # never closed: the finalizer must cancel the call
         await firehose.finished.wait()
         await assert_settled(a, b)
+
+
+async def test_a_stream_collected_in_another_thread_leaves_the_peer_alone() -> None:
+    # The cyclic GC may finalize a dropped stream in any thread; only the
+    # peer's own thread may touch its streams. The call is then stopped when
+    # the connection ends instead.
+    firehose = Firehose()
+    async with connected_pair({"firehose": firehose}, {}, max_buffered_items=4) as (a, b):
+        stream = await b.call("firehose")
+        assert isinstance(stream, Stream)
+        await anyio.to_thread.run_sync(stream.__del__)
+        await anyio.wait_all_tasks_blocked()
+        assert not firehose.finished.is_set()
+        await stream.aclose()  # on the peer's thread it works
+        await firehose.finished.wait()
+        await assert_settled(a, b)
