@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ._dispatch import Capabilities
     from ._transport import Transport
 
-__all__ = ["PeerRegistry", "host_worker"]
+__all__ = ["PeerRegistry", "host_worker", "token_from"]
 
 logger = logging.getLogger("astral.server")
 
@@ -83,6 +83,21 @@ class PeerRegistry(Mapping[str, Peer]):
     def _remove(self, subject: str, peer: Peer) -> None:
         if self._peers.get(subject) is peer:
             del self._peers[subject]
+
+
+def token_from(authorization: str | None, query_token: str | None) -> str | None:
+    """The token a worker presented: a Bearer ``Authorization`` header, else ``?token=``.
+
+    Args:
+        authorization: The ``Authorization`` header; repeated headers joined
+            with ``", "`` (so a request carrying two never validates).
+        query_token: The ``token`` query parameter (what the original sends).
+    """
+    if authorization is not None:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    return query_token
 
 
 async def host_worker(

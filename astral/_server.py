@@ -26,7 +26,7 @@ from ._peer import (
     Peer,
     check_limits,
 )
-from ._principal import PeerRegistry, host_worker
+from ._principal import PeerRegistry, host_worker, token_from
 from ._websocket import HandshakeRequest, Rejection, WebSocketConnection, serve_websocket
 
 if TYPE_CHECKING:
@@ -48,12 +48,7 @@ _NOT_FOUND = Rejection(404, "not found\n", (("Content-Type", "text/plain"),))
 
 
 def _token_of(request: HandshakeRequest) -> str | None:
-    authorization = request.header("authorization")
-    if authorization is not None:
-        scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            return credentials.strip()
-    return request.query_param("token")
+    return token_from(request.header("authorization"), request.query_param("token"))
 
 
 async def serve(

@@ -59,7 +59,7 @@ from ._peer import (
     Peer,
     check_limits,
 )
-from ._principal import host_worker
+from ._principal import host_worker, token_from
 
 if TYPE_CHECKING:
     from ._dispatch import Capabilities
@@ -338,15 +338,12 @@ def _token_of(scope: _Scope) -> str | None:
         for name, value in scope.get("headers", ())
         if bytes(name).lower() == b"authorization"
     ]
-    if values:
-        scheme, _, credentials = ", ".join(values).partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            return credentials.strip()
     query = bytes(scope.get("query_string", b"")).decode("latin-1")
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key == "token":
-            return value
-    return None
+    query_token = next(
+        (value for key, value in parse_qsl(query, keep_blank_values=True) if key == "token"),
+        None,
+    )
+    return token_from(", ".join(values) if values else None, query_token)
 
 
 def _address(scope: Mapping[str, Any]) -> str:
