@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
     from ._dispatch import Capabilities
+    from ._frames import JsonDefault
 
 __all__ = ["connect"]
 
@@ -69,6 +70,7 @@ async def connect(
     max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
     max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
     claims: Mapping[str, Any] | None = None,
+    json_default: JsonDefault | None = None,
 ) -> AsyncIterator[Peer]:
     """Connect to a principal and run a peer over the WebSocket.
 
@@ -103,6 +105,8 @@ async def connect(
         max_buffered_items: Items buffered per streaming call.
         claims: Claims describing the principal, for this worker's
             capabilities to read through ``current_peer().claims``.
+        json_default: Converts values outside the value rule (see
+            :class:`astral.Peer`); ``None`` refuses them.
 
     Yields:
         The running :class:`astral.Peer`.
@@ -143,6 +147,7 @@ async def connect(
             timeout=timeout,
             max_inbound_calls=max_inbound_calls,
             max_buffered_items=max_buffered_items,
+            json_default=json_default,
         ) as peer,
     ):
         try:

@@ -1,19 +1,42 @@
-"""The wire format: frames as immutable values, and their JSON encoding.
+r"""The wire format: frames as immutable values, and their JSON encoding.
 
 One frame is one JSON object in one text message. The three frames of the
-original protocol, plus one extension::
+original protocol, plus two extensions::
 
     {"type":"call","id":"7","capability":"echo","input":{"x":1}}
     {"type":"yield","id":"7","output":1}
     {"type":"result","id":"7","output":{"x":1}}      # or "error":"message"
     {"type":"cancel","id":"7"}                         # astral extension
+    {"type":"credit","id":"7","n":512}                 # astral extension
 
 :func:`encode` writes exactly what the original TypeScript peer writes
 (compact JSON, these key names, optional keys omitted when ``None``).
 :func:`decode` is strict: anything malformed raises :class:`ProtocolError`
-and nothing else. Values must survive a round trip through a JavaScript
-peer, so integers beyond ±(2**53 - 1), NaN and the infinities, lone
-surrogates and nesting deeper than :data:`MAX_DEPTH` are refused.
+and nothing else.
+
+The rule for values (``docs/protocol.md`` states it for users): a value is
+sent only if it comes back as the same Python type. ``dict`` (with ``str``
+keys), ``list``, ``str``, ``int``, ``float``, ``bool`` and ``None`` do, and
+nothing else: tuples, subclasses, enums, UUIDs, datetimes, dataclasses,
+bytes, sets, decimals... are refused with an error naming the type and its
+path in the value, unless a ``json_default`` hook converts them (as
+``json.dumps(default=...)`` does). Two more limits keep a JavaScript peer
+faithful: an integer is sent only if a JavaScript peer reads it as a number
+it writes back as the same integer (``10**16`` goes, ``2**53 + 1`` does not:
+JavaScript reads it as ``2**53``), and NaN and the infinities are sent as
+``null``, as ``JSON.stringify`` writes them. What JavaScript sends is
+accepted as it is: lone UTF-16 surrogates (``"\ud800"``, a string cut
+inside an emoji) are read as ``str`` holds them and sent back escaped, and
+integers are read exactly: any that fits in 64 bits, and beyond that any
+written as JavaScript writes numbers.
+
+Why two paths: orjson encodes and decodes plain frames at C speed, with
+options that make it refuse (rather than convert) every type outside the
+rule except tuples, enums and UUIDs, which one cheap walk of the value
+catches. Everything orjson refuses, or cannot read (lone surrogates, NaN,
+integers beyond 64 bits), takes a slower path in Python and the standard
+library's ``json`` that either carries the frame faithfully or names exactly
+what is wrong, with the frame's id whenever it can be read.
 
 This module does no I/O.
 """
@@ -21,9 +44,11 @@ This module does no I/O.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias, TypeGuard
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeGuard
 
 import orjson
 
@@ -136,85 +161,258 @@ class Credit:
 
 Frame: TypeAlias = Call | Yield | Result | Cancel | Credit
 
-# An integer literal of 16+ digits may exceed MAX_SAFE_INTEGER (16 digits).
-# It can only start a digit run that is not a fraction, and is not followed by
-# a fraction or exponent. Strings with long digit runs match too; that only
-# costs an exact check.
-_LONG_INTEGER = re.compile(r"(?<![\d.])\d{16,}(?![\d.eE])")
-# A much cheaper first filter: most frames have no run of 16 digits at all.
-_DIGITS_16 = re.compile(r"\d{16}")
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+#: A conversion hook, as ``json.dumps(default=...)``: called with each value
+#: of a type outside the rule, it returns a value to send in its place.
+JsonDefault: TypeAlias = "Callable[[Any], Any]"
+
+# orjson hands subclasses, datetimes and dataclasses to ``default``; with no
+# ``default`` it raises, which sends the frame down the slow path. It still
+# writes tuples, enums and UUIDs itself: ``_plain`` catches those.
+_FAST_OPTIONS: Final = (
+    orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_STRICT_INTEGER
+)
+_LEAVES: Final = frozenset((str, int, float, bool, type(None)))
+_UINT64: Final = 2**64
+# How many times in a row ``json_default`` may return a value it must convert again.
+_MAX_CONVERSIONS: Final = 16
+# A lone surrogate left in text the standard library wrote with ensure_ascii=False.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A run of 19+ digits may be an integer literal beyond 64 bits (orjson reads
+# those as floats). It can only start a digit run that is not a fraction, and
+# is not followed by a fraction or exponent. Strings with long digit runs
+# match too; that only costs an exact re-read.
+_LONG_INTEGER = re.compile(r"(?<![\d.])\d{19,}(?![\d.eE])")
+# A much cheaper first filter: most frames have no run of 19 digits at all.
+_DIGITS_19 = re.compile(r"\d{19}")
 
 
-def encode(frame: Frame) -> str:
-    """Encode a frame as the original's compact JSON.
+def encode(frame: Frame, *, json_default: JsonDefault | None = None) -> str:
+    r"""Encode a frame as the original's compact JSON.
 
     Args:
         frame: The frame to encode.
+        json_default: Converts values of other types, like
+            ``json.dumps(default=...)``: called with each one, it returns a
+            value to send instead (converted again if need be); raising
+            refuses the value. ``None`` refuses every such value.
 
     Returns:
         The JSON text for one WebSocket text message.
 
     Raises:
-        ProtocolError: If a value cannot be carried faithfully: not JSON
-            serializable, an integer beyond ±(2**53 - 1), a lone surrogate,
-            or nesting deeper than :data:`MAX_DEPTH`. NaN and the infinities
-            are sent as ``null``, as JavaScript's ``JSON.stringify`` does.
+        ProtocolError: If a value would not come back as the same Python
+            type (anything but ``dict`` with ``str`` keys, ``list``, ``str``,
+            ``int``, ``float``, ``bool`` and ``None``, unless
+            ``json_default`` converts it), is an integer a JavaScript peer
+            would read as another (beyond 2**53, only integers exactly as
+            JavaScript writes them go: ``10**16`` does, ``2**53 + 1`` does
+            not), or nests deeper than :data:`MAX_DEPTH`. The
+            message names the type and its path in the value. NaN and the
+            infinities are sent as ``null``, as ``JSON.stringify`` does;
+            lone surrogates are sent escaped (``"\ud800"``).
     """
     if type(frame) is Result:
         obj: dict[str, Any] = {"type": "result", "id": frame.id}
-        if frame.output is not None:
-            obj["output"] = frame.output
+        value = frame.output
+        if value is not None:
+            obj["output"] = value
         if frame.error is not None:
             obj["error"] = frame.error
     elif type(frame) is Yield:
-        obj = {"type": "yield", "id": frame.id, "output": frame.output}
+        value = frame.output
+        obj = {"type": "yield", "id": frame.id, "output": value}
     elif type(frame) is Call:
+        value = frame.input
         obj = {"type": "call", "id": frame.id, "capability": frame.capability}
-        if frame.input is not None:
-            obj["input"] = frame.input
+        if value is not None:
+            obj["input"] = value
         if frame.window is not None:
             obj["window"] = frame.window
     elif type(frame) is Cancel:
+        value = None
         obj = {"type": "cancel", "id": frame.id}
     elif type(frame) is Credit:
+        value = None
         obj = {"type": "credit", "id": frame.id, "n": frame.n}
     else:
         raise ProtocolError(f"not a frame: {type(frame).__name__}")
     try:
-        text = orjson.dumps(obj).decode()
-    except (TypeError, orjson.JSONEncodeError) as exc:
-        raise ProtocolError(f"value is not JSON-serializable: {exc}", frame_id=frame.id) from None
+        data = orjson.dumps(obj, option=_FAST_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError included
+        return _encode_slow(obj, frame.id, json_default)
+    if type(value) not in _LEAVES and not _plain(value):
+        return _encode_slow(obj, frame.id, json_default)
+    return data.decode()
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` holds only the types of the rule, nested at most as allowed.
+
+    Level by level: the frame is level 1, so ``value`` is level 2.
+    """
+    level = [value]
+    for _ in range(MAX_DEPTH - 1):
+        next_level: list[Any] = []
+        for item in level:
+            kind = type(item)
+            if kind is dict:
+                next_level.extend(item.values())
+            elif kind is list:
+                next_level.extend(item)
+            elif kind not in _LEAVES:
+                return False
+        if not next_level:
+            return True
+        level = next_level
+    return all(type(item) in _LEAVES for item in level)
+
+
+def _encode_slow(obj: dict[str, Any], frame_id: str, json_default: JsonDefault | None) -> str:
+    """Encode what orjson refused or :func:`_plain` doubted, or say exactly why not."""
     try:
-        # Checked on the text, not on ``obj``: orjson also writes tuples,
-        # dataclasses and subclasses of dict and list, which the walk skips.
-        _check_text(text, None)
+        native = _to_json(obj, (), json_default, 0)
     except ProtocolError as exc:
-        raise ProtocolError(str(exc), frame_id=frame.id) from None
-    return text
+        raise ProtocolError(str(exc), frame_id=frame_id) from exc.__cause__
+    try:
+        return orjson.dumps(native).decode()
+    except TypeError:
+        # Lone surrogates, or integers beyond 64 bits that a double holds
+        # exactly: the standard library writes both, the surrogates raw, so
+        # they are escaped as JSON.stringify escapes them.
+        text = json.dumps(native, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return _SURROGATE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def _to_json(value: Any, path: tuple[str | int, ...], json_default: Any, converted: int) -> Any:
+    """Return ``value`` as plain JSON types, applying the rule and ``json_default``."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        written = _as_javascript_writes(value)
+        if written != value:
+            read = "not as an integer" if written is None else f"as {written}"
+            raise ProtocolError(
+                f"cannot send the integer {_int_text(value)} at {_where(path)}: a JavaScript"
+                f" peer would read it {read} (beyond 2**53 only integers exactly as"
+                " JavaScript writes them come back unchanged)"
+            )
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else None  # as JSON.stringify writes it
+    if kind is dict or kind is list:
+        if len(path) >= MAX_DEPTH:
+            raise ProtocolError(f"nesting deeper than {MAX_DEPTH} levels at {_where(path)}")
+        if kind is list:
+            return [_to_json(item, (*path, i), json_default, 0) for i, item in enumerate(value)]
+        out = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ProtocolError(
+                    f"cannot send the key {key!r:.60} ({_type_name(type(key))}) at"
+                    f" {_where(path)}: object keys must be str"
+                )
+            out[key] = _to_json(item, (*path, key), json_default, 0)
+        return out
+    where = f"{_type_name(kind)} at {_where(path)}"
+    if json_default is None:
+        raise ProtocolError(
+            f"cannot send {where}: it would not come back as the same type"
+            " (convert it first, or pass json_default=)"
+        )
+    if converted >= _MAX_CONVERSIONS:
+        raise ProtocolError(f"cannot send {where}: json_default keeps returning values to convert")
+    try:
+        replacement = json_default(value)
+    except Exception as exc:
+        raise ProtocolError(f"cannot send {where}: json_default raised {exc!r:.200}") from exc
+    return _to_json(replacement, path, json_default, converted + 1)
+
+
+def _as_javascript_writes(value: int) -> int | None:
+    """The integer a JavaScript peer writes back after reading ``value``, if it is one.
+
+    JavaScript reads a number as the nearest double and writes it back with
+    the fewest digits that read as that double, then zeros (``2**60`` comes
+    back as ``1152921504606847000``), and from 1e21 on in exponent form,
+    which reads as a float.
+    """
+    if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        return value
+    try:
+        double = float(value)
+    except OverflowError:
+        return None
+    if abs(double) >= 1e21:
+        return None
+    # repr() is the shortest text that reads back as the double, as in JavaScript.
+    return int(Decimal(repr(double)))
+
+
+def _int_text(value: int) -> str:
+    if value.bit_length() > 128:
+        return f"of {value.bit_length()} bits"
+    return str(value)
+
+
+def _where(path: tuple[str | int, ...]) -> str:
+    if not path:
+        return "the top level"
+    first, *rest = path
+    return str(first) + "".join(f"[{key!r:.60}]" for key in rest)
+
+
+def _type_name(kind: type) -> str:
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+class _NonFinite:
+    """What the standard library's ``json`` reads ``NaN`` and the infinities as, to refuse."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
 def decode(text: str | bytes) -> Frame:
-    """Decode and validate one frame.
+    r"""Decode and validate one frame.
 
     Unknown extra fields are ignored, so peers may add optional fields.
+    Strings may hold lone UTF-16 surrogates (``"\ud800"``), as JavaScript
+    writes them; integers are read exactly.
 
     Args:
         text: One text message.
 
     Returns:
-        The frame: :class:`Call`, :class:`Yield`, :class:`Result` or
-        :class:`Cancel`.
+        The frame: :class:`Call`, :class:`Yield`, :class:`Result`,
+        :class:`Cancel` or :class:`Credit`.
 
     Raises:
         ProtocolError: On anything malformed: not JSON, not an object,
             missing or unknown ``type``, wrong field types, NaN/Infinity,
-            unsafe integers, lone surrogates, excessive nesting. Its
-            ``frame_id`` is set when the frame's ``id`` could be read.
+            integers beyond 64 bits not written as JavaScript writes numbers,
+            excessive nesting. Its ``frame_id`` is set whenever the frame's
+            ``id`` could be read.
     """
+    slow = False
     try:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"not valid JSON: {exc}") from None
+        obj, slow = _loads_slow(text, exc), True
     except Exception as exc:  # noqa: BLE001 - orjson also raises TypeError, MemoryError...
         raise ProtocolError(f"not valid JSON: {type(exc).__name__}") from None
     if type(obj) is not dict:
@@ -227,11 +425,11 @@ def decode(text: str | bytes) -> Frame:
         raise ProtocolError("frame has no string 'id'", frame_type=kind)
     if len(frame_id) > MAX_ID_LENGTH:
         raise ProtocolError(f"frame id longer than {MAX_ID_LENGTH} characters", frame_type=kind)
-    if not isinstance(text, str):
-        # bytes, or any other buffer orjson accepted (bytearray, memoryview)
-        text = bytes(text).decode("utf-8", "replace")
     try:
-        _check_text(text, obj)
+        if slow:
+            _check_received(obj, ())
+        else:
+            obj = _check_fast(text, obj)
     except ProtocolError as exc:
         raise ProtocolError(str(exc), frame_id=frame_id, frame_type=kind) from None
     if kind == "result":
@@ -277,25 +475,47 @@ def _is_count(value: Any) -> TypeGuard[int]:
     return type(value) is int and 1 <= value <= MAX_SAFE_INTEGER
 
 
-def _check_text(text: str, obj: dict[str, Any] | None) -> None:
+def _loads_slow(text: str | bytes, error: orjson.JSONDecodeError) -> Any:
+    """Read what orjson refused: lone surrogates, NaN, deep nesting, or real garbage.
+
+    The standard library reads lone surrogates as ``str`` holds them, and
+    ``NaN`` as a marker :func:`_check_received` refuses once the frame's id
+    is known. Otherwise its grammar is orjson's, so garbage stays garbage.
+    """
+    if not isinstance(text, str):
+        if not isinstance(text, bytes | bytearray | memoryview):
+            raise ProtocolError(f"not valid JSON: {error}")
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"not valid JSON: {error}") from None
+    try:
+        return json.loads(text, parse_constant=_NonFinite)
+    except (ValueError, RecursionError):
+        raise ProtocolError(f"not valid JSON: {error}") from None
+
+
+def _check_fast(text: str | bytes, obj: dict[str, Any]) -> dict[str, Any]:
     """Run the checks orjson does not, but only when the text could fail them.
 
     Counting brackets and searching for long digit runs are C-speed scans of
-    the text; the exact walk runs only when one of them fires. ``obj`` is the
-    text already parsed by orjson, or ``None`` to parse it only if needed.
-    Integers that pass are at most 2**53 - 1, which orjson reads exactly, so
-    ``obj`` needs no re-parse.
+    the text; the exact walk runs only when one of them fires. Returns
+    ``obj``, or the text re-read exactly when it holds integers beyond
+    64 bits (which orjson reads as floats).
     """
-    if text.count("[") + text.count("{") > MAX_DEPTH:
-        _check_depth(orjson.loads(text) if obj is None else obj)
-    if _DIGITS_16.search(text) is not None and _LONG_INTEGER.search(text) is not None:
-        # orjson turns integer literals beyond 64 bits into floats; re-read
-        # exactly with the standard library (orjson already vetted the text).
-        exact = json.loads(text)
-        _check_integers(exact)
+    if not isinstance(text, str):
+        # bytes, or any other buffer orjson accepted (bytearray, memoryview)
+        text = bytes(text).decode("utf-8", "replace")
+    if text.count("[") + text.count("{") > MAX_DEPTH and not _shallow(obj):
+        _check_received(obj, ())  # raises, naming where
+    if _DIGITS_19.search(text) is not None and _LONG_INTEGER.search(text) is not None:
+        # orjson already vetted the text, so the standard library reads it.
+        obj = json.loads(text)
+        _check_received(obj, ())
+    return obj
 
 
-def _check_depth(value: Any) -> None:
+def _shallow(value: Any) -> bool:
     level = [value]
     for _ in range(MAX_DEPTH):
         next_level: list[Any] = []
@@ -305,24 +525,32 @@ def _check_depth(value: Any) -> None:
             elif type(item) is list:
                 next_level.extend(item)
         if not next_level:
-            return
+            return True
         level = next_level
-    if any(type(item) in (dict, list) for item in level):
-        raise ProtocolError(f"nesting deeper than {MAX_DEPTH} levels")
+    return not any(type(item) in (dict, list) for item in level)
 
 
-def _check_integers(value: Any) -> None:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        kind = type(item)
-        if kind is int:
-            if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
-                raise ProtocolError("integer beyond what JSON peers represent exactly (2**53 - 1)")
-        elif kind is dict:
-            stack.extend(item.values())
-        elif kind is list:
-            stack.extend(item)
+def _check_received(value: Any, path: tuple[str | int, ...]) -> None:
+    """Refuse non-finite numbers, inexact integers and deep nesting, naming where."""
+    kind = type(value)
+    if kind is dict or kind is list:
+        if len(path) >= MAX_DEPTH:
+            raise ProtocolError(f"nesting deeper than {MAX_DEPTH} levels at {_where(path)}")
+        items = value.items() if kind is dict else enumerate(value)
+        for key, item in items:
+            if type(item) not in (str, bool, type(None)):
+                _check_received(item, (*path, key))
+    elif kind is int:
+        if not -_UINT64 < value < _UINT64 and _as_javascript_writes(value) != value:
+            raise ProtocolError(
+                f"integer {_int_text(value)} at {_where(path)} is beyond 64 bits, and not"
+                " a number as JavaScript writes it"
+            )
+    elif kind is float:
+        if not math.isfinite(value):
+            raise ProtocolError(f"{value} at {_where(path)} is not a JSON number")
+    elif kind is _NonFinite:
+        raise ProtocolError(f"{value.name} at {_where(path)} is not a JSON number")
 
 
 def _json_type(value: Any) -> str:

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from ._dispatch import Capabilities
-    from ._frames import Call
+    from ._frames import Call, JsonDefault
 
 __all__ = ["Peer", "Stream", "accept", "current_peer"]
 
@@ -300,6 +300,11 @@ class Peer:
             more is refused with ``"too many concurrent calls"``.
         max_buffered_items: Items buffered per streaming call before the
             consumer counts as overrun (see :class:`astral.StreamOverrun`).
+        json_default: Converts values outside the value rule (datetimes,
+            UUIDs, dataclasses, tuples...) in the inputs this peer sends and
+            the outputs its capabilities return, like
+            ``json.dumps(default=...)``; ``None`` refuses them (see
+            :func:`astral.encode`).
 
     Raises:
         TypeError: If a capability is not async.
@@ -315,11 +320,12 @@ class Peer:
         timeout: float | None = DEFAULT_TIMEOUT,
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+        json_default: JsonDefault | None = None,
     ) -> None:
         check_limits(timeout, max_inbound_calls, max_buffered_items)
         self._transport = transport
         self._state: PeerState[_Channel, _Inbound] = PeerState(
-            capabilities, _Inbound, max_inbound_calls=max_inbound_calls
+            capabilities, _Inbound, max_inbound_calls=max_inbound_calls, json_default=json_default
         )
         self._claims: Mapping[str, Any] = MappingProxyType(dict(claims or {}))
         self._timeout = timeout
@@ -709,7 +715,9 @@ class Peer:
             CallTimeout: Nothing arrived within ``timeout``; the remote was
                 told to stop.
             ConnectionClosed: The connection ended before the answer.
-            ProtocolError: ``input`` cannot be sent as JSON.
+            ProtocolError: ``input`` cannot be sent: a type outside the value
+                rule, an integer JavaScript would change, or nesting too
+                deep. Nothing was sent.
         """
         channel = await self._open(capability, input, timeout)
         try:
@@ -755,7 +763,7 @@ class Peer:
 
         Raises:
             ConnectionClosed: The connection is closed.
-            ProtocolError: ``input`` cannot be sent as JSON.
+            ProtocolError: ``input`` cannot be sent (see :meth:`call`).
         """
         channel = await self._open(capability, input, timeout)
         stream = Stream(self, channel, None)
@@ -837,7 +845,7 @@ async def accept(
         claims: The remote's verified token claims.
         input_buffer: Messages buffered between ``receive`` and the reader.
         **options: Passed on to :class:`Peer` (``timeout``,
-            ``max_inbound_calls``, ``max_buffered_items``).
+            ``max_inbound_calls``, ``max_buffered_items``, ``json_default``).
 
     Yields:
         The running peer.

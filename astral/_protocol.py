@@ -37,6 +37,8 @@ from ._frames import Call, Cancel, Credit, Result, Yield, decode, encode
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ._frames import JsonDefault
+
 __all__ = [
     "CancelInbound",
     "CreditInbound",
@@ -113,6 +115,8 @@ class PeerState(Generic[Out, In]):
         new_inbound: Makes the handle of a newly started inbound call.
         max_inbound_calls: How many remote calls may run here at once; one
             more is answered ``"too many concurrent calls"``.
+        json_default: Converts values of other types in our inputs and
+            outputs (see :func:`astral.encode`); ``None`` refuses them.
     """
 
     def __init__(
@@ -121,8 +125,10 @@ class PeerState(Generic[Out, In]):
         new_inbound: Callable[[], In],
         *,
         max_inbound_calls: int,
+        json_default: JsonDefault | None = None,
     ) -> None:
         self._capabilities = resolve(capabilities)
+        self._json_default = json_default
         self._new_inbound = new_inbound
         self._max_inbound = max_inbound_calls
         self._ids = itertools.count(1)
@@ -150,7 +156,7 @@ class PeerState(Generic[Out, In]):
             ProtocolError: If ``input`` cannot be encoded (nothing is registered).
         """
         call_id = str(next(self._ids))
-        text = encode(Call(call_id, capability, input, window))
+        text = encode(Call(call_id, capability, input, window), json_default=self._json_default)
         self.outbound[call_id] = handle
         return call_id, text
 
@@ -173,7 +179,7 @@ class PeerState(Generic[Out, In]):
             cannot be encoded is replaced by an error result, which ends it.
         """
         try:
-            return encode(frame), type(frame) is Result
+            return encode(frame, json_default=self._json_default), type(frame) is Result
         except ProtocolError as exc:
             return encode(Result(frame.id, error=str(exc))), True
 

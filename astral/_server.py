@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from ._dispatch import Capabilities
+    from ._frames import JsonDefault
 
 __all__ = ["serve"]
 
@@ -70,6 +71,7 @@ async def serve(
     max_header_size: int = 128 * 1024,
     max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
     max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+    json_default: JsonDefault | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a principal until cancelled.
@@ -106,6 +108,8 @@ async def serve(
         max_header_size: Largest upgrade request head, in bytes (431).
         max_inbound_calls: Calls one worker may have running here at once.
         max_buffered_items: Items buffered per streaming call.
+        json_default: Converts values outside the value rule (see
+            :class:`astral.Peer`); ``None`` refuses them.
         task_status: Receives the bound port (see ``TaskGroup.start``).
 
     Raises:
@@ -140,6 +144,7 @@ async def serve(
             timeout=timeout,
             max_inbound_calls=max_inbound_calls,
             max_buffered_items=max_buffered_items,
+            json_default=json_default,
         )
 
     await serve_websocket(

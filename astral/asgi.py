@@ -63,6 +63,7 @@ from ._principal import host_worker, token_from
 
 if TYPE_CHECKING:
     from ._dispatch import Capabilities
+    from ._frames import JsonDefault
     from ._principal import PeerRegistry
 
 __all__ = ["App"]
@@ -115,6 +116,8 @@ class App:
             our ``websocket.close`` message.
         max_inbound_calls: Calls one worker may have running here at once.
         max_buffered_items: Items buffered per streaming call.
+        json_default: Converts values outside the value rule (see
+            :class:`astral.Peer`); ``None`` refuses them.
 
     Raises:
         TypeError: A capability is not async.
@@ -132,6 +135,7 @@ class App:
         close_timeout: float = 10.0,
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+        json_default: JsonDefault | None = None,
     ) -> None:
         # Fail now, not at the first connection, on a sync capability or a bad limit.
         resolve(capabilities)
@@ -145,6 +149,7 @@ class App:
         self._close_timeout = close_timeout
         self._max_inbound_calls = max_inbound_calls
         self._max_buffered_items = max_buffered_items
+        self._json_default = json_default
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
         """Serve one ASGI connection.
@@ -197,6 +202,7 @@ class App:
             timeout=self._timeout,
             max_inbound_calls=self._max_inbound_calls,
             max_buffered_items=self._max_buffered_items,
+            json_default=self._json_default,
         )
 
 

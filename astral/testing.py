@@ -57,7 +57,7 @@ async def connected_pair(
         a_capabilities: What peer ``a`` serves.
         b_capabilities: What peer ``b`` serves.
         **options: Passed to both :class:`astral.Peer` constructors
-            (``timeout``, ``max_inbound_calls``, ``max_buffered_items``,
+            (``timeout``, ``max_inbound_calls``, ``max_buffered_items``, ``json_default``,
             ``claims``).
 
     Yields:
