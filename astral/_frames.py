@@ -187,9 +187,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # those as floats). It can only start a digit run that is not a fraction, and
 # is not followed by a fraction or exponent. Strings with long digit runs
 # match too; that only costs an exact re-read.
-_LONG_INTEGER = re.compile(r"(?<![\d.])\d{19,}(?![\d.eE])")
+_LONG_INTEGER = re.compile(r"(?<![0-9.])[0-9]{19,}(?![0-9.eE])")
 # A much cheaper first filter: most frames have no run of 19 digits at all.
-_DIGITS_19 = re.compile(r"\d{19}")
+_DIGITS_19 = re.compile(r"[0-9]{19}")
 
 
 def encode(frame: Frame, *, json_default: JsonDefault | None = None) -> str:

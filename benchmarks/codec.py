@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.codec`` prints microseconds per frame pair (the call
 encoded and decoded, then the result encoded and decoded) for the standard
-library's json, orjson and msgspec (untyped, and decoding into Structs).
+library's json, orjson and msgspec (untyped, and decoding into Structs), and
+for astral's own ``encode``/``decode`` (orjson plus astral's value rules).
 Runs in-process; each figure is the best of several timed batches.
 """
 
@@ -87,11 +88,22 @@ def _msgspec_typed() -> Callable[[], Any]:
     return pair
 
 
+def _astral() -> Callable[[], Any]:
+    from astral import Call, Result, decode, encode
+
+    def pair() -> Any:
+        decode(encode(Call(ID, "echo", {"x": 1})))
+        return decode(encode(Result(ID, {"x": 1})))
+
+    return pair
+
+
 CODECS: dict[str, Callable[[], Callable[[], Any]]] = {
     "json (stdlib)": _stdlib,
     "orjson": _orjson,
     "msgspec": _msgspec,
     "msgspec (typed Structs)": _msgspec_typed,
+    "astral.encode/decode (orjson + rules)": _astral,
 }
 
 

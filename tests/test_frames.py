@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import datetime
+import decimal
+import enum
+import fractions
 import random
 import re
-from typing import Any
+import uuid
+from typing import Any, NamedTuple
 
+import pydantic
 import pytest
 
 import astral
@@ -587,3 +594,302 @@ def test_flow_control_fields_are_validated(text: str) -> None:
     with pytest.raises(astral.ProtocolError) as info:
         astral.decode(text)
     assert info.value.frame_id == "1"
+
+
+# -- JavaScript fidelity: lone surrogates ----------------------------------------
+
+
+def test_decode_reads_a_lone_surrogate_as_javascript_wrote_it() -> None:
+    # A JS string cut inside an emoji, as JSON.stringify writes it.
+    text = '{"type":"call","id":"1","capability":"echo","input":"a\\ud800b"}'
+    assert decode(text) == Call("1", "echo", "a\ud800b")
+    assert decode(text.encode()) == Call("1", "echo", "a\ud800b")
+
+
+def test_encode_escapes_a_lone_surrogate_as_json_stringify_does() -> None:
+    assert encode(Result("1", "a\ud800b")) == '{"type":"result","id":"1","output":"a\\ud800b"}'
+    # Only the surrogate is escaped; other non-ASCII text stays as it is.
+    assert encode(Yield("1", ["é", "😀\udfff"])) == (
+        '{"type":"yield","id":"1","output":["é","😀\\udfff"]}'
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"result","id":"1","output":"a\\ud800b"}',
+        '{"type":"result","id":"1","error":"cut \\ud83d"}',
+        '{"type":"yield","id":"\\udfff","output":{"\\ud83d":["x\\udc00y","😀",1]}}',
+        '{"type":"call","id":"7","capability":"\\ud800","input":["\\udbff\\udbff"]}',
+    ],
+)
+def test_a_javascript_string_with_lone_surrogates_comes_back_identical(text: str) -> None:
+    assert encode(decode(text)) == text
+
+
+def test_a_raw_surrogate_in_python_text_reads_like_its_escape() -> None:
+    assert decode('{"type":"yield","id":"1","output":"\ud800"}') == Yield("1", "\ud800")
+
+
+# -- JavaScript fidelity: integers ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (10**16, "10000000000000000"),
+        (-(10**16), "-10000000000000000"),
+        (2**53, "9007199254740992"),
+        (1152921504606847000, "1152921504606847000"),  # how JavaScript writes 2**60
+        (18446744073709552000, "18446744073709552000"),  # ... and 2**64, beyond 64 bits
+        (999999999999999900000, "999999999999999900000"),
+    ],
+)
+def test_encode_sends_integers_javascript_writes_back_unchanged(value: int, text: str) -> None:
+    for frame in (Call("1", "f", [value]), Yield("1", {"n": value}), Result("1", value)):
+        encoded = encode(frame)
+        assert text in encoded
+        assert decode(encoded) == frame
+
+
+@pytest.mark.parametrize(
+    ("value", "read_as"),
+    [
+        (2**53 + 1, "as 9007199254740992"),
+        (-(2**53) - 1, "as -9007199254740992"),
+        (2**60, "as 1152921504606847000"),
+        (2**63 - 1, "as 9223372036854776000"),
+        (10**21, "not as an integer"),
+        (10**400, "not as an integer"),
+    ],
+)
+def test_encode_refuses_integers_javascript_would_change(value: int, read_as: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        encode(Yield("3", {"list": [0, value]}))
+    assert info.value.frame_id == "3"
+    message = str(info.value)
+    assert "at output['list'][1]" in message
+    assert f"would read it {read_as}" in message
+
+
+def test_what_encode_sends_decode_reads_as_the_same_integer() -> None:
+    rng = random.Random(8)
+    sent = 0
+    for _ in range(3000):
+        value = rng.choice([1, -1]) * rng.randrange(2 ** rng.randrange(1, 80))
+        try:
+            text = encode(Yield("1", value))
+        except ProtocolError:
+            assert abs(value) > MAX_SAFE_INTEGER
+            continue
+        sent += 1
+        frame = decode(text)
+        assert isinstance(frame, Yield)
+        assert type(frame.output) is int
+        assert frame.output == value
+    assert sent > 1000
+
+
+# -- one rule for values ------------------------------------------------------------
+
+
+class _Color(enum.Enum):
+    RED = 1
+
+
+class _Size(enum.IntEnum):
+    SMALL = 1
+
+
+class _Name(enum.StrEnum):
+    ALICE = "alice"
+
+
+class _Pair(NamedTuple):
+    a: int
+    b: int
+
+
+class _Str(str):
+    __slots__ = ()
+
+
+class _Int(int):
+    pass
+
+
+class _Float(float):
+    pass
+
+
+class _List(list[Any]):
+    pass
+
+
+class _Model(pydantic.BaseModel):
+    x: int
+
+
+REFUSED: list[tuple[Any, str]] = [
+    (datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC), "datetime.datetime"),
+    (datetime.date(2024, 1, 2), "datetime.date"),
+    (datetime.time(3, 4), "datetime.time"),
+    (datetime.timedelta(seconds=5), "datetime.timedelta"),
+    (uuid.UUID(int=7), "uuid.UUID"),
+    (_Box(1), "tests.test_frames._Box"),
+    ((1, 2), "tuple"),
+    (_Pair(1, 2), "tests.test_frames._Pair"),
+    (b"bytes", "bytes"),
+    (bytearray(b"x"), "bytearray"),
+    ({1, 2}, "set"),
+    (frozenset({1}), "frozenset"),
+    (decimal.Decimal("1.5"), "decimal.Decimal"),
+    (fractions.Fraction(1, 3), "fractions.Fraction"),
+    (1j, "complex"),
+    (_Color.RED, "tests.test_frames._Color"),
+    (_Size.SMALL, "tests.test_frames._Size"),
+    (_Name.ALICE, "tests.test_frames._Name"),
+    (_Str("s"), "tests.test_frames._Str"),
+    (_Int(1), "tests.test_frames._Int"),
+    (_Float(1.5), "tests.test_frames._Float"),
+    (_List([1]), "tests.test_frames._List"),
+    (_Dict(a=1), "tests.test_frames._Dict"),
+    (collections.OrderedDict(a=1), "collections.OrderedDict"),
+    (collections.defaultdict(list), "collections.defaultdict"),
+    (range(3), "range"),
+    (_Model(x=1), "tests.test_frames._Model"),
+    (object(), "object"),
+]
+
+
+@pytest.mark.parametrize(("value", "type_name"), REFUSED, ids=[name for _, name in REFUSED])
+def test_encode_refuses_what_would_not_come_back_as_the_same_type(
+    value: Any, type_name: str
+) -> None:
+    for frame, where in (
+        (Call("5", "f", value), "input"),
+        (Yield("5", [0, {"v": value}]), "output[1]['v']"),
+        (Result("5", {"a": [value]}), "output['a'][0]"),
+    ):
+        with pytest.raises(ProtocolError) as info:
+            encode(frame)
+        assert info.value.frame_id == "5"
+        assert f"cannot send {type_name} at {where}:" in str(info.value)
+        assert "json_default" in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "type_name"), REFUSED, ids=[name for _, name in REFUSED])
+def test_json_default_converts_what_the_rule_refuses(value: Any, type_name: str) -> None:
+    seen: list[Any] = []
+
+    def convert(item: Any) -> Any:
+        seen.append(item)
+        return f"<{type_name}>"
+
+    text = encode(Yield("5", [0, {"v": value}]), json_default=convert)
+    assert decode(text) == Yield("5", [0, {"v": f"<{type_name}>"}])
+    assert len(seen) == 1
+    assert seen[0] is value
+
+
+def test_json_default_is_not_called_for_plain_values() -> None:
+    def convert(item: Any) -> Any:
+        raise AssertionError(item)  # pragma: no cover
+
+    value = {"a": [1, 2.5, "s", None, True, {"b": []}], "c": "\ud800", "n": 10**16}
+    assert decode(encode(Result("1", value), json_default=convert)) == Result("1", value)
+
+
+def test_json_default_results_are_converted_again_and_checked() -> None:
+    @dataclasses.dataclass
+    class Event:
+        when: datetime.datetime
+        tags: tuple[str, ...]
+
+    def convert(item: Any) -> Any:
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            return {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
+        if isinstance(item, datetime.datetime):
+            return item.isoformat()
+        if isinstance(item, tuple):
+            return list(item)
+        if isinstance(item, uuid.UUID):
+            return 2**60  # an integer JavaScript would change: still refused
+        raise TypeError(f"cannot convert {type(item).__name__}")
+
+    event = Event(datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC), ("a", "b\ud800"))
+    text = encode(Result("1", [event]), json_default=convert)
+    assert text == (
+        '{"type":"result","id":"1","output":'
+        '[{"when":"2024-01-02T00:00:00+00:00","tags":["a","b\\ud800"]}]}'
+    )
+    with pytest.raises(ProtocolError, match=r"at output\[0\]: a JavaScript peer would read"):
+        encode(Result("1", [uuid.UUID(int=1)]), json_default=convert)
+    with pytest.raises(ProtocolError) as info:
+        encode(Result("1", {"s": {1}}), json_default=convert)
+    assert str(info.value).startswith("cannot send set at output['s']: json_default raised")
+    assert isinstance(info.value.__cause__, TypeError)
+
+
+def test_json_default_that_keeps_returning_other_types_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="keeps returning"):
+        encode(Result("1", {1, 2}), json_default=lambda item: item)
+
+
+def test_json_default_does_not_convert_keys() -> None:
+    for key in (1, (1, 2), _Str("k"), _Name.ALICE, None):
+        with pytest.raises(ProtocolError, match=r"cannot send the key .* at output\[0\]"):
+            encode(Result("1", [{key: 1}]), json_default=str)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if type(a) is list:
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _plain_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 4 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.random() < 0.5
+    if kind == 2:
+        return rng.randrange(-(2**53), 2**53)
+    if kind == 3:
+        return rng.uniform(-1e300, 1e300)
+    if kind == 4:
+        return "".join(
+            # Never a high surrogate then a low one: see the test below.
+            rng.choice(["a", "é", "😀", "a\udc00", "\ud800", '"', "\\", "\n"])
+            for _ in range(rng.randrange(5))
+        )
+    if kind == 5:
+        return rng.choice([10**16, -(10**17), 0.0, -0.0, 1e22])
+    if kind == 6:
+        return [_plain_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {
+        f"k{i}\ud83d"[: rng.randrange(2, 4)]: _plain_value(rng, depth + 1)
+        for i in range(rng.randrange(4))
+    }
+
+
+def test_every_plain_value_comes_back_as_the_same_type_on_both_paths() -> None:
+    rng = random.Random(88)
+    for _ in range(1500):
+        value = _plain_value(rng)
+        for frame in (Yield("1", value), Yield("\ud800", value)):  # fast path, slow path
+            back = decode(encode(frame))
+            assert isinstance(back, Yield)
+            assert _same(back.output, value), (value, back.output)
+
+
+def test_a_surrogate_pair_held_as_two_code_points_comes_back_as_one_character() -> None:
+    # JavaScript cannot tell them apart: both are the same UTF-16 string.
+    text = encode(Yield("1", "\ud83d\ude00"))
+    assert text == '{"type":"yield","id":"1","output":"\\ud83d\\ude00"}'
+    assert decode(text) == Yield("1", "😀")
