@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests``, ``lint``, ``typing``, ``docs``, ``bench``."""
+"""Developer sessions: ``nox -s tests``, ``demo``, ``lint``, ``typing``, ``docs``, ``bench``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typing", "docs"]
+nox.options.sessions = ["tests", "demo", "lint", "typing", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 # pyenv installs interpreters it does not activate: their shims then fail.
@@ -34,6 +34,14 @@ def tests(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
     session.run("coverage", "report", "--fail-under=88")
+
+
+@nox.session(python=PYTHONS)
+def demo(session: nox.Session) -> None:
+    """The README's first run, on asyncio and on trio, with only what the README installs."""
+    session.install("-e", ".[trio]")
+    session.run("python", "-m", "astral", "demo")
+    session.run("python", "-m", "astral", "demo", "--trio")
 
 
 @nox.session(python=PYTHONS[:1])
