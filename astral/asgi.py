@@ -108,9 +108,10 @@ class App:
         on_connect: Awaited with each connected peer; the connection stays
             open after it returns, until the worker leaves. If it raises, that
             connection is closed (1011) and the error logged.
-        path: Only accept upgrades whose ASGI ``scope["path"]`` equals this;
-            others are refused with 404 before their token is looked at.
-            ``None`` accepts any path.
+        path: Only accept upgrades whose ASGI ``scope["path"]`` equals this,
+            a trailing slash aside (``"/astral"`` and ``"/astral/"`` are one
+            path); others are refused with 404 before their token is looked
+            at. ``None`` accepts any path.
         timeout: Default seconds a call to a worker waits for its first frame.
         close_timeout: Longest wait, in seconds, for the ASGI server to take
             our ``websocket.close`` message.
@@ -179,7 +180,7 @@ class App:
     async def _websocket(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return  # the client left before the server handed us the request
-        if self._path is not None and scope.get("path") != self._path:
+        if self._path is not None and not _same_path(scope.get("path"), self._path):
             await _deny(scope, send, *_NOT_FOUND)
             return
         try:
@@ -204,6 +205,12 @@ class App:
             max_buffered_items=self._max_buffered_items,
             json_default=self._json_default,
         )
+
+
+def _same_path(path: object, expected: str) -> bool:
+    # Routers mount an app at "/astral" and hand it "/astral/" (Starlette's
+    # Mount), or route "/astral" itself: both are the same endpoint.
+    return isinstance(path, str) and (path.rstrip("/") or "/") == (expected.rstrip("/") or "/")
 
 
 class _ASGITransport:
