@@ -67,17 +67,22 @@ class _Target:
 
 
 def redact(url: str) -> str:
-    """The URL without its query string or credentials, for messages and logs.
+    """The URL as given, less its query string and credentials, for messages and logs.
 
     A worker may carry its token in ``?token=``; no error text may repeat it.
+    Done on the text, not with ``urlsplit``, so that a URL without a scheme
+    (``127.0.0.1:8830/astral``) is quoted as it was written.
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc.rpartition("@")[2]
-    query = "?..." if parts.query else ""
-    return f"{parts.scheme}://{netloc}{parts.path}{query}"
+    base, query, _ = url.partition("#")[0].partition("?")
+    scheme, separator, rest = base.partition("://")
+    if not separator:
+        scheme, rest = "", base
+    authority, slash, path = rest.partition("/")
+    authority = authority.rpartition("@")[2]
+    return f"{scheme}{separator}{authority}{slash}{path}{'?...' if query else ''}"
+
+
+_TLS_HINT = "; is it a TLS server? try wss://"
 
 
 def _parse_url(url: str) -> _Target:
@@ -91,10 +96,15 @@ def _parse_url(url: str) -> _Target:
     except (ValueError, UnicodeError) as exc:
         raise ConnectError(f"invalid WebSocket URL {redact(url)!r}: {exc}") from None
     scheme = parts.scheme.lower()
-    if scheme not in ("ws", "wss") or not host:
+    if "://" not in url or scheme not in ("ws", "wss"):
+        shown = redact(url)
+        rest = shown.partition("://")[2] if "://" in shown else shown
         raise ConnectError(
-            f"invalid WebSocket URL {redact(url)!r}: expected ws://host/... or wss://host/..."
+            f"invalid WebSocket URL {shown!r}: it needs a ws:// or wss:// scheme"
+            f" (wss:// for TLS), as in 'ws://{rest}'"
         )
+    if not host:
+        raise ConnectError(f"invalid WebSocket URL {redact(url)!r}: it has no host")
     if parts.username is not None or parts.password is not None:
         raise ConnectError("credentials in a WebSocket URL are not supported; use headers")
     secure = scheme == "wss"
@@ -145,6 +155,13 @@ class _ClientHandshake:
         #: The status of a refusal, once its head has arrived.
         self.status: int | None = None
         self._body = bytearray()
+        self._secure = target.secure
+        self._first = b""  # the first byte the server sent
+
+    @property
+    def secure(self) -> bool:
+        """Whether the connection is TLS (``wss://``)."""
+        return self._secure
 
     @property
     def read_size(self) -> int:
@@ -169,6 +186,7 @@ class _ClientHandshake:
         """
         if self.status is None:
             self._budget -= len(data)
+            self._first = self._first or data[:1]
         self._h11.receive_data(data)
         while True:
             try:
@@ -176,6 +194,11 @@ class _ClientHandshake:
             except h11.RemoteProtocolError as exc:
                 if self.status is not None or not data:
                     raise self.refusal() from exc
+                if not self._secure and self._first in (b"\x15", b"\x16"):
+                    # A TLS record (alert or handshake) where HTTP was expected.
+                    raise HandshakeError(
+                        "the server answered in TLS, not HTTP: try wss://"
+                    ) from exc
                 raise HandshakeError(f"invalid HTTP response: {exc}") from exc
             if event is h11.NEED_DATA:
                 return None
@@ -213,7 +236,8 @@ class _ClientHandshake:
     def refusal(self) -> HandshakeError:
         """Return the error for a server that answered without switching protocols."""
         if self.status is None:
-            return HandshakeError("the server closed the connection without answering")
+            hint = "" if self._secure else _TLS_HINT
+            return HandshakeError(f"the server closed the connection without answering{hint}")
         body = self._body.decode("utf-8", "replace").strip()[:200]
         detail = f": {body}" if body else ""
         if self.status == 401:
@@ -261,7 +285,10 @@ async def _upgrade(stream: ByteStream, handshake: _ClientHandshake) -> bytes:
     except STREAM_ERRORS as exc:
         if handshake.status is not None:
             raise handshake.refusal() from exc
-        raise HandshakeError(f"connection lost during the WebSocket upgrade: {exc!r}") from exc
+        hint = "" if handshake.secure else _TLS_HINT
+        raise HandshakeError(
+            f"connection lost during the WebSocket upgrade: {exc!r}{hint}"
+        ) from exc
 
 
 async def _connect(

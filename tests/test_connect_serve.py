@@ -461,3 +461,43 @@ async def test_a_worker_leaving_with_an_exception_closes_with_1011() -> None:
                 raise RuntimeError("worker bug")
         error = await principal_side.wait_closed()
         assert error.code == 1011
+
+
+# -- messages that say what to do -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "suggested"),
+    [
+        ("127.0.0.1:8830/astral", "'127.0.0.1:8830/astral'", "'ws://127.0.0.1:8830/astral'"),
+        ("localhost:8830/astral", "'localhost:8830/astral'", "'ws://localhost:8830/astral'"),
+        ("https://example.com/astral", "'https://example.com/astral'", "'ws://example.com/astral'"),
+        (
+            "127.0.0.1:8830/astral?token=TOPSECRET",
+            "'127.0.0.1:8830/astral?...'",
+            "'ws://127.0.0.1:8830/astral?...'",
+        ),
+    ],
+)
+async def test_a_url_without_a_websocket_scheme_says_so(
+    url: str, shown: str, suggested: str
+) -> None:
+    with pytest.raises(astral.ConnectError) as caught:
+        async with astral.connect(url, token=token()):
+            pytest.fail("connected without a scheme")  # pragma: no cover
+    message = str(caught.value)
+    assert message.startswith(f"invalid WebSocket URL {shown}: ")
+    assert "needs a ws:// or wss:// scheme" in message
+    assert suggested in message
+    assert "TOPSECRET" not in message
+
+
+async def test_ws_to_a_tls_server_suggests_wss() -> None:
+    async with running_principal(ssl_context=make_tls().server) as principal:
+        plain = principal.url.replace("wss://", "ws://")
+        with pytest.raises(astral.HandshakeError) as caught:
+            async with astral.connect(plain, token=token()):
+                pytest.fail("connected in plaintext to a TLS server")  # pragma: no cover
+        assert caught.value.status is None
+        assert "TLS" in str(caught.value)
+        assert "try wss://" in str(caught.value)

@@ -41,6 +41,7 @@ from astral._websocket import (
     open_websocket,
     serve_websocket,
 )
+from astral._ws_client import redact
 
 if TYPE_CHECKING:
     from anyio.abc import SocketStream, TaskGroup, TaskStatus
@@ -857,6 +858,34 @@ async def test_non_websocket_answers_raise_handshake_error() -> None:
             async with open_websocket(f"ws://{HOST}:{port}/"):
                 pass
         assert info.value.status is None
+
+
+async def test_a_plaintext_client_is_told_the_server_may_speak_tls() -> None:
+    async def hang_up(stream: SocketStream) -> None:
+        await read_head(stream)
+
+    async def tls_alert(stream: SocketStream) -> None:
+        await read_head(stream)
+        await stream.send(b"\x15\x03\x01\x00\x02\x02\x32")  # what a TLS server may answer
+
+    async with raw_server(hang_up) as port:
+        with pytest.raises(HandshakeError) as info:
+            async with open_websocket(f"ws://{HOST}:{port}/"):
+                pass
+    assert str(info.value).endswith("; is it a TLS server? try wss://")
+    async with raw_server(tls_alert) as port:
+        with pytest.raises(HandshakeError) as info:
+            async with open_websocket(f"ws://{HOST}:{port}/"):
+                pass
+    assert str(info.value) == "the server answered in TLS, not HTTP: try wss://"
+    assert info.value.status is None
+
+
+def test_redact_quotes_the_url_as_given_without_query_or_credentials() -> None:
+    assert redact("127.0.0.1:8830/astral") == "127.0.0.1:8830/astral"
+    assert redact("ws://u:secret@host:1/p?token=t#frag") == "ws://host:1/p?..."
+    assert redact("user:secret@host/p") == "host/p"
+    assert redact("wss://host") == "wss://host"
 
 
 # --- TLS ----------------------------------------------------------------------
