@@ -2,14 +2,19 @@
 
 A raw WebSocket client stands in for the original TypeScript peer: it sends the
 exact text ``JSON.stringify`` writes (lone surrogates escaped, whole numbers
-beyond 2**53 written out) and checks the exact text astral sends back.
+beyond 2**53 written out) and checks the exact text astral sends back. Where
+Node.js 20+ is installed, a real JavaScript peer does the same
+(``tests/js/round_trip.mjs``, no npm packages).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import shutil
+import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -126,3 +131,38 @@ async def test_json_default_on_serve_and_connect() -> None:
             await strict.call("echo", request)
         with pytest.raises(astral.ProtocolError, match=r"cannot send tuple at input\['t'\]"):
             await strict.call("echo", {"t": (1, 2)})
+
+
+def _node_with_websocket() -> str | None:
+    node = shutil.which("node")
+    if node is None:
+        return None
+    probe = subprocess.run(
+        [
+            node,
+            "--experimental-websocket",
+            "-e",
+            "process.exit(typeof WebSocket === 'function' ? 0 : 1)",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    return node if probe.returncode == 0 else None
+
+
+NODE = _node_with_websocket()
+
+
+@pytest.mark.skipif(NODE is None, reason="needs Node.js 20+ (a WebSocket client built in)")
+@pytest.mark.time_limit(30)
+async def test_a_node_peer_gets_its_values_back_identical() -> None:
+    assert NODE is not None
+    script = Path(__file__).parent / "js" / "round_trip.mjs"
+    async with running_principal() as principal:
+        url = f"{principal.url}?token={token('node')}"
+        done = await anyio.run_process(
+            [NODE, "--experimental-websocket", "--no-warnings", str(script), url], check=False
+        )
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    assert out.count("same ") == 5, out
