@@ -366,8 +366,8 @@ def _int_text(value: int) -> str:
 
 
 def _where(path: tuple[str | int, ...]) -> str:
-    if not path:
-        return "the top level"
+    # Never empty: the frame's own object is always sound, so a path starts
+    # with one of its fields (``input``, ``output``, ``id``...).
     first, *rest = path
     return str(first) + "".join(f"[{key!r:.60}]" for key in rest)
 

@@ -880,6 +880,19 @@ async def test_a_plaintext_client_is_told_the_server_may_speak_tls() -> None:
     assert str(info.value) == "the server answered in TLS, not HTTP: try wss://"
     assert info.value.status is None
 
+    async def reset(stream: SocketStream) -> None:
+        await read_head(stream)
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    async with raw_server(reset) as port:
+        with pytest.raises(HandshakeError) as info:
+            async with open_websocket(f"ws://{HOST}:{port}/"):
+                pass
+    message = str(info.value)
+    assert message.startswith("connection lost during the WebSocket upgrade")
+    assert message.endswith("; is it a TLS server? try wss://")
+
 
 def test_redact_quotes_the_url_as_given_without_query_or_credentials() -> None:
     assert redact("127.0.0.1:8830/astral") == "127.0.0.1:8830/astral"
