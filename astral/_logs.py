@@ -1,4 +1,4 @@
-"""Log lines a remote peer can provoke, rate-limited so it cannot flood the logs.
+"""Log lines for operators: rate-limited warnings, and each connection's life.
 
 A hostile or broken remote can send malformed frames as fast as the network
 carries them. Each such line goes through a :class:`RateLimitedLogger`: a
@@ -17,9 +17,24 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Final
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Final
 
-__all__ = ["BURST", "REFILL_SECONDS", "RateLimitedLogger", "protocol_warnings"]
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from ._peer import Peer
+
+__all__ = [
+    "BURST",
+    "REFILL_SECONDS",
+    "ClosingLog",
+    "RateLimitedLogger",
+    "log_connection",
+    "protocol_warnings",
+]
+
+connection_logger = logging.getLogger("astral.connection")
 
 #: Lines a rate-limited logger writes at once before it starts suppressing.
 BURST: Final = 10
@@ -69,3 +84,60 @@ class RateLimitedLogger:
 
 #: Protocol violations by a remote peer: malformed frames and fields.
 protocol_warnings = RateLimitedLogger(logging.getLogger("astral.protocol"))
+
+
+class ClosingLog:
+    """A connection's log lines: :meth:`opened`, and its end (see :func:`log_connection`)."""
+
+    __slots__ = ("code", "peer", "started", "where", "who")
+
+    def __init__(self, where: str, who: str) -> None:
+        self.where = where
+        self.who = who
+        self.peer: Peer | None = None
+        self.started = 0.0
+        # The close code we sent ourselves, when we closed it.
+        self.code: int | None = None
+
+    def opened(self, line: str, peer: Peer) -> None:
+        """Log ``line`` (one ``%s`` for where) at INFO: the connection is up."""
+        self.peer = peer
+        self.started = time.monotonic()
+        connection_logger.info(line + " (%s)", self.where, self.who)
+
+
+@contextmanager
+def log_connection(where: str, subject: object) -> Iterator[ClosingLog]:
+    """Log a connection's end at INFO on ``astral.connection``, if it had opened.
+
+    Args:
+        where: The remote's address or URL (never with a token in it).
+        subject: The remote's token subject (``sub``), if any.
+    """
+    who = f"subject {subject!r:.80}" if isinstance(subject, str) else "no subject"
+    closing = ClosingLog(where, who)
+    reason = "closed"
+    try:
+        yield closing
+    except BaseException as exc:
+        reason = f"ended by {type(exc).__name__}"
+        raise
+    finally:
+        # A connection that never opened says nothing: refusals are logged
+        # where they happen.
+        peer = closing.peer
+        if peer is not None:
+            code = closing.code
+            error = peer._close_error
+            if error is not None:
+                code = error.code if code is None else code
+                reason = error.reason
+            connection_logger.info(
+                "connection %s (%s) closed: code %s, %s, after %.1f s",
+                where,
+                who,
+                code if code is not None else "none",
+                reason,
+                time.monotonic() - closing.started,
+                extra={"astral_close_code": code},
+            )

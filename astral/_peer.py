@@ -60,7 +60,13 @@ from ._protocol import (
 from ._transport import CLOSED_ERRORS, Transport
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+    from collections.abc import (
+        AsyncIterator,
+        Awaitable,
+        Callable,
+        Mapping,
+        Sequence,
+    )
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -1077,7 +1083,8 @@ async def accept(
         claims: The remote's verified token claims.
         input_buffer: Messages buffered between ``receive`` and the reader.
         **options: Passed on to :class:`Peer` (``timeout``,
-            ``max_inbound_calls``, ``max_buffered_items``).
+            ``max_inbound_calls``, ``max_buffered_items``, ``middleware``,
+            ``hide_internal_errors``).
 
     Yields:
         The running peer.
