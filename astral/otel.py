@@ -28,7 +28,7 @@ rate-limited.
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -73,7 +73,7 @@ class TracingMiddleware:
     def _textmap(self) -> TextMapPropagator:
         return self._propagator or propagate.get_global_textmap()
 
-    def __call__(self, call: CallInfo) -> Any:
+    def __call__(self, call: CallInfo) -> AbstractAsyncContextManager[None]:
         """Wrap one call in a span (the middleware protocol)."""
         if call.direction == "outbound":
             return self._outbound(call)
