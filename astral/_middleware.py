@@ -192,24 +192,30 @@ class Chain:
                 try:
                     await context.__aexit__(None, None, None)
                 except Exception as exc:  # noqa: BLE001 - logged, and fails the call
-                    log_failure(self.info, exc, "leaving")
+                    log_refusal(self.info, exc, "leaving")
                     failure = failure or exc
+                    if self.info.outcome == "result":
+                        # The call fails after all: the outer middleware see that.
+                        self.info.outcome = "error"
+                        self.info.output = None
+                        self.info.error = exc
         return failure
 
 
-def log_refusal(info: CallInfo, exc: Exception) -> None:
-    """Log a middleware that refused a call: DEBUG for a Failure, else ERROR."""
+def log_refusal(info: CallInfo, exc: Exception, when: str = "entering") -> None:
+    """Log a middleware that failed a call: DEBUG for a Failure, else ERROR."""
     if isinstance(exc, Failure):
         logger.debug(
-            "middleware refused %s call %r (id %r): %s (code %r)",
+            "middleware failed %s call %r (id %r) %s it: %s (code %r)",
             info.direction,
             info.capability,
             info.call_id,
+            when,
             exc,
             exc.code,
         )
     else:
-        log_failure(info, exc, "entering")
+        log_failure(info, exc, when)
 
 
 def log_failure(info: CallInfo, exc: BaseException, when: str) -> None:

@@ -732,14 +732,11 @@ class Peer:
                     final = Result(call.id, error=CANCELLED)
                     info.end("cancelled")
                 if final is not None:
-                    try:
-                        text = encode(final)
-                    except ProtocolError as exc:
-                        info.end("error", error=exc)
-                        final = Result(call.id, error=str(exc), code=INTERNAL)
-                        text = encode(final)
+                    final, text = _encoded(final)
                     if final.error is None:
                         info.end("result", output=final.output)
+                    else:
+                        info.end("error", error=ProtocolError(final.error))
             finally:
                 # Cancelled by the connection's end when nothing was decided.
                 failure = await chain.leave()
@@ -747,7 +744,7 @@ class Peer:
                 return
             if failure is not None and final.error is None:
                 # A middleware failed on the way out: the call fails after all.
-                text = encode(self._refused(info, call, failure, logged=True))
+                text = _encoded(self._refused(info, call, failure, logged=True))[1]
             # Outside the call's scope: once the capability has finished,
             # a late cancel cannot interrupt its one terminal result.
             await send(text)
@@ -1009,6 +1006,15 @@ class Peer:
             yield stream
         finally:
             await stream.aclose()
+
+
+def _encoded(result: Result) -> tuple[Result, str]:
+    """Encode a terminal result; one that cannot be sent becomes an error that can."""
+    try:
+        return result, encode(result)
+    except ProtocolError as exc:
+        result = Result(result.id, error=str(exc), code=INTERNAL)
+        return result, encode(result)
 
 
 class AcceptedPeer(Peer):

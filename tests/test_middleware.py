@@ -490,3 +490,41 @@ async def test_the_asgi_app_takes_middleware_and_hide_internal_errors() -> None:
     [seen] = inbound.ended
     assert (seen.capability, seen.outcome) == ("divide", "error")
     assert seen.peer.claims["sub"] == "asgi-1"
+
+
+async def test_unencodable_values_fail_only_that_call_when_observed() -> None:
+    async def returns_a_set(_: Any) -> Any:
+        return {1, 2}
+
+    async def yields_a_set(_: Any) -> AsyncIterator[Any]:
+        yield 1
+        yield {1, 2}
+
+    @asynccontextmanager
+    async def refuse_with_bad_data(call: CallInfo) -> AsyncIterator[None]:
+        if call.input == "refuse":
+            raise Failure("no", code="no", data={1, 2})
+        yield
+        if call.input == "fail after":
+            raise Failure("late", code="late", data={3})
+
+    inbound = Recorder()
+    caps = {"returns_a_set": returns_a_set, "yields_a_set": yields_a_set}
+    async with pair([inbound, refuse_with_bad_data], [], caps) as (_, client):
+        for capability, value in (
+            ("returns_a_set", None),
+            ("yields_a_set", None),
+            ("echo", "refuse"),
+            ("echo", "fail after"),
+        ):
+            with pytest.raises(RemoteError) as caught:
+                result = await client.call(capability, value)
+                if isinstance(result, astral.Stream):
+                    async for _item in result:
+                        pass
+            assert caught.value.code == "internal"
+            assert "not JSON-serializable" in caught.value.message
+        assert await client.call("echo", 1) == 1
+        await inbound.wait_ended(5)
+    # The inner middleware failing on the way out made it an error for the outer one.
+    assert [c.outcome for c in inbound.ended] == ["error", "error", "error", "error", "result"]
