@@ -23,6 +23,7 @@ from ._exceptions import CallTimeout as CallTimeout
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import ConnectionClosed as ConnectionClosed
 from ._exceptions import ConnectTimeout as ConnectTimeout
+from ._exceptions import Failure as Failure
 from ._exceptions import HandshakeError as HandshakeError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import RemoteError as RemoteError
@@ -37,6 +38,8 @@ from ._frames import Result as Result
 from ._frames import Yield as Yield
 from ._frames import decode as decode
 from ._frames import encode as encode
+from ._middleware import CallInfo as CallInfo
+from ._middleware import Middleware as Middleware
 from ._peer import AcceptedPeer as AcceptedPeer
 from ._peer import Peer as Peer
 from ._peer import Stream as Stream
@@ -54,6 +57,7 @@ __all__ = [
     "AuthenticationError",
     "Call",
     "CallError",
+    "CallInfo",
     "CallTimeout",
     "Callable",
     "Cancel",
@@ -61,9 +65,11 @@ __all__ = [
     "ConnectTimeout",
     "ConnectionClosed",
     "Credit",
+    "Failure",
     "Frame",
     "HandshakeError",
     "JWTVerifier",
+    "Middleware",
     "Peer",
     "PeerRegistry",
     "ProtocolError",

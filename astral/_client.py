@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 
+from ._logs import ClosingLog, log_connection
 from ._peer import (
     DEFAULT_MAX_BUFFERED_ITEMS,
     DEFAULT_MAX_INBOUND_CALLS,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
     from ._dispatch import Capabilities
+    from ._middleware import Middleware
 
 __all__ = ["connect"]
 
@@ -51,6 +53,14 @@ def _with_token_query(url: str, token: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+def _loggable(url: str) -> str:
+    # Never the query string in a log line: it may hold the token.
+    try:
+        return urlunsplit(urlsplit(url)._replace(query="", fragment=""))
+    except ValueError:
+        return "an invalid URL"  # open_websocket says what is wrong with it
+
+
 @asynccontextmanager
 async def connect(
     url: str,
@@ -69,6 +79,8 @@ async def connect(
     max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
     max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
     claims: Mapping[str, Any] | None = None,
+    middleware: Sequence[Middleware] = (),
+    hide_internal_errors: bool = False,
 ) -> AsyncIterator[Peer]:
     """Connect to a principal and run a peer over the WebSocket.
 
@@ -103,6 +115,11 @@ async def connect(
         max_buffered_items: Items buffered per streaming call.
         claims: Claims describing the principal, for this worker's
             capabilities to read through ``current_peer().claims``.
+        middleware: Wrap every call to and from the principal, first one outermost
+            (see :data:`astral.Middleware`).
+        hide_internal_errors: Send ``"internal error"`` instead of the
+            message of an unexpected exception in a capability here (code
+            ``"internal"`` still); the full error is logged here.
 
     Yields:
         The running :class:`astral.Peer`.
@@ -125,6 +142,44 @@ async def connect(
             url = _with_token_query(url, value)
         else:
             all_headers.append(("Authorization", f"Bearer {value}"))
+    where = _loggable(url)
+    subject = (claims or {}).get("sub")
+    with log_connection(where, subject) as closing:
+        async with _running(
+            url,
+            all_headers,
+            closing,
+            ssl=ssl,
+            open_timeout=open_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            close_timeout=close_timeout,
+            max_message_size=max_message_size,
+            capabilities=capabilities,
+            claims=claims,
+            timeout=timeout,
+            max_inbound_calls=max_inbound_calls,
+            max_buffered_items=max_buffered_items,
+            middleware=middleware,
+            hide_internal_errors=hide_internal_errors,
+        ) as peer:
+            yield peer
+
+
+@asynccontextmanager
+async def _running(
+    url: str,
+    all_headers: list[tuple[str, str]],
+    closing: ClosingLog,
+    *,
+    ssl: _ssl.SSLContext | None,
+    open_timeout: float | None,
+    ping_interval: float | None,
+    ping_timeout: float | None,
+    close_timeout: float,
+    max_message_size: int,
+    **peer_options: Any,
+) -> AsyncIterator[Peer]:
     async with (
         open_websocket(
             url,
@@ -136,21 +191,16 @@ async def connect(
             close_timeout=close_timeout,
             max_message_size=max_message_size,
         ) as websocket,
-        Peer(
-            websocket,
-            capabilities=capabilities,
-            claims=claims,
-            timeout=timeout,
-            max_inbound_calls=max_inbound_calls,
-            max_buffered_items=max_buffered_items,
-        ) as peer,
+        Peer(websocket, **peer_options) as peer,
     ):
+        closing.opened("connected to %s", peer)
         try:
             yield peer
         except BaseException as exc:
             # Say why on the wire: 1001 when the worker is going away
             # (cancelled), 1011 when the code using the peer failed.
             going_away = isinstance(exc, anyio.get_cancelled_exc_class())
+            closing.code = 1001 if going_away else 1011
             with anyio.CancelScope(shield=True):
                 await websocket.aclose(
                     1001 if going_away else 1011, "going away" if going_away else "error"

@@ -23,15 +23,20 @@ from collections.abc import Callable as _Fn
 from contextlib import aclosing
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
+from ._exceptions import Failure
 from ._frames import Call, Result, Yield
 
 __all__ = [
+    "GENERIC_MESSAGE",
+    "INTERNAL",
     "UNKNOWN_CAPABILITY",
     "Callable",
     "Capabilities",
     "Capability",
     "Dispatch",
+    "OnError",
     "error_message",
+    "error_result",
     "handle",
     "resolve",
 ]
@@ -115,7 +120,32 @@ def error_message(exc: BaseException) -> str:
     return message if message else type(exc).__name__
 
 
-async def start(invoke: _Invoke, call: Call) -> Result | AsyncIterator[Any]:
+#: The error code sent for an exception other than :class:`~astral.Failure`.
+INTERNAL = "internal"
+#: The message sent instead of an unexpected exception's own, on request.
+GENERIC_MESSAGE = "internal error"
+
+
+def error_result(call: Call, exc: Exception, *, hide_internal_errors: bool = False) -> Result:
+    """The error result for a capability that raised ``exc``.
+
+    A :class:`~astral.Failure` sends its message, code and data; anything
+    else its message (or :data:`GENERIC_MESSAGE` when hiding) and code
+    ``"internal"``.
+    """
+    if isinstance(exc, Failure):
+        return Result(call.id, error=exc.message, code=exc.code, data=exc.data)
+    message = GENERIC_MESSAGE if hide_internal_errors else error_message(exc)
+    return Result(call.id, error=message, code=INTERNAL)
+
+
+#: Turns a capability's exception into its error result (and may log it).
+OnError: TypeAlias = _Fn[[Call, Exception], Result]
+
+
+async def start(
+    invoke: _Invoke, call: Call, on_error: OnError = error_result
+) -> Result | AsyncIterator[Any]:
     """Run a capability up to its output.
 
     Returns:
@@ -132,20 +162,21 @@ async def start(invoke: _Invoke, call: Call) -> Result | AsyncIterator[Any]:
         elif not isinstance(output, AsyncIterable):
             raise TypeError(f"capability returned {type(output).__name__}, not an awaitable")
     except Exception as exc:  # noqa: BLE001 - a capability's failure becomes its error result
-        return Result(call.id, error=error_message(exc))
+        return on_error(call, exc)
     if isinstance(output, AsyncIterable):
         return aiter(output)
     return Result(call.id, output)
 
 
 async def stream(
-    call_id: str, iterator: AsyncIterator[Any]
+    call: Call, iterator: AsyncIterator[Any], on_error: OnError = error_result
 ) -> AsyncGenerator[Yield | Result, None]:
     """Drain a streaming capability: ``Yield`` frames, then exactly one ``Result``.
 
     A stream that fails part-way ends with the error result; the iterator is
     closed however this generator ends.
     """
+    call_id = call.id
     try:
         while True:
             try:
@@ -153,7 +184,7 @@ async def stream(
             except StopAsyncIteration:
                 break
             except Exception as exc:  # noqa: BLE001 - a stream failing part-way
-                yield Result(call_id, error=error_message(exc))
+                yield on_error(call, exc)
                 return
             yield Yield(call_id, item)
     finally:
@@ -173,7 +204,7 @@ async def run(invoke: _Invoke, call: Call) -> AsyncGenerator[Yield | Result, Non
     if isinstance(first, Result):
         yield first
         return
-    async with aclosing(stream(call.id, first)) as frames:
+    async with aclosing(stream(call, first)) as frames:
         async for frame in frames:
             yield frame
 

@@ -36,15 +36,17 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._deadlines import Deadlines
-from ._dispatch import start, stream
+from ._dispatch import INTERNAL, error_result, start, stream
 from ._exceptions import (
     CallTimeout,
     ConnectionClosed,
+    Failure,
     ProtocolError,
     RemoteError,
     StreamOverrun,
 )
 from ._frames import Cancel, Result, Yield, encode
+from ._middleware import CallInfo, Chain, log_refusal
 from ._protocol import (
     CANCELLED,
     CancelInbound,
@@ -58,16 +60,24 @@ from ._protocol import (
 from ._transport import CLOSED_ERRORS, Transport
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+    from collections.abc import (
+        AsyncIterator,
+        Awaitable,
+        Callable,
+        Mapping,
+        Sequence,
+    )
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from ._dispatch import Capabilities
     from ._frames import Call
+    from ._middleware import Middleware
 
 __all__ = ["Peer", "Stream", "accept", "current_peer"]
 
 logger = logging.getLogger("astral.peer")
+capability_logger = logging.getLogger("astral.capability")
 
 _current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("astral.current_peer")
 
@@ -197,14 +207,18 @@ class Stream:
         ConnectionClosed: The connection ended.
     """
 
-    __slots__ = ("_channel", "_done", "_first", "_peer", "_taken")
+    __slots__ = ("_chain", "_channel", "_done", "_first", "_peer", "_taken")
 
-    def __init__(self, peer: Peer, channel: _Channel, first: Yield | None) -> None:
+    def __init__(
+        self, peer: Peer, channel: _Channel, first: Yield | None, chain: Chain | None = None
+    ) -> None:
         self._peer = peer
         self._channel = channel
         self._first = first
         self._done = False
         self._taken = 0
+        # The middleware watching this call; left once the stream ends.
+        self._chain = chain
 
     @property
     def capability(self) -> str:
@@ -223,18 +237,34 @@ class Stream:
             raise StopAsyncIteration
         try:
             frame = await self._channel.next()
-        except BaseException:
+        except BaseException as exc:
             self._close()
+            if self._chain is not None:
+                await self._leave(exc)
             raise
         if isinstance(frame, Yield):
             self._took()
             return frame.output
         self._close()
         if frame.error is not None:
-            raise RemoteError(frame.error)
+            error = RemoteError(frame.error, code=frame.code, data=frame.data)
+            if self._chain is not None:
+                await self._leave(error)
+            raise error
         if frame.output is None:
+            if self._chain is not None:
+                await self._leave(None)
             raise StopAsyncIteration
+        if self._chain is not None:
+            await self._leave(None)
         return frame.output
+
+    async def _leave(self, error: BaseException | None, outcome: str | None = None) -> None:
+        chain, self._chain = self._chain, None
+        assert chain is not None
+        failure = await self._peer._leave_outbound(chain, error, outcome)
+        if failure is not None and error is None and outcome is None:
+            raise failure
 
     def __del__(self) -> None:
         # A stream dropped without aclose() must not leave the remote waiting
@@ -247,6 +277,8 @@ class Stream:
                 pass
 
     def _took(self) -> None:
+        if self._chain is not None:
+            self._chain.info.items += 1
         # Flow control: hand the remote credit for half a window at a time,
         # so it never waits while this consumer keeps up.
         self._taken += 1
@@ -262,9 +294,11 @@ class Stream:
     async def aclose(self) -> None:
         """Stop the stream; if it is still running, the remote is told to stop.
 
-        Never raises and never blocks.
+        Never raises. Blocks only while middleware record how the call ended.
         """
         self._close()
+        if self._chain is not None:
+            await self._leave(None, "cancelled")
 
     async def __aenter__(self) -> Self:
         return self
@@ -275,7 +309,7 @@ class Stream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._close()
+        await self.aclose()
 
 
 class Peer:
@@ -300,6 +334,12 @@ class Peer:
             more is refused with ``"too many concurrent calls"``.
         max_buffered_items: Items buffered per streaming call before the
             consumer counts as overrun (see :class:`astral.StreamOverrun`).
+        middleware: Wrap every call in both directions, first one
+            outermost (see :data:`astral.Middleware`).
+        hide_internal_errors: Send ``"internal error"`` instead of the
+            message of a capability's unexpected exception (anything but
+            :class:`astral.Failure`); the code stays ``"internal"``, and the
+            full error is still logged here.
 
     Raises:
         TypeError: If a capability is not async.
@@ -315,6 +355,8 @@ class Peer:
         timeout: float | None = DEFAULT_TIMEOUT,
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+        middleware: Sequence[Middleware] = (),
+        hide_internal_errors: bool = False,
     ) -> None:
         check_limits(timeout, max_inbound_calls, max_buffered_items)
         self._transport = transport
@@ -322,6 +364,11 @@ class Peer:
             capabilities, _Inbound, max_inbound_calls=max_inbound_calls
         )
         self._claims: Mapping[str, Any] = MappingProxyType(dict(claims or {}))
+        self._middleware = tuple(middleware)
+        self._hide_internal_errors = hide_internal_errors
+        sub = self._claims.get("sub")
+        # Who the remote is, in log lines: never the token, only its subject.
+        self._state.remote = f"subject {sub!r:.80}" if isinstance(sub, str) else "the remote peer"
         self._timeout = timeout
         self._max_inbound = max_inbound_calls
         self._max_buffered = max_buffered_items
@@ -580,16 +627,47 @@ class Peer:
             assert self._tasks is not None
             self._tasks.start_soon(self._worker)
 
+    def _on_error(self, call: Call, exc: Exception) -> Result:
+        """Log a capability's failure here, and make its error result."""
+        extra = {
+            "astral_capability": call.capability,
+            "astral_call_id": call.id,
+            "astral_remote": self._state.remote,
+        }
+        if isinstance(exc, Failure):
+            capability_logger.debug(
+                "capability %r failed on purpose (call %.60r from %s): code %r",
+                call.capability,
+                call.id,
+                self._state.remote,
+                exc.code,
+                extra=extra,
+            )
+        else:
+            capability_logger.error(
+                "capability %r raised %s (call %.60r from %s)",
+                call.capability,
+                type(exc).__name__,
+                call.id,
+                self._state.remote,
+                exc_info=exc,
+                extra=extra,
+            )
+        return error_result(call, exc, hide_internal_errors=self._hide_internal_errors)
+
     async def _serve(self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound) -> None:
+        if self._middleware:
+            await self._serve_observed(call, invoke, handle)
+            return
         state, send = self._state, self._transport.send
         final: str | None = None
         try:
             with handle.scope:
-                first = await start(invoke, call)
+                first = await start(invoke, call, self._on_error)
                 if isinstance(first, Result):
                     final = state.reply(first)[0]
                 else:
-                    async with aclosing(stream(call.id, first)) as frames:
+                    async with aclosing(stream(call, first, self._on_error)) as frames:
                         async for frame in frames:
                             text, ended = state.reply(frame)
                             if ended:
@@ -608,17 +686,106 @@ class Peer:
         finally:
             state.finished(call.id, handle)
 
+    async def _serve_observed(
+        self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound
+    ) -> None:
+        """:meth:`_serve` inside the middleware chain (kept apart: the plain path is hot)."""
+        send = self._transport.send
+        info = CallInfo(
+            "inbound", call.capability, call.id, peer=self, input=call.input, trace=call.trace
+        )
+        chain = Chain(self._middleware, info)
+        final: Result | None = None
+
+        def on_error(call: Call, exc: Exception) -> Result:
+            info.end("error", error=exc)
+            return self._on_error(call, exc)
+
+        try:
+            try:
+                with handle.scope:
+                    refused = await chain.enter()
+                    if refused is not None:
+                        info.end("error", error=refused)
+                        final = self._refused(info, call, refused)
+                    else:
+                        first = await start(invoke, call, on_error)
+                        if isinstance(first, Result):
+                            final = first
+                        else:
+                            info.streaming = True
+                            async with aclosing(stream(call, first, on_error)) as frames:
+                                async for frame in frames:
+                                    if type(frame) is Result:
+                                        final = frame
+                                        break
+                                    try:
+                                        text = encode(frame)
+                                    except ProtocolError as exc:
+                                        info.end("error", error=exc)
+                                        final = Result(call.id, error=str(exc), code=INTERNAL)
+                                        break
+                                    await handle.spend()
+                                    await send(text)
+                                    info.items += 1
+                if final is None and handle.by_remote:
+                    final = Result(call.id, error=CANCELLED)
+                    info.end("cancelled")
+                if final is not None:
+                    final, text = _encoded(final)
+                    if final.error is None:
+                        info.end("result", output=final.output)
+                    else:
+                        info.end("error", error=ProtocolError(final.error))
+            finally:
+                # Cancelled by the connection's end when nothing was decided.
+                failure = await chain.leave()
+            if final is None:
+                return
+            if failure is not None and final.error is None:
+                # A middleware failed on the way out: the call fails after all.
+                text = _encoded(self._refused(info, call, failure, logged=True))[1]
+            # Outside the call's scope: once the capability has finished,
+            # a late cancel cannot interrupt its one terminal result.
+            await send(text)
+        except CLOSED_ERRORS:
+            pass  # the connection ended; the reader shuts the peer down
+        finally:
+            self._state.finished(call.id, handle)
+
+    def _refused(
+        self, info: CallInfo, call: Call, exc: Exception, *, logged: bool = False
+    ) -> Result:
+        """The error result for a middleware that refused a call or failed."""
+        if not logged:
+            log_refusal(info, exc)
+        return error_result(call, exc, hide_internal_errors=self._hide_internal_errors)
+
     # -- calls we make -------------------------------------------------------
 
     async def _open(
-        self, capability: str, input: Any, timeout: float | EllipsisType | None
+        self,
+        capability: str,
+        input: Any,
+        timeout: float | EllipsisType | None,
+        info: CallInfo | None = None,
     ) -> _Channel:
         self._check_open()
         channel = _Channel(capability, self._max_buffered)
         try:
-            channel.call_id, text = self._state.start_call(
-                capability, input, channel, self._max_buffered
-            )
+            if info is None:
+                channel.call_id, text = self._state.start_call(
+                    capability, input, channel, self._max_buffered
+                )
+            else:
+                channel.call_id, text = self._state.start_call(
+                    capability,
+                    input,
+                    channel,
+                    self._max_buffered,
+                    trace=info.trace,
+                    call_id=info.call_id,
+                )
             self._arm(channel, timeout)
         except ProtocolError:
             channel.send.close()  # nothing was registered or sent
@@ -711,6 +878,8 @@ class Peer:
             ConnectionClosed: The connection ended before the answer.
             ProtocolError: ``input`` cannot be sent as JSON.
         """
+        if self._middleware:
+            return await self._call_observed(capability, input, timeout)
         channel = await self._open(capability, input, timeout)
         try:
             frame = await channel.next()
@@ -721,7 +890,67 @@ class Peer:
             return Stream(self, channel, frame)
         channel.receive.close()
         if frame.error is not None:
-            raise RemoteError(frame.error)
+            raise RemoteError(frame.error, code=frame.code, data=frame.data)
+        return frame.output
+
+    async def _enter_outbound(self, capability: str, input: Any) -> Chain:
+        """Run the middleware's entry for a call we are about to send."""
+        self._check_open()
+        info = CallInfo("outbound", capability, self._state.next_id(), peer=self, input=input)
+        chain = Chain(self._middleware, info)
+        try:
+            refused = await chain.enter()
+        except BaseException as exc:
+            await self._leave_outbound(chain, exc)
+            raise
+        if refused is not None:
+            log_refusal(info, refused)
+            await self._leave_outbound(chain, refused)
+            raise refused
+        return chain
+
+    async def _leave_outbound(
+        self, chain: Chain, error: BaseException | None, outcome: str | None = None
+    ) -> Exception | None:
+        """Record how an outbound call ended and leave its middleware."""
+        info = chain.info
+        if outcome == "cancelled" or isinstance(error, anyio.get_cancelled_exc_class()):
+            info.end("cancelled")
+        elif error is not None:
+            info.end("error", error=error)
+        else:
+            info.end("result", output=info.output)
+        return await chain.leave()
+
+    async def _call_observed(
+        self, capability: str, input: Any, timeout: float | EllipsisType | None
+    ) -> Any:
+        chain = await self._enter_outbound(capability, input)
+        info = chain.info
+        try:
+            channel = await self._open(capability, input, timeout, info)
+            try:
+                frame = await channel.next()
+            except BaseException:
+                self._abandon(channel)
+                raise
+        except BaseException as exc:
+            await self._leave_outbound(chain, exc)
+            raise
+        if isinstance(frame, Yield):
+            info.streaming = True
+            return Stream(self, channel, frame, chain)
+        channel.receive.close()
+        error = None
+        if frame.error is not None:
+            error = RemoteError(frame.error, code=frame.code, data=frame.data)
+        else:
+            info.output = frame.output
+        failure = await self._leave_outbound(chain, error)
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise failure
         return frame.output
 
     @asynccontextmanager
@@ -757,12 +986,35 @@ class Peer:
             ConnectionClosed: The connection is closed.
             ProtocolError: ``input`` cannot be sent as JSON.
         """
-        channel = await self._open(capability, input, timeout)
-        stream = Stream(self, channel, None)
+        if not self._middleware:
+            channel = await self._open(capability, input, timeout)
+            stream = Stream(self, channel, None)
+            try:
+                yield stream
+            finally:
+                stream._close()
+            return
+        chain = await self._enter_outbound(capability, input)
+        chain.info.streaming = True
+        try:
+            channel = await self._open(capability, input, timeout, chain.info)
+        except BaseException as exc:
+            await self._leave_outbound(chain, exc)
+            raise
+        stream = Stream(self, channel, None, chain)
         try:
             yield stream
         finally:
-            stream._close()
+            await stream.aclose()
+
+
+def _encoded(result: Result) -> tuple[Result, str]:
+    """Encode a terminal result; one that cannot be sent becomes an error that can."""
+    try:
+        return result, encode(result)
+    except ProtocolError as exc:
+        result = Result(result.id, error=str(exc), code=INTERNAL)
+        return result, encode(result)
 
 
 class AcceptedPeer(Peer):
@@ -837,7 +1089,8 @@ async def accept(
         claims: The remote's verified token claims.
         input_buffer: Messages buffered between ``receive`` and the reader.
         **options: Passed on to :class:`Peer` (``timeout``,
-            ``max_inbound_calls``, ``max_buffered_items``).
+            ``max_inbound_calls``, ``max_buffered_items``, ``middleware``,
+            ``hide_internal_errors``).
 
     Yields:
         The running peer.

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._exceptions import ConnectionClosed
+from ._logs import ClosingLog, log_connection
 from ._peer import Peer
 
 if TYPE_CHECKING:
@@ -127,7 +128,36 @@ async def host_worker(
     sub = claims.get("sub")
     # Connections whose token has no string subject are served, not listed.
     subject = sub if isinstance(sub, str) and registry is not None else None
+    with log_connection(where, sub) as closing:
+        await _host(
+            transport,
+            close,
+            claims,
+            closing,
+            capabilities=capabilities,
+            registry=registry,
+            on_connect=on_connect,
+            where=where,
+            subject=subject,
+            **peer_options,
+        )
+
+
+async def _host(
+    transport: Transport,
+    close: Callable[[int, str], Awaitable[None]],
+    claims: Mapping[str, Any],
+    closing: ClosingLog,
+    *,
+    capabilities: Capabilities | None,
+    registry: PeerRegistry | None,
+    on_connect: Callable[[Peer], Awaitable[None]] | None,
+    where: str,
+    subject: str | None,
+    **peer_options: Any,
+) -> None:
     async with Peer(transport, capabilities=capabilities, claims=claims, **peer_options) as peer:
+        closing.opened("accepted connection from %s", peer)
         if subject is not None:
             assert registry is not None
             registry._add(subject, peer)
@@ -139,11 +169,13 @@ async def host_worker(
                     pass  # the worker left while on_connect talked to it
                 except Exception:
                     logger.exception("on_connect failed for %s; closing that connection", where)
+                    closing.code = 1011
                     await close(1011, "internal error")
                     return
             await peer.wait_closed()
         except anyio.get_cancelled_exc_class():
             # The server is shutting down: say so before the peer tears down.
+            closing.code = 1001
             with anyio.CancelScope(shield=True):
                 await close(1001, "server shutting down")
             raise

@@ -16,8 +16,9 @@ the calls it makes, so the two directions never share an id space:
   handed to the driver; the driver reports the end with :meth:`finished`.
 
 :meth:`PeerState.receive` turns one text message into at most one event for
-the driver, and never raises: bad input is logged once at debug level and
-dropped, or answered, as the table in ``docs/protocol.md`` says. Frames go
+the driver, and never raises: bad input is dropped, or answered, as the
+table in ``docs/protocol.md`` says; protocol violations are logged at WARNING
+on ``astral.protocol``, rate-limited, and the rest at DEBUG. Frames go
 out through :meth:`start_call`, :meth:`abandon` and :meth:`reply`.
 
 This module does no I/O and knows no event loop.
@@ -30,12 +31,13 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._dispatch import UNKNOWN_CAPABILITY, resolve
+from ._dispatch import INTERNAL, UNKNOWN_CAPABILITY, resolve
 from ._exceptions import ProtocolError
 from ._frames import Call, Cancel, Credit, Result, Yield, decode, encode
+from ._logs import protocol_warnings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
 __all__ = [
     "CancelInbound",
@@ -126,6 +128,8 @@ class PeerState(Generic[Out, In]):
         self._new_inbound = new_inbound
         self._max_inbound = max_inbound_calls
         self._ids = itertools.count(1)
+        #: Who the remote is, for log lines (set by the driver).
+        self.remote = "the remote peer"
         self.outbound: dict[str, Out] = {}
         self.inbound: dict[str, In] = {}
 
@@ -137,6 +141,9 @@ class PeerState(Generic[Out, In]):
         input: Any,
         handle: Out,
         window: int | None = None,
+        *,
+        trace: Mapping[str, str] | None = None,
+        call_id: str | None = None,
     ) -> tuple[str, str]:
         """Register an outbound call; return its id and its ``call`` frame.
 
@@ -145,14 +152,21 @@ class PeerState(Generic[Out, In]):
             input: The input value.
             handle: What the driver wants delivered with this call's frames.
             window: Items the callee may stream before it needs credit.
+            trace: Trace context to carry in the frame.
+            call_id: An id taken earlier from :meth:`next_id`, else a new one.
 
         Raises:
             ProtocolError: If ``input`` cannot be encoded (nothing is registered).
         """
-        call_id = str(next(self._ids))
-        text = encode(Call(call_id, capability, input, window))
+        if call_id is None:
+            call_id = str(next(self._ids))
+        text = encode(Call(call_id, capability, input, window, trace))
         self.outbound[call_id] = handle
         return call_id, text
+
+    def next_id(self) -> str:
+        """Reserve the id of an outbound call before starting it."""
+        return str(next(self._ids))
 
     def abandon(self, call_id: str) -> str | None:
         """Stop waiting for an outbound call.
@@ -175,7 +189,7 @@ class PeerState(Generic[Out, In]):
         try:
             return encode(frame), type(frame) is Result
         except ProtocolError as exc:
-            return encode(Result(frame.id, error=str(exc))), True
+            return encode(Result(frame.id, error=str(exc), code=INTERNAL)), True
 
     def credit(self, call_id: str, n: int) -> str | None:
         """The consumer of an outbound stream took ``n`` items.
@@ -247,17 +261,27 @@ class PeerState(Generic[Out, In]):
         if exc.frame_id is not None and exc.frame_type in ("yield", "result"):
             handle = self.outbound.pop(exc.frame_id, None)
             if handle is not None:
-                logger.debug("malformed %s for call %r: %s", exc.frame_type, exc.frame_id, exc)
+                protocol_warnings.warning(
+                    "malformed %s for call %.60r from %s: %s",
+                    exc.frame_type,
+                    exc.frame_id,
+                    self.remote,
+                    exc,
+                )
                 return Fail(handle, exc)
         elif exc.frame_id is not None and exc.frame_type == "call":
-            logger.debug("refused malformed call %r: %s", exc.frame_id, exc)
+            protocol_warnings.warning(
+                "refused malformed call %.60r from %s: %s", exc.frame_id, self.remote, exc
+            )
             return Reply(encode(Result(exc.frame_id, error=f"malformed call: {exc}")))
-        logger.debug("ignored malformed frame: %s", exc)
+        protocol_warnings.warning("ignored malformed frame from %s: %s", self.remote, exc)
         return None
 
     def _receive_call(self, call: Call) -> StartInbound[In] | Reply:
         if call.id in self.inbound:
-            logger.debug("refused call %r: id already running", call.id)
+            protocol_warnings.warning(
+                "refused call %.60r from %s: id already running", call.id, self.remote
+            )
             return Reply(encode(Result(call.id, error=DUPLICATE_ID)))
         invoke = self._capabilities.get(call.capability)
         if invoke is None:

@@ -31,9 +31,10 @@ from ._websocket import HandshakeRequest, Rejection, WebSocketConnection, serve_
 
 if TYPE_CHECKING:
     import ssl as _ssl
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from ._dispatch import Capabilities
+    from ._middleware import Middleware
 
 __all__ = ["serve"]
 
@@ -70,6 +71,8 @@ async def serve(
     max_header_size: int = 128 * 1024,
     max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
     max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+    middleware: Sequence[Middleware] = (),
+    hide_internal_errors: bool = False,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a principal until cancelled.
@@ -106,6 +109,11 @@ async def serve(
         max_header_size: Largest upgrade request head, in bytes (431).
         max_inbound_calls: Calls one worker may have running here at once.
         max_buffered_items: Items buffered per streaming call.
+        middleware: Wrap every call to and from each worker, first one outermost
+            (see :data:`astral.Middleware`).
+        hide_internal_errors: Send ``"internal error"`` instead of the
+            message of an unexpected exception in a capability here (code
+            ``"internal"`` still); the full error is logged here.
         task_status: Receives the bound port (see ``TaskGroup.start``).
 
     Raises:
@@ -140,6 +148,8 @@ async def serve(
             timeout=timeout,
             max_inbound_calls=max_inbound_calls,
             max_buffered_items=max_buffered_items,
+            middleware=middleware,
+            hide_internal_errors=hide_internal_errors,
         )
 
     await serve_websocket(

@@ -62,7 +62,10 @@ from ._peer import (
 from ._principal import host_worker, token_from
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ._dispatch import Capabilities
+    from ._middleware import Middleware
     from ._principal import PeerRegistry
 
 __all__ = ["App"]
@@ -115,6 +118,11 @@ class App:
             our ``websocket.close`` message.
         max_inbound_calls: Calls one worker may have running here at once.
         max_buffered_items: Items buffered per streaming call.
+        middleware: Wrap every call to and from each worker, first one outermost
+            (see :data:`astral.Middleware`).
+        hide_internal_errors: Send ``"internal error"`` instead of the
+            message of an unexpected exception in a capability here (code
+            ``"internal"`` still); the full error is logged here.
 
     Raises:
         TypeError: A capability is not async.
@@ -132,6 +140,8 @@ class App:
         close_timeout: float = 10.0,
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+        middleware: Sequence[Middleware] = (),
+        hide_internal_errors: bool = False,
     ) -> None:
         # Fail now, not at the first connection, on a sync capability or a bad limit.
         resolve(capabilities)
@@ -145,6 +155,8 @@ class App:
         self._close_timeout = close_timeout
         self._max_inbound_calls = max_inbound_calls
         self._max_buffered_items = max_buffered_items
+        self._middleware = tuple(middleware)
+        self._hide_internal_errors = hide_internal_errors
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
         """Serve one ASGI connection.
@@ -197,6 +209,8 @@ class App:
             timeout=self._timeout,
             max_inbound_calls=self._max_inbound_calls,
             max_buffered_items=self._max_buffered_items,
+            middleware=self._middleware,
+            hide_internal_errors=self._hide_internal_errors,
         )
 
 

@@ -158,7 +158,7 @@ async def open_peer(
         close_timeout: Longest wait, in seconds, for the closing handshake.
         **peer_options: Passed on to :class:`astral.Peer` (``capabilities``,
             ``claims``, ``timeout``, ``max_inbound_calls``,
-            ``max_buffered_items``).
+            ``max_buffered_items``, ``middleware``, ``hide_internal_errors``).
 
     Yields:
         The running :class:`astral.Peer`.
