@@ -55,7 +55,7 @@ from ._protocol import (
     Reply,
     StartInbound,
 )
-from ._transport import CLOSED_ERRORS, Transport
+from ._transport import CLOSED_ERRORS, Transport, close_transport
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -87,6 +87,26 @@ def check_limits(timeout: float | None, max_inbound_calls: int, max_buffered_ite
         raise ValueError("timeout must be a positive number of seconds, or None")
     if max_inbound_calls < 1 or max_buffered_items < 1:
         raise ValueError("max_inbound_calls and max_buffered_items must be at least 1")
+
+
+#: Close codes :meth:`Peer.aclose` accepts besides 3000-4999 (RFC 6455 7.4).
+_CLOSE_CODES = frozenset({1000, 1001})
+_MAX_REASON_BYTES = 123
+
+
+def check_close(code: int, reason: str) -> None:
+    """Refuse a close code an application may not send, or a reason too long.
+
+    Raises:
+        ValueError: ``code`` is not 1000, 1001 or 3000-4999, or ``reason``
+            is longer than 123 bytes of UTF-8.
+    """
+    if isinstance(code, bool) or not isinstance(code, int):
+        raise ValueError(f"close code must be an int, not {type(code).__name__}")
+    if code not in _CLOSE_CODES and not 3000 <= code <= 4999:
+        raise ValueError(f"close code must be 1000, 1001 or 3000-4999, not {code}")
+    if len(reason.encode("utf-8", "surrogatepass")) > _MAX_REASON_BYTES:
+        raise ValueError(f"close reason must be at most {_MAX_REASON_BYTES} bytes of UTF-8")
 
 
 def current_peer() -> Peer:
@@ -328,6 +348,7 @@ class Peer:
         self._credit_batch = max(1, max_buffered_items // 2)
         self._control_send, self._control_receive = anyio.create_memory_object_stream[str](math.inf)
         self._close_error: ConnectionClosed | None = None
+        self._close_with = (1000, "")  # the close code and reason the transport gets
         # The inbound calls waiting for a worker; bounded by max_inbound_calls.
         self._work_send, self._work_receive = anyio.create_memory_object_stream[
             tuple["Call", "Callable[[Any], Any]", _Inbound]
@@ -397,28 +418,42 @@ class Peer:
             try:
                 # However the peer stopped (the remote left, a flood was cut
                 # off, aclose), the transport goes too, so the remote learns it.
-                await self._close_transport()
+                await self._close_transport(*self._close_with)
             finally:
                 self._stopped.set()
 
-    async def aclose(self) -> None:
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Close the connection and end every task of this peer. Idempotent.
 
         Pending calls and open streams fail with :class:`ConnectionClosed`;
         running inbound calls are cancelled. Called from inside one of this
-        peer's capabilities, it cancels that capability too.
+        peer's capabilities, it cancels that capability too. The remote's
+        pending calls fail with a :class:`ConnectionClosed` carrying ``code``
+        and ``reason`` (over a WebSocket; in-memory transports carry no code).
+        Only the first close counts.
+
+        Args:
+            code: The WebSocket close code: 1000 (normal), 1001 (going away)
+                or an application code from 3000 to 4999.
+            reason: A short reason, at most 123 bytes of UTF-8.
+
+        Raises:
+            ValueError: ``code`` is not one of those, or ``reason`` is too long.
         """
-        self._shutdown(ConnectionClosed("connection closed by this peer", code=1000))
-        await self._close_transport()
+        check_close(code, reason)
+        if self._close_error is None:
+            self._close_with = (code, reason)
+        self._shutdown(ConnectionClosed(reason or "connection closed by this peer", code=code))
+        await self._close_transport(*self._close_with)
         if self._tasks is not None:
             self._tasks.cancel_scope.cancel()
             # Only a peer whose tasks started will ever be stopped.
             await self._stopped.wait()
 
-    async def _close_transport(self) -> None:
+    async def _close_transport(self, code: int = 1000, reason: str = "") -> None:
         with anyio.CancelScope(shield=True):
             try:
-                await self._transport.aclose()
+                await close_transport(self._transport, code, reason)
             except Exception:
                 logger.debug("transport raised while closing", exc_info=True)
 

@@ -11,13 +11,14 @@ End of input is signalled by :meth:`Transport.receive` raising one of
 
 from __future__ import annotations
 
+import inspect
 from typing import Protocol, runtime_checkable
 
 import anyio
 
 from ._exceptions import ConnectionClosed
 
-__all__ = ["CLOSED_ERRORS", "Transport"]
+__all__ = ["CLOSED_ERRORS", "Transport", "close_transport"]
 
 
 @runtime_checkable
@@ -45,8 +46,12 @@ class Transport(Protocol):
         """
         ...
 
-    async def aclose(self) -> None:
-        """Close the transport. Idempotent."""
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the transport, telling the remote ``code`` and ``reason``. Idempotent.
+
+        Transports that carry no close code (AnyIO's object streams) may take
+        no arguments: astral then calls ``aclose()`` alone.
+        """
 
 
 #: Exceptions from a transport that mean "this connection is over".
@@ -56,3 +61,27 @@ CLOSED_ERRORS: tuple[type[BaseException], ...] = (
     anyio.ClosedResourceError,
     anyio.BrokenResourceError,
 )
+
+
+def _takes_code(aclose: object) -> bool:
+    try:
+        parameters = inspect.signature(aclose).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+        for p in parameters
+    )
+
+
+async def close_transport(transport: Transport, code: int = 1000, reason: str = "") -> None:
+    """Close ``transport`` with ``code`` and ``reason`` if its ``aclose`` takes them.
+
+    AnyIO's object streams (and older transports) have ``aclose()`` with no
+    arguments: they are closed without a code.
+    """
+    aclose = transport.aclose
+    if _takes_code(aclose):
+        await aclose(code, reason)
+    else:
+        await aclose()  # type: ignore[call-arg]
