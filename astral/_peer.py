@@ -349,6 +349,7 @@ class Peer:
         self._control_send, self._control_receive = anyio.create_memory_object_stream[str](math.inf)
         self._close_error: ConnectionClosed | None = None
         self._close_with = (1000, "")  # the close code and reason the transport gets
+        self._idle: anyio.Event | None = None  # set once a drain has no call left
         # The inbound calls waiting for a worker; bounded by max_inbound_calls.
         self._work_send, self._work_receive = anyio.create_memory_object_stream[
             tuple["Call", "Callable[[Any], Any]", _Inbound]
@@ -450,6 +451,52 @@ class Peer:
             # Only a peer whose tasks started will ever be stopped.
             await self._stopped.wait()
 
+    async def drain(self, grace: float, *, code: int = 1001, reason: str = "going away") -> None:
+        """Leave gracefully: finish the calls in flight, then close.
+
+        New calls are refused at once, both ways: the remote's get an error
+        result ``"shutting down"`` (:class:`RemoteError` there), this peer's
+        raise :class:`ConnectionClosed` ``"shutting down"``. Calls already
+        running here, and calls this peer is waiting on, get up to ``grace``
+        seconds to finish; then the connection closes (see :meth:`aclose`)
+        and whatever is left is cancelled or fails.
+
+        Args:
+            grace: Longest wait for the calls in flight, in seconds.
+            code: The close code (1000, 1001 or 3000-4999).
+            reason: The close reason.
+
+        Raises:
+            ValueError: ``grace`` is negative, or ``code`` or ``reason`` is
+                refused as by :meth:`aclose`.
+        """
+        check_close(code, reason)
+        if not grace >= 0:
+            raise ValueError("grace must not be negative")
+        if self._close_error is None and self._tasks is not None:
+            self._state.draining = True
+            if self._idle is None:
+                self._idle = anyio.Event()
+            self._check_idle()
+            with anyio.move_on_after(grace):
+                await self._idle.wait()
+        await self.aclose(code, reason)
+
+    def _check_idle(self) -> None:
+        idle = self._idle
+        if idle is not None and not self._state.inbound and not self._state.outbound:
+            idle.set()
+
+    def _close_after(self, delay: float, code: int, reason: str) -> None:
+        """Close the connection with ``code`` once ``delay`` seconds have passed."""
+        assert self._tasks is not None
+        self._tasks.start_soon(self._close_later, delay, code, reason)
+
+    async def _close_later(self, delay: float, code: int, reason: str) -> None:
+        await anyio.sleep(delay)
+        logger.info("closing the connection: %s", reason)
+        await self.aclose(code, reason)
+
     async def _close_transport(self, code: int = 1000, reason: str = "") -> None:
         with anyio.CancelScope(shield=True):
             try:
@@ -494,11 +541,15 @@ class Peer:
         self._work_send.close()
         self._work_receive.close()
         self._timer_wake.set()  # the timer loop ends too
+        if self._idle is not None:
+            self._idle.set()  # a drain has nothing left to wait for
         self._closed.set()
 
     def _check_open(self) -> None:
         if self._close_error is not None:
             raise self._close_error
+        if self._state.draining:
+            raise ConnectionClosed("shutting down")
         if self._tasks is None:
             raise RuntimeError("use the Peer inside 'async with' before calling")
 
@@ -516,6 +567,8 @@ class Peer:
                         # can outrun a consumer that never got scheduled:
                         # let it run before the buffer overruns.
                         await anyio.lowlevel.checkpoint()
+                    elif self._idle is not None:
+                        self._check_idle()  # draining: that may have been the last call
                 elif isinstance(event, StartInbound):
                     self._start_inbound(event.call, event.invoke, event.handle)
                 elif isinstance(event, CreditInbound):
@@ -527,6 +580,8 @@ class Peer:
                     self._queue_reply(event.text)
                 elif isinstance(event, Fail):
                     event.handle.fail(event.error)
+                    if self._idle is not None:
+                        self._check_idle()
                     if event.error.frame_type == "yield":
                         # A result ends the call remotely; a yield means the
                         # stream still runs there: stop it.
@@ -642,6 +697,8 @@ class Peer:
             pass  # the connection ended; the reader shuts the peer down
         finally:
             state.finished(call.id, handle)
+            if self._idle is not None:
+                self._check_idle()
 
     # -- calls we make -------------------------------------------------------
 
@@ -685,6 +742,8 @@ class Peer:
         text = self._state.abandon(channel.call_id)
         if text is not None:
             self._send_control(text)
+        if self._idle is not None:
+            self._check_idle()
 
     def _abandon(self, channel: _Channel) -> None:
         # The consumer has gone: also drop whatever is buffered.

@@ -56,6 +56,7 @@ In = TypeVar("In")
 CANCELLED = "cancelled"
 DUPLICATE_ID = "duplicate call id"
 TOO_MANY_CALLS = "too many concurrent calls"
+SHUTTING_DOWN = "shutting down"
 
 
 @dataclass(slots=True)
@@ -128,6 +129,9 @@ class PeerState(Generic[Out, In]):
         self._ids = itertools.count(1)
         self.outbound: dict[str, Out] = {}
         self.inbound: dict[str, In] = {}
+        #: Set while the connection drains: new calls are refused with
+        #: ``"shutting down"``, calls in flight go on.
+        self.draining = False
 
     # -- frames we send ----------------------------------------------------
 
@@ -259,6 +263,9 @@ class PeerState(Generic[Out, In]):
         if call.id in self.inbound:
             logger.debug("refused call %r: id already running", call.id)
             return Reply(encode(Result(call.id, error=DUPLICATE_ID)))
+        if self.draining:
+            logger.debug("refused call %r: shutting down", call.id)
+            return Reply(encode(Result(call.id, error=SHUTTING_DOWN)))
         invoke = self._capabilities.get(call.capability)
         if invoke is None:
             logger.debug("refused call %r: unknown capability %.60r", call.id, call.capability)

@@ -338,6 +338,15 @@ async def serve_websocket(
 
 
 async def _accept_loop(listener: SocketListener, tg: TaskGroup, server: _Server) -> None:
+    try:
+        await _accept_until_cancelled(listener, tg, server)
+    finally:
+        # Stopping: refuse new connections now, while the open ones drain.
+        with anyio.CancelScope(shield=True):
+            await listener.aclose()
+
+
+async def _accept_until_cancelled(listener: SocketListener, tg: TaskGroup, server: _Server) -> None:
     while True:
         try:
             stream = await listener.accept()

@@ -59,7 +59,7 @@ from ._peer import (
     Peer,
     check_limits,
 )
-from ._principal import host_worker, token_from
+from ._principal import expiry_leeway, host_worker, token_from
 
 if TYPE_CHECKING:
     from ._dispatch import Capabilities
@@ -115,9 +115,17 @@ class App:
             our ``websocket.close`` message.
         max_inbound_calls: Calls one worker may have running here at once.
         max_buffered_items: Items buffered per streaming call.
+        grace: Seconds calls in flight may take to finish on shutdown
+            (``lifespan.shutdown``, or the server cancelling the application)
+            before the connection closes with 1001; new calls are refused
+            with ``"shutting down"`` meanwhile. ``0`` cancels them at once.
+        close_on_token_expiry: Close each connection (4401 ``"token
+            expired"``) when its token's ``exp`` passes, after the leeway of a
+            :class:`astral.JWTVerifier` (none for other verifiers).
 
     Raises:
         TypeError: A capability is not async.
+        ValueError: A limit is not positive, or ``grace`` is negative.
     """
 
     def __init__(
@@ -132,10 +140,17 @@ class App:
         close_timeout: float = 10.0,
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+        grace: float = 5.0,
+        close_on_token_expiry: bool = True,
     ) -> None:
         # Fail now, not at the first connection, on a sync capability or a bad limit.
         resolve(capabilities)
         check_limits(timeout, max_inbound_calls, max_buffered_items)
+        if not grace >= 0:
+            raise ValueError("grace must not be negative")
+        self._grace = grace
+        self._expiry_leeway = expiry_leeway(verifier, close_on_token_expiry)
+        self._hosted: set[Peer] = set()
         self._verifier = verifier
         self._capabilities = capabilities
         self._registry = registry
@@ -167,7 +182,7 @@ class App:
             )
             await send({"type": "http.response.body", "body": body})
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await self._lifespan(receive, send)
         else:
             raise ValueError(f"unsupported ASGI scope type {kind!r}")
 
@@ -194,10 +209,40 @@ class App:
             registry=self._registry,
             on_connect=self._on_connect,
             where=_address(scope),
+            grace=self._grace,
+            expiry_leeway=self._expiry_leeway,
+            hosted=self._hosted,
             timeout=self._timeout,
             max_inbound_calls=self._max_inbound_calls,
             max_buffered_items=self._max_buffered_items,
         )
+
+
+    async def _lifespan(self, receive: _Receive, send: _Send) -> None:
+        while True:
+            kind = (await receive())["type"]
+            if kind == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif kind == "lifespan.shutdown":
+                await self.drain()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def drain(self) -> None:
+        """Drain every connection at once and close each with 1001.
+
+        Done on ``lifespan.shutdown``; call it yourself when your server
+        sends that only after closing the WebSockets (uvicorn does). New calls
+        are refused with ``"shutting down"``, calls in flight get ``grace``
+        seconds to finish.
+        """
+        async with anyio.create_task_group() as tg:
+            for peer in list(self._hosted):
+                tg.start_soon(_drain, peer, self._grace)
+
+
+async def _drain(peer: Peer, grace: float) -> None:
+    await peer.drain(grace, code=1001, reason="server shutting down")
 
 
 class _ASGITransport:
@@ -294,14 +339,6 @@ class _ASGITransport:
                     pass  # gone already: nothing left to close
 
 
-async def _lifespan(receive: _Receive, send: _Send) -> None:
-    while True:
-        kind = (await receive())["type"]
-        if kind == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif kind == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 async def _deny(

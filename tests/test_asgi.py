@@ -84,6 +84,7 @@ class Principal:
             registry=self.registry,
             on_connect=self.on_connect,
             path=PATH,
+            grace=0.0,  # shutdown cancels at once here; tests/test_drain.py drains
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
