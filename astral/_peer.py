@@ -55,7 +55,7 @@ from ._protocol import (
     Reply,
     StartInbound,
 )
-from ._transport import CLOSED_ERRORS, Transport, close_transport
+from ._transport import CLOSED_ERRORS, AnyTransport, close_transport
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -101,8 +101,6 @@ def check_close(code: int, reason: str) -> None:
         ValueError: ``code`` is not 1000, 1001 or 3000-4999, or ``reason``
             is longer than 123 bytes of UTF-8.
     """
-    if isinstance(code, bool) or not isinstance(code, int):
-        raise ValueError(f"close code must be an int, not {type(code).__name__}")
     if code not in _CLOSE_CODES and not 3000 <= code <= 4999:
         raise ValueError(f"close code must be 1000, 1001 or 3000-4999, not {code}")
     if len(reason.encode("utf-8", "surrogatepass")) > _MAX_REASON_BYTES:
@@ -309,7 +307,8 @@ class Peer:
             print(await peer.call("add", [1, 2]))
 
     Args:
-        transport: Carries text messages (see :class:`astral.Transport`).
+        transport: Carries text messages (see :class:`astral.Transport`;
+            an AnyIO object stream of ``str`` will do too).
         capabilities: The names the remote may call, mapped to capabilities
             (see :class:`astral.Callable`).
         claims: The remote's verified token claims, for capabilities to read
@@ -328,7 +327,7 @@ class Peer:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: AnyTransport,
         *,
         capabilities: Capabilities | None = None,
         claims: Mapping[str, Any] | None = None,
@@ -900,7 +899,7 @@ class _FeedTransport:
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise ConnectionClosed("peer is closed") from None
 
-    async def aclose(self) -> None:
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
         self._in.close()
         self._out.close()
 

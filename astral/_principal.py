@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from ._dispatch import Capabilities
-    from ._transport import Transport
+    from ._transport import AnyTransport
 
 __all__ = [
     "TOKEN_EXPIRED",
@@ -45,7 +45,7 @@ logger = logging.getLogger("astral.server")
 #: The close code and reason of a connection whose token's ``exp`` has passed
 #: (an application code; 4401 mirrors HTTP 401, as graphql-ws does).
 TOKEN_EXPIRED_CODE = 4401
-TOKEN_EXPIRED = "token expired"
+TOKEN_EXPIRED = "token expired"  # noqa: S105 - a close reason
 
 
 class PeerRegistry(Mapping[str, Peer]):
@@ -117,7 +117,7 @@ def token_from(authorization: str | None, query_token: str | None) -> str | None
 
 
 async def host_worker(
-    transport: Transport,
+    transport: AnyTransport,
     close: Callable[[int, str], Awaitable[None]],
     claims: Mapping[str, Any],
     *,

@@ -12,13 +12,16 @@ End of input is signalled by :meth:`Transport.receive` raising one of
 from __future__ import annotations
 
 import inspect
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
 import anyio
 
 from ._exceptions import ConnectionClosed
 
-__all__ = ["CLOSED_ERRORS", "Transport", "close_transport"]
+if TYPE_CHECKING:
+    from anyio.abc import ObjectStream
+
+__all__ = ["CLOSED_ERRORS", "AnyTransport", "Transport", "close_transport"]
 
 
 @runtime_checkable
@@ -54,6 +57,10 @@ class Transport(Protocol):
         """
 
 
+#: What a peer runs over: a :class:`Transport`, or an AnyIO object stream of
+#: text (whose ``aclose`` takes no close code).
+AnyTransport: TypeAlias = "Transport | ObjectStream[str]"
+
 #: Exceptions from a transport that mean "this connection is over".
 CLOSED_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionClosed,
@@ -69,12 +76,11 @@ def _takes_code(aclose: object) -> bool:
     except (TypeError, ValueError):
         return False
     return any(
-        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
-        for p in parameters
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters
     )
 
 
-async def close_transport(transport: Transport, code: int = 1000, reason: str = "") -> None:
+async def close_transport(transport: AnyTransport, code: int = 1000, reason: str = "") -> None:
     """Close ``transport`` with ``code`` and ``reason`` if its ``aclose`` takes them.
 
     AnyIO's object streams (and older transports) have ``aclose()`` with no
@@ -82,6 +88,6 @@ async def close_transport(transport: Transport, code: int = 1000, reason: str = 
     """
     aclose = transport.aclose
     if _takes_code(aclose):
-        await aclose(code, reason)
+        await aclose(code, reason)  # type: ignore[call-arg]
     else:
-        await aclose()  # type: ignore[call-arg]
+        await aclose()

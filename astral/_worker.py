@@ -170,7 +170,13 @@ async def run_worker(
     while True:
         try:
             lived, closed = await _session(
-                url, token, capabilities, on_connect, grace, where, options
+                url=url,
+                token=token,
+                capabilities=capabilities,
+                on_connect=on_connect,
+                grace=grace,
+                where=where,
+                options=options,
             )
         except Unauthorized as exc:
             logger.warning("%s refused the worker's token: %s", where, exc)
@@ -195,6 +201,7 @@ async def run_worker(
 
 
 async def _session(
+    *,
     url: str,
     token: Any,
     capabilities: Capabilities | None,
@@ -203,20 +210,72 @@ async def _session(
     where: str,
     options: dict[str, Any],
 ) -> tuple[float, ConnectionClosed]:
-    """One connection, from connecting to its end: how long it lived, and why it ended."""
+    """One connection, from connecting to its end: how long it lived, and why it ended.
+
+    The connection runs in a task shielded from cancellation, so that when
+    the worker is cancelled its calls in flight can finish (:meth:`Peer.drain`);
+    a connection still being opened is cancelled at once.
+    """
+    shield = anyio.CancelScope(shield=True)
+    running: list[Peer] = []
+    outcome: list[tuple[float, ConnectionClosed]] = []
+    done = anyio.Event()
+
+    async def run() -> None:
+        try:
+            with shield:
+                outcome.append(
+                    await _connection(
+                        url=url,
+                        token=token,
+                        capabilities=capabilities,
+                        on_connect=on_connect,
+                        where=where,
+                        running=running,
+                        options=options,
+                    )
+                )
+        finally:
+            done.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            try:
+                await done.wait()
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    if running and not running[0].closed:
+                        await running[0].drain(grace)
+                    shield.cancel()
+                raise
+    except BaseExceptionGroup as group:
+        # The task's own error, as it was raised (a cancellation is not grouped).
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    return outcome[0]
+
+
+async def _connection(
+    *,
+    url: str,
+    token: Any,
+    capabilities: Capabilities | None,
+    on_connect: Callable[[Peer], Awaitable[None]] | None,
+    where: str,
+    running: list[Peer],
+    options: dict[str, Any],
+) -> tuple[float, ConnectionClosed]:
     async with connect(url, token=token, capabilities=capabilities, **options) as peer:
+        running.append(peer)
         started = anyio.current_time()
         logger.info("connected to %s", where)
         try:
             if on_connect is not None:
                 await on_connect(peer)
             closed = await peer.wait_closed()
-        except anyio.get_cancelled_exc_class():
-            if grace > 0 and not peer.closed:
-                with anyio.CancelScope(shield=True):
-                    await peer.drain(grace)
-            raise
-        except BaseException as exc:
+        except Exception as exc:
             # on_connect failed because this connection ended: connect again.
             if not (peer.closed and _only_closed(exc)):
                 raise

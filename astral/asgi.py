@@ -217,7 +217,6 @@ class App:
             max_buffered_items=self._max_buffered_items,
         )
 
-
     async def _lifespan(self, receive: _Receive, send: _Send) -> None:
         while True:
             kind = (await receive())["type"]
@@ -337,8 +336,6 @@ class _ASGITransport:
                     await self._send({"type": "websocket.close", "code": code, "reason": reason})
                 except OSError:
                     pass  # gone already: nothing left to close
-
-
 
 
 async def _deny(

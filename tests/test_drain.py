@@ -20,6 +20,15 @@ from tests.test_asgi import PATH, SERVERS, VERIFIER, run
 from tests.test_asgi import token as asgi_token
 
 
+async def until_refused(peer: astral.Peer, capability: str, *args: Any, **kwargs: Any) -> str:
+    """Call until the remote refuses: the drain has begun. Returns the refusal."""
+    while True:
+        try:
+            await peer.call(capability, *args, **kwargs)
+        except astral.RemoteError as exc:
+            return exc.message
+
+
 class Gate:
     """A capability that runs until the test opens the gate."""
 
@@ -57,7 +66,7 @@ async def test_drain_lets_calls_in_flight_finish_and_refuses_new_ones() -> None:
 
             tg.start_soon(drain)
             # b's new calls are refused by a; a's own new calls too.
-            with pytest.raises(astral.RemoteError, match="^shutting down$"):
+            with pytest.raises(astral.RemoteError, match=r"^shutting down$"):
                 await b.call("echo", 1)
             with pytest.raises(astral.ConnectionClosed, match="shutting down"):
                 await a.call("anything")
@@ -135,13 +144,8 @@ async def test_stopping_serve_drains_then_closes_with_1001() -> None:
                 tg.start_soon(in_flight)
                 await gate.started.wait()
                 principal.stop()
-                # Until the drain begins echo still answers; then "shutting down".
-                while True:
-                    try:
-                        await worker.call("echo", 1)
-                    except astral.RemoteError as exc:
-                        assert exc.message == "shutting down"
-                        break
+                # Until the drain begins the call is served; then it is refused.
+                assert await until_refused(worker, "echo", 1) == "shutting down"
                 # The listener is closed: no new worker gets in meanwhile.
                 with pytest.raises(astral.ConnectError) as refused:
                     async with astral.connect(principal.url, token=token("late"), open_timeout=5):
@@ -222,12 +226,8 @@ async def test_asgi_app_drains_on_lifespan_shutdown(anyio_backend: str, server: 
                 tg.start_soon(in_flight)
                 await gate.started.wait()
                 await to_app.send({"type": "lifespan.shutdown"})
-                while True:
-                    try:
-                        await worker.call("echo", 1)
-                    except astral.RemoteError as exc:
-                        assert exc.message == "shutting down"
-                        break
+                # Until the drain begins the call is served; then it is refused.
+                assert await until_refused(worker, "echo", 1) == "shutting down"
                 gate.open.set()
             assert results == ["kept"]
             assert (await from_app.receive())["type"] == "lifespan.shutdown.complete"
