@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 
+from ._handshake import RemoteLimits, advertise
 from ._peer import (
     DEFAULT_MAX_BUFFERED_ITEMS,
     DEFAULT_MAX_INBOUND_CALLS,
@@ -98,7 +99,11 @@ async def connect(
         ping_interval: Seconds between keepalive pings; ``None`` disables.
         ping_timeout: Seconds to wait for a pong before closing.
         close_timeout: Seconds to wait for the closing handshake.
-        max_message_size: Largest incoming message, in bytes (close 1009).
+        max_message_size: Largest incoming message, in bytes (close 1009);
+            told to the principal (``Astral-Max-Message-Size``), which then
+            fails a too-big answer alone instead of sending it. A call larger
+            than the principal's own limit (1 MiB if it says none) fails with
+            :class:`astral.ProtocolError` before it is sent.
         max_inbound_calls: Remote calls allowed to run here at once.
         max_buffered_items: Items buffered per streaming call.
         claims: Claims describing the principal, for this worker's
@@ -120,6 +125,7 @@ async def connect(
     check_limits(timeout, max_inbound_calls, max_buffered_items)
     value = await _resolve_token(token)
     all_headers = list(headers)
+    all_headers += advertise(max_message_size)
     if value is not None:
         if token_in_query:
             url = _with_token_query(url, value)
@@ -143,6 +149,9 @@ async def connect(
             timeout=timeout,
             max_inbound_calls=max_inbound_calls,
             max_buffered_items=max_buffered_items,
+            remote_max_message_size=RemoteLimits.from_headers(
+                websocket.response_headers
+            ).max_message_size,
         ) as peer,
     ):
         try:

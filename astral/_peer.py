@@ -319,6 +319,13 @@ class Peer:
             more is refused with ``"too many concurrent calls"``.
         max_buffered_items: Items buffered per streaming call before the
             consumer counts as overrun (see :class:`astral.StreamOverrun`).
+        remote_max_message_size: The largest message the remote accepts, in
+            bytes. A call larger than that fails at once with
+            :class:`ProtocolError`, and a result or stream item larger than
+            that is replaced by the error result ``"result larger than N
+            bytes"``, instead of the remote closing the connection (1009).
+            ``None`` (the default) checks nothing; :func:`astral.connect` and
+            :func:`astral.serve` set it from the upgrade.
 
     Raises:
         TypeError: If a capability is not async.
@@ -334,11 +341,17 @@ class Peer:
         timeout: float | None = DEFAULT_TIMEOUT,
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+        remote_max_message_size: int | None = None,
     ) -> None:
         check_limits(timeout, max_inbound_calls, max_buffered_items)
+        if remote_max_message_size is not None and remote_max_message_size < 1:
+            raise ValueError("remote_max_message_size must be positive, or None")
         self._transport = transport
         self._state: PeerState[_Channel, _Inbound] = PeerState(
-            capabilities, _Inbound, max_inbound_calls=max_inbound_calls
+            capabilities,
+            _Inbound,
+            max_inbound_calls=max_inbound_calls,
+            max_send_size=remote_max_message_size,
         )
         self._claims: Mapping[str, Any] = MappingProxyType(dict(claims or {}))
         self._timeout = timeout
@@ -802,7 +815,8 @@ class Peer:
             CallTimeout: Nothing arrived within ``timeout``; the remote was
                 told to stop.
             ConnectionClosed: The connection ended before the answer.
-            ProtocolError: ``input`` cannot be sent as JSON.
+            ProtocolError: ``input`` cannot be sent as JSON, or the call is
+                larger than the remote accepts in one message.
         """
         channel = await self._open(capability, input, timeout)
         try:
@@ -848,7 +862,8 @@ class Peer:
 
         Raises:
             ConnectionClosed: The connection is closed.
-            ProtocolError: ``input`` cannot be sent as JSON.
+            ProtocolError: ``input`` cannot be sent as JSON, or the call is
+                larger than the remote accepts in one message.
         """
         channel = await self._open(capability, input, timeout)
         stream = Stream(self, channel, None)

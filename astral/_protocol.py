@@ -114,6 +114,10 @@ class PeerState(Generic[Out, In]):
         new_inbound: Makes the handle of a newly started inbound call.
         max_inbound_calls: How many remote calls may run here at once; one
             more is answered ``"too many concurrent calls"``.
+        max_send_size: The largest message the remote accepts, in bytes of
+            UTF-8; a frame we would send that is larger fails its one call
+            instead (the remote would close the connection over it).
+            ``None`` for no check.
     """
 
     def __init__(
@@ -122,10 +126,14 @@ class PeerState(Generic[Out, In]):
         new_inbound: Callable[[], In],
         *,
         max_inbound_calls: int,
+        max_send_size: int | None = None,
     ) -> None:
         self._capabilities = resolve(capabilities)
         self._new_inbound = new_inbound
         self._max_inbound = max_inbound_calls
+        self._max_send = max_send_size
+        # A text of at most this many characters fits whatever its encoding.
+        self._max_send_cheap = max_send_size // 4 if max_send_size is not None else 0
         self._ids = itertools.count(1)
         self.outbound: dict[str, Out] = {}
         self.inbound: dict[str, In] = {}
@@ -151,10 +159,18 @@ class PeerState(Generic[Out, In]):
             window: Items the callee may stream before it needs credit.
 
         Raises:
-            ProtocolError: If ``input`` cannot be encoded (nothing is registered).
+            ProtocolError: If ``input`` cannot be encoded, or the frame is
+                larger than the remote accepts (nothing is registered).
         """
         call_id = str(next(self._ids))
         text = encode(Call(call_id, capability, input, window))
+        if self._too_big(text):
+            raise ProtocolError(
+                f"call {capability}: the call is larger than the {self._max_send} bytes "
+                "the remote accepts in one message",
+                frame_id=call_id,
+                frame_type="call",
+            )
         self.outbound[call_id] = handle
         return call_id, text
 
@@ -174,12 +190,29 @@ class PeerState(Generic[Out, In]):
 
         Returns:
             The text to send, and whether it ends the call. An output that
-            cannot be encoded is replaced by an error result, which ends it.
+            cannot be encoded, or that is larger than the remote accepts, is
+            replaced by an error result, which ends it.
         """
         try:
-            return encode(frame), type(frame) is Result
+            text = encode(frame)
         except ProtocolError as exc:
             return encode(Result(frame.id, error=str(exc))), True
+        if self._too_big(text):
+            logger.info(
+                "call %r: answer larger than %s bytes, sent as an error", frame.id, self._max_send
+            )
+            return encode(
+                Result(frame.id, error=f"result larger than {self._max_send} bytes")
+            ), True
+        return text, type(frame) is Result
+
+    def _too_big(self, text: str) -> bool:
+        limit = self._max_send
+        return (
+            limit is not None
+            and len(text) > self._max_send_cheap
+            and len(text.encode("utf-8", "surrogatepass")) > limit
+        )
 
     def credit(self, call_id: str, n: int) -> str | None:
         """The consumer of an outbound stream took ``n`` items.

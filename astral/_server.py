@@ -19,6 +19,7 @@ import anyio.abc
 from ._auth import Verifier, verify_token
 from ._dispatch import resolve
 from ._exceptions import AuthenticationError
+from ._handshake import RemoteLimits, advertise
 from ._peer import (
     DEFAULT_MAX_BUFFERED_ITEMS,
     DEFAULT_MAX_INBOUND_CALLS,
@@ -110,7 +111,11 @@ async def serve(
         ping_interval: Seconds between keepalive pings; ``None`` disables.
         ping_timeout: Seconds to wait for a pong before closing.
         close_timeout: Seconds to wait for a closing handshake.
-        max_message_size: Largest incoming message, in bytes (close 1009).
+        max_message_size: Largest incoming message, in bytes (close 1009);
+            told to each worker (``Astral-Max-Message-Size``), which then
+            fails a too-big call or answer alone instead of sending it. An
+            answer larger than a worker's own limit (1 MiB if it says none)
+            is sent as the error ``"result larger than N bytes"``.
         max_header_size: Largest upgrade request head, in bytes (431).
         max_inbound_calls: Calls one worker may have running here at once.
         max_buffered_items: Items buffered per streaming call.
@@ -153,6 +158,9 @@ async def serve(
             registry=registry,
             on_connect=on_connect,
             where=_address(websocket.request),
+            remote_max_message_size=RemoteLimits.from_headers(
+                websocket.request.headers
+            ).max_message_size,
             grace=grace,
             expiry_leeway=leeway,
             timeout=timeout,
@@ -172,6 +180,7 @@ async def serve(
         close_timeout=close_timeout,
         max_message_size=max_message_size,
         max_header_size=max_header_size,
+        response_headers=advertise(max_message_size),
         task_status=task_status,
     )
 

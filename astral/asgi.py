@@ -52,6 +52,7 @@ import anyio
 from ._auth import Verifier, verify_token
 from ._dispatch import resolve
 from ._exceptions import AuthenticationError, ConnectionClosed
+from ._handshake import DEFAULT_MAX_MESSAGE_SIZE, RemoteLimits, advertise
 from ._peer import (
     DEFAULT_MAX_BUFFERED_ITEMS,
     DEFAULT_MAX_INBOUND_CALLS,
@@ -122,6 +123,10 @@ class App:
         close_on_token_expiry: Close each connection (4401 ``"token
             expired"``) when its token's ``exp`` passes, after the leeway of a
             :class:`astral.JWTVerifier` (none for other verifiers).
+        max_message_size: The largest message the ASGI server accepts, told
+            to workers (``Astral-Max-Message-Size``) so that a too-big call
+            fails alone. Set it to the server's own limit or below (uvicorn's
+            ``ws_max_size``, hypercorn's ``websocket_max_message_size``).
 
     Raises:
         TypeError: A capability is not async.
@@ -142,6 +147,7 @@ class App:
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
         grace: float = 5.0,
         close_on_token_expiry: bool = True,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         # Fail now, not at the first connection, on a sync capability or a bad limit.
         resolve(capabilities)
@@ -149,6 +155,12 @@ class App:
         if not grace >= 0:
             raise ValueError("grace must not be negative")
         self._grace = grace
+        if max_message_size < 1:
+            raise ValueError("max_message_size must be positive")
+        self._accept_headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in advertise(max_message_size)
+        ]
         self._expiry_leeway = expiry_leeway(verifier, close_on_token_expiry)
         self._hosted: set[Peer] = set()
         self._verifier = verifier
@@ -199,7 +211,7 @@ class App:
             logger.info("refused connection from %s: %s", _address(scope), exc)
             await _deny(scope, send, *_UNAUTHORIZED)
             return
-        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.accept", "headers": self._accept_headers})
         transport = _ASGITransport(receive, send, close_timeout=self._close_timeout)
         await host_worker(
             transport,
@@ -212,6 +224,7 @@ class App:
             grace=self._grace,
             expiry_leeway=self._expiry_leeway,
             hosted=self._hosted,
+            remote_max_message_size=RemoteLimits.from_headers(_headers_of(scope)).max_message_size,
             timeout=self._timeout,
             max_inbound_calls=self._max_inbound_calls,
             max_buffered_items=self._max_buffered_items,
@@ -359,6 +372,13 @@ async def _deny(
         # A close before the accept is all the base spec offers: the server
         # answers 403 whatever the reason.
         await send({"type": "websocket.close", "code": 1008})
+
+
+def _headers_of(scope: _Scope) -> list[tuple[str, str]]:
+    return [
+        (bytes(name).decode("latin-1"), bytes(value).decode("latin-1"))
+        for name, value in scope.get("headers", ())
+    ]
 
 
 def _token_of(scope: _Scope) -> str | None:
