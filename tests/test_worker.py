@@ -16,7 +16,8 @@ import anyio.abc
 import pytest
 
 import astral
-from tests.helpers import SECRET, running_principal, token
+from astral._demo import _restart_scene
+from tests.helpers import SECRET, make_tls, running_principal, token
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -375,3 +376,15 @@ async def test_keepalive_detects_a_principal_that_stops_answering(anyio_backend:
         await calls.wait_for(calls.ok + 5)
         assert calls.connections >= 2
         tg.cancel_scope.cancel()
+
+
+async def test_the_demo_shows_a_worker_surviving_a_principal_restart() -> None:
+    tls = make_tls()
+    lines: list[str] = []
+    await _restart_scene(
+        lambda *a, **_: lines.append(" ".join(map(str, a))), SECRET, tls.server, tls.client
+    )
+    assert [line for line in lines if "connection" in line and "hello" in line] == [
+        "  worker-2: connection 1: 'hello worker-2'",
+        "  worker-2: connection 2: 'hello worker-2'",
+    ]
