@@ -49,6 +49,10 @@ logger = logging.getLogger("astral.worker")
 #: HTTP refusals worth another try: a refused token (it may be renewed), a
 #: request timeout, too many requests. Any other 4xx means the URL is wrong.
 _RETRY_4XX = frozenset({401, 408, 429})
+#: A session ended by its token's expiry is followed at once by a new one, if
+#: it lasted this long: a token function handing out stale tokens must not
+#: make a worker reconnect in a tight loop.
+_EXPIRED_AT_ONCE_AFTER = 1.0
 
 
 @dataclass(frozen=True)
@@ -129,8 +133,9 @@ async def run_worker(
 
     Each attempt calls ``token`` afresh. After each connection ends, or an
     attempt fails, it waits as :class:`Backoff` says, except after a
-    connection the principal closed because its token expired (close code
-    4401), when it connects again at once with a fresh token. Refusals:
+    connection (of a second or more) the principal closed because its token
+    expired (close code 4401): then it connects again at once with a fresh
+    token. Refusals:
 
     * HTTP 401 (token refused): retried with backoff, logged at WARNING each
       time, since a renewed token may pass;
@@ -188,7 +193,7 @@ async def run_worker(
         except ConnectError as exc:
             logger.warning("cannot connect to %s: %s", where, exc)
         else:
-            if closed.code == TOKEN_EXPIRED_CODE:
+            if closed.code == TOKEN_EXPIRED_CODE and lived >= _EXPIRED_AT_ONCE_AFTER:
                 logger.info("token expired; connecting again to %s at once", where)
                 attempt = 0
                 continue

@@ -257,13 +257,15 @@ async def test_a_leaving_worker_drains_when_given_grace() -> None:
         assert closed.code == 1001
 
 
+@pytest.mark.time_limit(15)
 async def test_after_a_token_expiry_it_connects_again_at_once() -> None:
+    # The token lives 1 to 2 s (iat is rounded down); the backoff would take 1000 s.
     strict = astral.JWTVerifier(SECRET, algorithms=["HS256"], leeway=0)
     slow = astral.Backoff(initial=1000, maximum=1000, reset_after=1000)
     async with running_principal(strict) as principal, anyio.create_task_group() as tg:
         tg.start_soon(
             lambda: astral.run_worker(
-                principal.url, token=lambda: token(expires_in=1), backoff=slow
+                principal.url, token=lambda: token(expires_in=2), backoff=slow
             )
         )
         first = await principal.registry.wait_for("worker-1")
