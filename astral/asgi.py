@@ -83,6 +83,7 @@ _UNAUTHORIZED: _Refusal = (
     ((b"www-authenticate", b'Bearer realm="astral"'),),
 )
 _NOT_FOUND: _Refusal = (404, b"not found\n", ())
+_SHUTTING_DOWN: _Refusal = (503, b"shutting down\n", ())
 _CLOSED_HERE = "connection closed by this peer"
 _CLOSED_THERE = "connection closed by the remote peer"
 
@@ -163,6 +164,7 @@ class App:
         ]
         self._expiry_leeway = expiry_leeway(verifier, close_on_token_expiry)
         self._hosted: set[Peer] = set()
+        self._stopping = False
         self._verifier = verifier
         self._capabilities = capabilities
         self._registry = registry
@@ -204,6 +206,9 @@ class App:
         if self._path is not None and scope.get("path") != self._path:
             await _deny(scope, send, *_NOT_FOUND)
             return
+        if self._stopping:
+            await _deny(scope, send, *_SHUTTING_DOWN)
+            return
         try:
             claims = await verify_token(self._verifier, _token_of(scope))
         except AuthenticationError as exc:
@@ -244,10 +249,12 @@ class App:
         """Drain every connection at once and close each with 1001.
 
         Done on ``lifespan.shutdown``; call it yourself when your server
-        sends that only after closing the WebSockets (uvicorn does). New calls
-        are refused with ``"shutting down"``, calls in flight get ``grace``
-        seconds to finish.
+        sends that only after closing the WebSockets (uvicorn does). From
+        then on new connections are refused (HTTP 503), new calls with
+        ``"shutting down"``, and calls in flight get ``grace`` seconds to
+        finish.
         """
+        self._stopping = True
         async with anyio.create_task_group() as tg:
             for peer in list(self._hosted):
                 tg.start_soon(_drain, peer, self._grace)

@@ -14,6 +14,8 @@ import pytest
 
 import astral
 import astral.asgi
+from astral._frames import Call, Result, decode, encode
+from astral._protocol import SHUTTING_DOWN, PeerState, Reply, StartInbound
 from astral.testing import connected_pair
 from tests.helpers import SECRET, running_principal, token
 from tests.test_asgi import PATH, SERVERS, VERIFIER, run
@@ -27,6 +29,20 @@ async def until_refused(peer: astral.Peer, capability: str, *args: Any, **kwargs
             await peer.call(capability, *args, **kwargs)
         except astral.RemoteError as exc:
             return exc.message
+
+
+def test_a_draining_state_refuses_new_calls_and_keeps_running_ones() -> None:
+    async def echo(value: Any) -> Any:
+        return value
+
+    state: PeerState[object, object] = PeerState({"echo": echo}, object, max_inbound_calls=5)
+    running = state.receive(encode(Call("1", "echo", 1)))
+    assert isinstance(running, StartInbound)
+    state.draining = True
+    refused = state.receive(encode(Call("2", "echo", 2)))
+    assert isinstance(refused, Reply)
+    assert decode(refused.text) == Result("2", error=SHUTTING_DOWN)
+    assert list(state.inbound) == ["1"]  # the running call goes on
 
 
 class Gate:
@@ -233,3 +249,8 @@ async def test_asgi_app_drains_on_lifespan_shutdown(anyio_backend: str, server: 
             assert (await from_app.receive())["type"] == "lifespan.shutdown.complete"
             closed = await worker.wait_closed()
             assert (closed.code, closed.reason) == (1001, "server shutting down")
+        # Once drained, the app lets no new worker in.
+        with pytest.raises(astral.HandshakeError) as refused:
+            async with astral.connect(running.url + PATH, token=asgi_token()):
+                pass
+        assert refused.value.status == 503
