@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import pytest
 
 import astral
 from astral._demo import _restart_scene
+from astral._websocket import HandshakeRequest, Rejection, WebSocketConnection, serve_websocket
 from tests.helpers import SECRET, make_tls, running_principal, token
 
 if TYPE_CHECKING:
@@ -168,6 +170,45 @@ async def test_a_wrong_url_stops_with_the_error() -> None:
                 f"ws://127.0.0.1:{principal.port}/wrong", token=token, backoff=FAST
             )
         assert info.value.status == 404
+
+
+@asynccontextmanager
+async def refusing(statuses: list[int]) -> AsyncIterator[tuple[int, anyio.Event]]:
+    """A WebSocket server answering each upgrade with the next status, then accepting."""
+    accepted = anyio.Event()
+
+    async def process_request(_: HandshakeRequest) -> Rejection | None:
+        return Rejection(statuses.pop(0), "no") if statuses else None
+
+    async def handler(ws: WebSocketConnection) -> None:
+        async with astral.Peer(ws) as peer:
+            accepted.set()
+            await peer.wait_closed()
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(
+            functools.partial(
+                serve_websocket, handler, "127.0.0.1", 0, process_request=process_request
+            )
+        )
+        yield port, accepted
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+async def test_transient_refusals_are_retried(status: int) -> None:
+    async with refusing([status, status]) as (port, accepted), anyio.create_task_group() as tg:
+        tg.start_soon(lambda: astral.run_worker(f"ws://127.0.0.1:{port}/", backoff=FAST))
+        await accepted.wait()
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 410])
+async def test_other_4xx_refusals_stop_the_worker(status: int) -> None:
+    async with refusing([status]) as (port, _):
+        with pytest.raises(astral.HandshakeError) as info:
+            await astral.run_worker(f"ws://127.0.0.1:{port}/", backoff=FAST)
+        assert info.value.status == status
 
 
 async def test_an_error_in_on_connect_ends_the_worker() -> None:
