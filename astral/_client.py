@@ -124,8 +124,11 @@ async def connect(
     """
     check_limits(timeout, max_inbound_calls, max_buffered_items)
     value = await _resolve_token(token)
-    all_headers = list(headers)
-    all_headers += advertise(max_message_size)
+    ours = advertise(max_message_size)
+    for name, _ in headers:
+        if name.lower() in {own.lower() for own, _ in ours}:
+            raise ValueError(f"the {name!r} header is set by astral")
+    all_headers = [*headers, *ours]
     if value is not None:
         if token_in_query:
             url = _with_token_query(url, value)

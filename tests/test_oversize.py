@@ -113,6 +113,12 @@ async def test_each_side_advertises_its_limit_in_the_upgrade() -> None:
         assert seen == ["4321"]
 
 
+async def test_connect_refuses_to_send_astrals_own_header_twice() -> None:
+    with pytest.raises(ValueError, match="set by astral"):
+        async with astral.connect("ws://127.0.0.1:1/", headers=[("ASTRAL-MAX-MESSAGE-SIZE", "5")]):
+            pass
+
+
 def auth() -> tuple[str, str]:
     return ("Authorization", f"Bearer {token()}")
 
