@@ -48,6 +48,8 @@ from ._peer import current_peer as current_peer
 from ._principal import PeerRegistry as PeerRegistry
 from ._server import serve as serve
 from ._transport import Transport as Transport
+from ._worker import Backoff as Backoff
+from ._worker import run_worker as run_worker
 
 __version__ = "0.1.0"
 
@@ -55,6 +57,7 @@ __all__ = [
     "AcceptedPeer",
     "AstralError",
     "AuthenticationError",
+    "Backoff",
     "Call",
     "CallError",
     "CallInfo",
@@ -89,6 +92,7 @@ __all__ = [
     "encode",
     "handle",
     "mint_token",
+    "run_worker",
     "serve",
     "verify_token",
 ]

@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 
+from ._handshake import RemoteLimits, advertise
 from ._logs import ClosingLog, log_connection
 from ._peer import (
     DEFAULT_MAX_BUFFERED_ITEMS,
@@ -110,7 +111,11 @@ async def connect(
         ping_interval: Seconds between keepalive pings; ``None`` disables.
         ping_timeout: Seconds to wait for a pong before closing.
         close_timeout: Seconds to wait for the closing handshake.
-        max_message_size: Largest incoming message, in bytes (close 1009).
+        max_message_size: Largest incoming message, in bytes (close 1009);
+            told to the principal (``Astral-Max-Message-Size``), which then
+            fails a too-big answer alone instead of sending it. A call larger
+            than the principal's own limit (1 MiB if it says none) fails with
+            :class:`astral.ProtocolError` before it is sent.
         max_inbound_calls: Remote calls allowed to run here at once.
         max_buffered_items: Items buffered per streaming call.
         claims: Claims describing the principal, for this worker's
@@ -136,7 +141,11 @@ async def connect(
     """
     check_limits(timeout, max_inbound_calls, max_buffered_items)
     value = await _resolve_token(token)
-    all_headers = list(headers)
+    ours = advertise(max_message_size)
+    for name, _ in headers:
+        if name.lower() in {own.lower() for own, _ in ours}:
+            raise ValueError(f"the {name!r} header is set by astral")
+    all_headers = [*headers, *ours]
     if value is not None:
         if token_in_query:
             url = _with_token_query(url, value)
@@ -191,7 +200,13 @@ async def _running(
             close_timeout=close_timeout,
             max_message_size=max_message_size,
         ) as websocket,
-        Peer(websocket, **peer_options) as peer,
+        Peer(
+            websocket,
+            remote_max_message_size=RemoteLimits.from_headers(
+                websocket.response_headers
+            ).max_message_size,
+            **peer_options,
+        ) as peer,
     ):
         closing.opened("connected to %s", peer)
         try:

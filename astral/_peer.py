@@ -57,7 +57,7 @@ from ._protocol import (
     Reply,
     StartInbound,
 )
-from ._transport import CLOSED_ERRORS, Transport
+from ._transport import CLOSED_ERRORS, AnyTransport, close_transport
 
 if TYPE_CHECKING:
     from collections.abc import (
@@ -97,6 +97,24 @@ def check_limits(timeout: float | None, max_inbound_calls: int, max_buffered_ite
         raise ValueError("timeout must be a positive number of seconds, or None")
     if max_inbound_calls < 1 or max_buffered_items < 1:
         raise ValueError("max_inbound_calls and max_buffered_items must be at least 1")
+
+
+#: Close codes :meth:`Peer.aclose` accepts besides 3000-4999 (RFC 6455 7.4).
+_CLOSE_CODES = frozenset({1000, 1001})
+_MAX_REASON_BYTES = 123
+
+
+def check_close(code: int, reason: str) -> None:
+    """Refuse a close code an application may not send, or a reason too long.
+
+    Raises:
+        ValueError: ``code`` is not 1000, 1001 or 3000-4999, or ``reason``
+            is longer than 123 bytes of UTF-8.
+    """
+    if code not in _CLOSE_CODES and not 3000 <= code <= 4999:
+        raise ValueError(f"close code must be 1000, 1001 or 3000-4999, not {code}")
+    if len(reason.encode("utf-8", "surrogatepass")) > _MAX_REASON_BYTES:
+        raise ValueError(f"close reason must be at most {_MAX_REASON_BYTES} bytes of UTF-8")
 
 
 def current_peer() -> Peer:
@@ -323,7 +341,8 @@ class Peer:
             print(await peer.call("add", [1, 2]))
 
     Args:
-        transport: Carries text messages (see :class:`astral.Transport`).
+        transport: Carries text messages (see :class:`astral.Transport`;
+            an AnyIO object stream of ``str`` will do too).
         capabilities: The names the remote may call, mapped to capabilities
             (see :class:`astral.Callable`).
         claims: The remote's verified token claims, for capabilities to read
@@ -340,6 +359,13 @@ class Peer:
             message of a capability's unexpected exception (anything but
             :class:`astral.Failure`); the code stays ``"internal"``, and the
             full error is still logged here.
+        remote_max_message_size: The largest message the remote accepts, in
+            bytes. A call larger than that fails at once with
+            :class:`ProtocolError`, and a result or stream item larger than
+            that is replaced by the error result ``"result larger than N
+            bytes"``, instead of the remote closing the connection (1009).
+            ``None`` (the default) checks nothing; :func:`astral.connect` and
+            :func:`astral.serve` set it from the upgrade.
 
     Raises:
         TypeError: If a capability is not async.
@@ -348,7 +374,7 @@ class Peer:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: AnyTransport,
         *,
         capabilities: Capabilities | None = None,
         claims: Mapping[str, Any] | None = None,
@@ -357,11 +383,17 @@ class Peer:
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
         middleware: Sequence[Middleware] = (),
         hide_internal_errors: bool = False,
+        remote_max_message_size: int | None = None,
     ) -> None:
         check_limits(timeout, max_inbound_calls, max_buffered_items)
+        if remote_max_message_size is not None and remote_max_message_size < 1:
+            raise ValueError("remote_max_message_size must be positive, or None")
         self._transport = transport
         self._state: PeerState[_Channel, _Inbound] = PeerState(
-            capabilities, _Inbound, max_inbound_calls=max_inbound_calls
+            capabilities,
+            _Inbound,
+            max_inbound_calls=max_inbound_calls,
+            max_send_size=remote_max_message_size,
         )
         self._claims: Mapping[str, Any] = MappingProxyType(dict(claims or {}))
         self._middleware = tuple(middleware)
@@ -375,6 +407,8 @@ class Peer:
         self._credit_batch = max(1, max_buffered_items // 2)
         self._control_send, self._control_receive = anyio.create_memory_object_stream[str](math.inf)
         self._close_error: ConnectionClosed | None = None
+        self._close_with = (1000, "")  # the close code and reason the transport gets
+        self._idle: anyio.Event | None = None  # set once a drain has no call left
         # The inbound calls waiting for a worker; bounded by max_inbound_calls.
         self._work_send, self._work_receive = anyio.create_memory_object_stream[
             tuple["Call", "Callable[[Any], Any]", _Inbound]
@@ -444,28 +478,88 @@ class Peer:
             try:
                 # However the peer stopped (the remote left, a flood was cut
                 # off, aclose), the transport goes too, so the remote learns it.
-                await self._close_transport()
+                await self._close_transport(*self._close_with)
             finally:
                 self._stopped.set()
 
-    async def aclose(self) -> None:
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Close the connection and end every task of this peer. Idempotent.
 
         Pending calls and open streams fail with :class:`ConnectionClosed`;
         running inbound calls are cancelled. Called from inside one of this
-        peer's capabilities, it cancels that capability too.
+        peer's capabilities, it cancels that capability too. The remote's
+        pending calls fail with a :class:`ConnectionClosed` carrying ``code``
+        and ``reason`` (over a WebSocket; in-memory transports carry no code).
+        Only the first close counts.
+
+        Args:
+            code: The WebSocket close code: 1000 (normal), 1001 (going away)
+                or an application code from 3000 to 4999.
+            reason: A short reason, at most 123 bytes of UTF-8.
+
+        Raises:
+            ValueError: ``code`` is not one of those, or ``reason`` is too long.
         """
-        self._shutdown(ConnectionClosed("connection closed by this peer", code=1000))
-        await self._close_transport()
+        check_close(code, reason)
+        if self._close_error is None:
+            self._close_with = (code, reason)
+        self._shutdown(ConnectionClosed(reason or "connection closed by this peer", code=code))
+        await self._close_transport(*self._close_with)
         if self._tasks is not None:
             self._tasks.cancel_scope.cancel()
             # Only a peer whose tasks started will ever be stopped.
             await self._stopped.wait()
 
-    async def _close_transport(self) -> None:
+    async def drain(self, grace: float, *, code: int = 1001, reason: str = "going away") -> None:
+        """Leave gracefully: finish the calls in flight, then close.
+
+        New calls are refused at once, both ways: the remote's get an error
+        result ``"shutting down"`` (:class:`RemoteError` there), this peer's
+        raise :class:`ConnectionClosed` ``"shutting down"``. Calls already
+        running here, and calls this peer is waiting on, get up to ``grace``
+        seconds to finish; then the connection closes (see :meth:`aclose`)
+        and whatever is left is cancelled or fails.
+
+        Args:
+            grace: Longest wait for the calls in flight, in seconds.
+            code: The close code (1000, 1001 or 3000-4999).
+            reason: The close reason.
+
+        Raises:
+            ValueError: ``grace`` is negative, or ``code`` or ``reason`` is
+                refused as by :meth:`aclose`.
+        """
+        check_close(code, reason)
+        if not grace >= 0:
+            raise ValueError("grace must not be negative")
+        if self._close_error is None and self._tasks is not None:
+            self._state.draining = True
+            if self._idle is None:
+                self._idle = anyio.Event()
+            self._check_idle()
+            with anyio.move_on_after(grace):
+                await self._idle.wait()
+        await self.aclose(code, reason)
+
+    def _check_idle(self) -> None:
+        idle = self._idle
+        if idle is not None and not self._state.inbound and not self._state.outbound:
+            idle.set()
+
+    def _close_after(self, delay: float, code: int, reason: str) -> None:
+        """Close the connection with ``code`` once ``delay`` seconds have passed."""
+        assert self._tasks is not None
+        self._tasks.start_soon(self._close_later, delay, code, reason)
+
+    async def _close_later(self, delay: float, code: int, reason: str) -> None:
+        await anyio.sleep(delay)
+        logger.info("closing the connection: %s", reason)
+        await self.aclose(code, reason)
+
+    async def _close_transport(self, code: int = 1000, reason: str = "") -> None:
         with anyio.CancelScope(shield=True):
             try:
-                await self._transport.aclose()
+                await close_transport(self._transport, code, reason)
             except Exception:
                 logger.debug("transport raised while closing", exc_info=True)
 
@@ -506,11 +600,15 @@ class Peer:
         self._work_send.close()
         self._work_receive.close()
         self._timer_wake.set()  # the timer loop ends too
+        if self._idle is not None:
+            self._idle.set()  # a drain has nothing left to wait for
         self._closed.set()
 
     def _check_open(self) -> None:
         if self._close_error is not None:
             raise self._close_error
+        if self._state.draining:
+            raise ConnectionClosed("shutting down")
         if self._tasks is None:
             raise RuntimeError("use the Peer inside 'async with' before calling")
 
@@ -528,6 +626,8 @@ class Peer:
                         # can outrun a consumer that never got scheduled:
                         # let it run before the buffer overruns.
                         await anyio.lowlevel.checkpoint()
+                    elif self._idle is not None:
+                        self._check_idle()  # draining: that may have been the last call
                 elif isinstance(event, StartInbound):
                     self._start_inbound(event.call, event.invoke, event.handle)
                 elif isinstance(event, CreditInbound):
@@ -539,6 +639,8 @@ class Peer:
                     self._queue_reply(event.text)
                 elif isinstance(event, Fail):
                     event.handle.fail(event.error)
+                    if self._idle is not None:
+                        self._check_idle()
                     if event.error.frame_type == "yield":
                         # A result ends the call remotely; a yield means the
                         # stream still runs there: stop it.
@@ -685,6 +787,8 @@ class Peer:
             pass  # the connection ended; the reader shuts the peer down
         finally:
             state.finished(call.id, handle)
+            if self._idle is not None:
+                self._check_idle()
 
     async def _serve_observed(
         self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound
@@ -725,6 +829,10 @@ class Peer:
                                         info.end("error", error=exc)
                                         final = Result(call.id, error=str(exc), code=INTERNAL)
                                         break
+                                    if not self._state.fits(text):
+                                        final = self._state.oversize(call.id)
+                                        info.end("error", error=ProtocolError(final.error or ""))
+                                        break
                                     await handle.spend()
                                     await send(text)
                                     info.items += 1
@@ -733,6 +841,9 @@ class Peer:
                     info.end("cancelled")
                 if final is not None:
                     final, text = _encoded(final)
+                    if not self._state.fits(text):
+                        final = self._state.oversize(call.id)
+                        text = encode(final)
                     if final.error is None:
                         info.end("result", output=final.output)
                     else:
@@ -752,6 +863,8 @@ class Peer:
             pass  # the connection ended; the reader shuts the peer down
         finally:
             self._state.finished(call.id, handle)
+            if self._idle is not None:
+                self._check_idle()
 
     def _refused(
         self, info: CallInfo, call: Call, exc: Exception, *, logged: bool = False
@@ -817,6 +930,8 @@ class Peer:
         text = self._state.abandon(channel.call_id)
         if text is not None:
             self._send_control(text)
+        if self._idle is not None:
+            self._check_idle()
 
     def _abandon(self, channel: _Channel) -> None:
         # The consumer has gone: also drop whatever is buffered.
@@ -876,7 +991,8 @@ class Peer:
             CallTimeout: Nothing arrived within ``timeout``; the remote was
                 told to stop.
             ConnectionClosed: The connection ended before the answer.
-            ProtocolError: ``input`` cannot be sent as JSON.
+            ProtocolError: ``input`` cannot be sent as JSON, or the call is
+                larger than the remote accepts in one message.
         """
         if self._middleware:
             return await self._call_observed(capability, input, timeout)
@@ -984,7 +1100,8 @@ class Peer:
 
         Raises:
             ConnectionClosed: The connection is closed.
-            ProtocolError: ``input`` cannot be sent as JSON.
+            ProtocolError: ``input`` cannot be sent as JSON, or the call is
+                larger than the remote accepts in one message.
         """
         if not self._middleware:
             channel = await self._open(capability, input, timeout)
@@ -1058,7 +1175,7 @@ class _FeedTransport:
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise ConnectionClosed("peer is closed") from None
 
-    async def aclose(self) -> None:
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
         self._in.close()
         self._out.close()
 

@@ -58,6 +58,7 @@ In = TypeVar("In")
 CANCELLED = "cancelled"
 DUPLICATE_ID = "duplicate call id"
 TOO_MANY_CALLS = "too many concurrent calls"
+SHUTTING_DOWN = "shutting down"
 
 
 @dataclass(slots=True)
@@ -115,6 +116,10 @@ class PeerState(Generic[Out, In]):
         new_inbound: Makes the handle of a newly started inbound call.
         max_inbound_calls: How many remote calls may run here at once; one
             more is answered ``"too many concurrent calls"``.
+        max_send_size: The largest message the remote accepts, in bytes of
+            UTF-8; a frame we would send that is larger fails its one call
+            instead (the remote would close the connection over it).
+            ``None`` for no check.
     """
 
     def __init__(
@@ -123,15 +128,22 @@ class PeerState(Generic[Out, In]):
         new_inbound: Callable[[], In],
         *,
         max_inbound_calls: int,
+        max_send_size: int | None = None,
     ) -> None:
         self._capabilities = resolve(capabilities)
         self._new_inbound = new_inbound
         self._max_inbound = max_inbound_calls
+        self._max_send = max_send_size
+        # A text of at most this many characters fits whatever its encoding.
+        self._max_send_cheap = max_send_size // 4 if max_send_size is not None else 0
         self._ids = itertools.count(1)
         #: Who the remote is, for log lines (set by the driver).
         self.remote = "the remote peer"
         self.outbound: dict[str, Out] = {}
         self.inbound: dict[str, In] = {}
+        #: Set while the connection drains: new calls are refused with
+        #: ``"shutting down"``, calls in flight go on.
+        self.draining = False
 
     # -- frames we send ----------------------------------------------------
 
@@ -156,11 +168,19 @@ class PeerState(Generic[Out, In]):
             call_id: An id taken earlier from :meth:`next_id`, else a new one.
 
         Raises:
-            ProtocolError: If ``input`` cannot be encoded (nothing is registered).
+            ProtocolError: If ``input`` cannot be encoded, or the frame is
+                larger than the remote accepts (nothing is registered).
         """
         if call_id is None:
             call_id = str(next(self._ids))
         text = encode(Call(call_id, capability, input, window, trace))
+        if not self.fits(text):
+            raise ProtocolError(
+                f"call {capability}: the call is larger than the {self._max_send} bytes "
+                "the remote accepts in one message",
+                frame_id=call_id,
+                frame_type="call",
+            )
         self.outbound[call_id] = handle
         return call_id, text
 
@@ -184,12 +204,32 @@ class PeerState(Generic[Out, In]):
 
         Returns:
             The text to send, and whether it ends the call. An output that
-            cannot be encoded is replaced by an error result, which ends it.
+            cannot be encoded, or that is larger than the remote accepts, is
+            replaced by an error result, which ends it.
         """
         try:
-            return encode(frame), type(frame) is Result
+            text = encode(frame)
         except ProtocolError as exc:
             return encode(Result(frame.id, error=str(exc), code=INTERNAL)), True
+        if not self.fits(text):
+            logger.info(
+                "call %r: answer larger than %s bytes, sent as an error", frame.id, self._max_send
+            )
+            return encode(self.oversize(frame.id)), True
+        return text, type(frame) is Result
+
+    def fits(self, text: str) -> bool:
+        """Whether the remote accepts ``text`` as one message."""
+        limit = self._max_send
+        return (
+            limit is None
+            or len(text) <= self._max_send_cheap
+            or len(text.encode("utf-8", "surrogatepass")) <= limit
+        )
+
+    def oversize(self, call_id: str) -> Result:
+        """The error result that replaces an answer larger than the remote accepts."""
+        return Result(call_id, error=f"result larger than {self._max_send} bytes")
 
     def credit(self, call_id: str, n: int) -> str | None:
         """The consumer of an outbound stream took ``n`` items.
@@ -283,6 +323,9 @@ class PeerState(Generic[Out, In]):
                 "refused call %.60r from %s: id already running", call.id, self.remote
             )
             return Reply(encode(Result(call.id, error=DUPLICATE_ID)))
+        if self.draining:
+            logger.debug("refused call %r: shutting down", call.id)
+            return Reply(encode(Result(call.id, error=SHUTTING_DOWN)))
         invoke = self._capabilities.get(call.capability)
         if invoke is None:
             logger.debug("refused call %r: unknown capability %.60r", call.id, call.capability)

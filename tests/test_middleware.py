@@ -479,7 +479,10 @@ async def test_the_asgi_app_takes_middleware_and_hide_internal_errors() -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(fake.run, app, fake.scope(headers=bearer(asgi_token("asgi-1"))))
             await fake.to_app.send({"type": "websocket.connect"})
-            assert await fake.from_app.receive() == {"type": "websocket.accept"}
+            assert await fake.from_app.receive() == {
+                "type": "websocket.accept",
+                "headers": [(b"astral-max-message-size", b"1048576")],
+            }
             call = '{"type":"call","id":"1","capability":"divide"}'
             await fake.to_app.send({"type": "websocket.receive", "text": call})
             reply = await fake.from_app.receive()
