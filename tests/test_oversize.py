@@ -7,6 +7,8 @@ gets ProtocolError at once, a callee sends ``"result larger than N bytes"``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -184,3 +186,29 @@ async def test_a_message_that_really_arrives_too_big_still_closes_with_1009() ->
             with pytest.raises(astral.ConnectionClosed) as info:
                 await worker.call("echo", "x" * 2000)
             assert info.value.code == 1009
+
+
+async def test_an_answer_too_big_fails_alone_with_middleware_too() -> None:
+    # The middleware path encodes answers itself: the same size rule holds there.
+    outcomes: list[tuple[str, str | None]] = []
+
+    @contextlib.asynccontextmanager
+    async def observe(call: astral.CallInfo) -> AsyncIterator[None]:
+        yield
+        if call.direction == "inbound":
+            outcomes.append((call.capability, call.outcome))
+
+    caps = {"big": big, "stream_then_big": stream_then_big}
+    async with running_principal(capabilities=caps, middleware=[observe]) as principal:
+        async with astral.connect(principal.url, token=token(), max_message_size=2000) as worker:
+            with pytest.raises(astral.RemoteError, match=r"^result larger than 2000 bytes$"):
+                await worker.call("big", 5000)
+            items: list[Any] = []
+            with pytest.raises(astral.RemoteError, match=r"^result larger than 2000 bytes$"):
+                async with worker.stream("stream_then_big", 5000) as stream:
+                    async for item in stream:
+                        items.append(item)  # noqa: PERF401 - kept up to the error
+            assert items == ["small"]
+            assert await worker.call("big", 10) == "x" * 10
+            assert not worker.closed
+    assert outcomes == [("big", "error"), ("stream_then_big", "error"), ("big", "result")]
