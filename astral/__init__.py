@@ -15,6 +15,7 @@ from ._auth import mint_token as mint_token
 from ._auth import verify_token as verify_token
 from ._client import connect as connect
 from ._dispatch import Callable as Callable
+from ._dispatch import Capability as Capability
 from ._dispatch import handle as handle
 from ._exceptions import AstralError as AstralError
 from ._exceptions import AuthenticationError as AuthenticationError
@@ -29,6 +30,7 @@ from ._exceptions import RemoteError as RemoteError
 from ._exceptions import StreamOverrun as StreamOverrun
 from ._exceptions import TLSError as TLSError
 from ._exceptions import Unauthorized as Unauthorized
+from ._exceptions import ValidationError as ValidationError
 from ._frames import Call as Call
 from ._frames import Cancel as Cancel
 from ._frames import Credit as Credit
@@ -43,6 +45,8 @@ from ._peer import Stream as Stream
 from ._peer import accept as accept
 from ._peer import current_peer as current_peer
 from ._principal import PeerRegistry as PeerRegistry
+from ._ref import Ref as Ref
+from ._ref import ref as ref
 from ._server import serve as serve
 from ._transport import Transport as Transport
 
@@ -57,6 +61,7 @@ __all__ = [
     "CallTimeout",
     "Callable",
     "Cancel",
+    "Capability",
     "ConnectError",
     "ConnectTimeout",
     "ConnectionClosed",
@@ -67,6 +72,7 @@ __all__ = [
     "Peer",
     "PeerRegistry",
     "ProtocolError",
+    "Ref",
     "RemoteError",
     "Result",
     "Stream",
@@ -74,6 +80,7 @@ __all__ = [
     "TLSError",
     "Transport",
     "Unauthorized",
+    "ValidationError",
     "Verifier",
     "Yield",
     "accept",
@@ -83,6 +90,7 @@ __all__ = [
     "encode",
     "handle",
     "mint_token",
+    "ref",
     "serve",
     "verify_token",
 ]

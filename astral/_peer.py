@@ -29,7 +29,7 @@ import math
 import threading
 from contextlib import aclosing, asynccontextmanager
 from types import EllipsisType, MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -55,10 +55,12 @@ from ._protocol import (
     Reply,
     StartInbound,
 )
+from ._ref import Ref, unref
 from ._transport import CLOSED_ERRORS, Transport
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+    from contextlib import AbstractAsyncContextManager
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -70,6 +72,10 @@ __all__ = ["Peer", "Stream", "accept", "current_peer"]
 logger = logging.getLogger("astral.peer")
 
 _current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("astral.current_peer")
+
+T = TypeVar("T")
+InputT = TypeVar("InputT")
+OutputT = TypeVar("OutputT")
 
 #: Defaults, documented in docs/limits.md.
 DEFAULT_TIMEOUT = 30.0
@@ -178,8 +184,11 @@ class _Inbound:
         self.credit -= 1
 
 
-class Stream:
+class Stream(Generic[T]):
     """The items of a streaming call, as an async iterator.
+
+    Generic in the type of its items: ``Stream[str]`` from a typed reference
+    (:func:`astral.ref`), ``Stream[Any]`` from a call by name.
 
     ``async for item in stream`` yields each item in order and ends when the
     remote's stream ends. A result's output, if any, is the last item. If the
@@ -194,15 +203,24 @@ class Stream:
         CallTimeout: No first item arrived within the call's timeout.
         StreamOverrun: This consumer fell more than ``max_buffered_items``
             behind; the remote was told to stop.
+        ValidationError: An item did not fit the typed reference's output
+            type; the stream goes on.
         ConnectionClosed: The connection ended.
     """
 
-    __slots__ = ("_channel", "_done", "_first", "_peer", "_taken")
+    __slots__ = ("_channel", "_convert", "_done", "_first", "_peer", "_taken")
 
-    def __init__(self, peer: Peer, channel: _Channel, first: Yield | None) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        channel: _Channel,
+        first: Yield | None,
+        convert: Callable[[Any], T] | None = None,
+    ) -> None:
         self._peer = peer
         self._channel = channel
         self._first = first
+        self._convert = convert
         self._done = False
         self._taken = 0
 
@@ -214,7 +232,13 @@ class Stream:
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> T:
+        item = await self._next()
+        if self._convert is not None:
+            return self._convert(item)
+        return item  # type: ignore[no-any-return]
+
+    async def _next(self) -> Any:
         if self._first is not None:
             first, self._first = self._first, None
             self._took()
@@ -683,9 +707,27 @@ class Peer:
                 channel.fail(CallTimeout(f"call {channel.capability} timed out"))
                 self._forget(channel)  # and tell the remote to stop
 
+    @overload
+    async def call(
+        self,
+        capability: Ref[InputT, OutputT],
+        input: InputT,
+        *,
+        timeout: float | EllipsisType | None = ...,
+    ) -> OutputT: ...
+
+    @overload
     async def call(
         self,
         capability: str,
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+    ) -> Any: ...
+
+    async def call(
+        self,
+        capability: str | Ref[Any, Any],
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
@@ -693,8 +735,10 @@ class Peer:
         """Call a capability of the remote peer.
 
         Args:
-            capability: The registered name on the remote.
-            input: Any JSON value.
+            capability: The registered name on the remote, or a typed
+                reference to it (see :func:`astral.ref`), which types the
+                input and the output.
+            input: Any JSON value (of the reference's input type).
             timeout: Seconds to wait for the first frame (the result, or the
                 first item of a stream); ``None`` waits forever; by default
                 the peer's ``timeout``. Once a stream has started it has no
@@ -710,7 +754,10 @@ class Peer:
                 told to stop.
             ConnectionClosed: The connection ended before the answer.
             ProtocolError: ``input`` cannot be sent as JSON.
+            ValidationError: The output does not fit the reference's model
+                output type.
         """
+        capability, input, convert = unref(capability, input)
         channel = await self._open(capability, input, timeout)
         try:
             frame = await channel.next()
@@ -718,20 +765,39 @@ class Peer:
             self._abandon(channel)
             raise
         if isinstance(frame, Yield):
-            return Stream(self, channel, frame)
+            return Stream(self, channel, frame, convert)
         channel.receive.close()
         if frame.error is not None:
             raise RemoteError(frame.error)
+        if convert is not None and frame.output is not None:
+            return convert(frame.output)
         return frame.output
 
-    @asynccontextmanager
-    async def stream(
+    @overload
+    def stream(
+        self,
+        capability: Ref[InputT, OutputT],
+        input: InputT,
+        *,
+        timeout: float | EllipsisType | None = ...,
+    ) -> AbstractAsyncContextManager[Stream[OutputT]]: ...
+
+    @overload
+    def stream(
         self,
         capability: str,
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
-    ) -> AsyncIterator[Stream]:
+    ) -> AbstractAsyncContextManager[Stream[Any]]: ...
+
+    def stream(
+        self,
+        capability: str | Ref[Any, Any],
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+    ) -> AbstractAsyncContextManager[Stream[Any]]:
         """Call a capability and iterate over what it streams.
 
         ::
@@ -745,20 +811,32 @@ class Peer:
         that one value.
 
         Args:
-            capability: The registered name on the remote.
-            input: Any JSON value.
+            capability: The registered name on the remote, or a typed
+                reference to it (see :func:`astral.ref`): the stream's items
+                are then of its output type.
+            input: Any JSON value (of the reference's input type).
             timeout: Seconds to wait for the first item or the result; see
                 :meth:`call`.
 
-        Yields:
-            The :class:`Stream`.
+        Returns:
+            An async context manager yielding the :class:`Stream`.
 
         Raises:
             ConnectionClosed: The connection is closed.
             ProtocolError: ``input`` cannot be sent as JSON.
         """
+        return self._stream(capability, input, timeout)
+
+    @asynccontextmanager
+    async def _stream(
+        self,
+        capability: str | Ref[Any, Any],
+        input: Any,
+        timeout: float | EllipsisType | None,
+    ) -> AsyncIterator[Stream[Any]]:
+        capability, input, convert = unref(capability, input)
         channel = await self._open(capability, input, timeout)
-        stream = Stream(self, channel, None)
+        stream: Stream[Any] = Stream(self, channel, None, convert)
         try:
             yield stream
         finally:
