@@ -29,7 +29,7 @@ import math
 import threading
 from contextlib import aclosing, asynccontextmanager
 from types import EllipsisType, MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Self, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -55,7 +55,7 @@ from ._protocol import (
     Reply,
     StartInbound,
 )
-from ._ref import Ref, unref
+from ._ref import unref
 from ._transport import CLOSED_ERRORS, Transport
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 
     from ._dispatch import Capabilities
     from ._frames import Call
+    from ._ref import Ref, Signed
 
 __all__ = ["Peer", "Stream", "accept", "current_peer"]
 
@@ -74,8 +75,8 @@ logger = logging.getLogger("astral.peer")
 _current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("astral.current_peer")
 
 T = TypeVar("T")
-InputT = TypeVar("InputT")
 OutputT = TypeVar("OutputT")
+ArgsT = ParamSpec("ArgsT")
 
 #: Defaults, documented in docs/limits.md.
 DEFAULT_TIMEOUT = 30.0
@@ -707,13 +708,11 @@ class Peer:
                 channel.fail(CallTimeout(f"call {channel.capability} timed out"))
                 self._forget(channel)  # and tell the remote to stop
 
+    # A typed reference brings its own signature (input, then timeout): see
+    # astral._ref.Signed for why it is a ParamSpec and not a TypeVar.
     @overload
     async def call(
-        self,
-        capability: Ref[InputT, OutputT],
-        input: InputT,
-        *,
-        timeout: float | EllipsisType | None = ...,
+        self, capability: Signed[ArgsT, OutputT], /, *args: ArgsT.args, **kwargs: ArgsT.kwargs
     ) -> OutputT: ...
 
     @overload
@@ -725,7 +724,7 @@ class Peer:
         timeout: float | EllipsisType | None = ...,
     ) -> Any: ...
 
-    async def call(
+    async def call(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
         self,
         capability: str | Ref[Any, Any],
         input: Any = None,
@@ -775,11 +774,7 @@ class Peer:
 
     @overload
     def stream(
-        self,
-        capability: Ref[InputT, OutputT],
-        input: InputT,
-        *,
-        timeout: float | EllipsisType | None = ...,
+        self, capability: Signed[ArgsT, OutputT], /, *args: ArgsT.args, **kwargs: ArgsT.kwargs
     ) -> AbstractAsyncContextManager[Stream[OutputT]]: ...
 
     @overload
@@ -791,7 +786,7 @@ class Peer:
         timeout: float | EllipsisType | None = ...,
     ) -> AbstractAsyncContextManager[Stream[Any]]: ...
 
-    def stream(
+    def stream(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
         self,
         capability: str | Ref[Any, Any],
         input: Any = None,

@@ -12,17 +12,32 @@ This module does no I/O.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, final
 
 from ._validation import adapter, invalid_output
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import EllipsisType
 
-__all__ = ["Ref", "ref"]
+__all__ = ["Ref", "Signed", "ref", "unref"]
 
 InputT = TypeVar("InputT")
 OutputT = TypeVar("OutputT")
+OutputT_co = TypeVar("OutputT_co", covariant=True)
+ArgsT = ParamSpec("ArgsT")
+
+
+class Signed(Protocol[ArgsT, OutputT_co]):
+    """For type checkers only: what :meth:`Peer.call` accepts in place of a name.
+
+    :meth:`Peer.call` takes the rest of its arguments as ``ArgsT``, so a type
+    checker first learns the input type from the reference, then checks the
+    input against it (inferring both at once fails for a ``TypedDict`` given
+    as a literal).
+    """
+
+    def _signature(self, *args: ArgsT.args, **kwargs: ArgsT.kwargs) -> OutputT_co: ...
 
 
 @final
@@ -58,6 +73,12 @@ class Ref(Generic[InputT, OutputT]):
         decoder = adapter(output)
         set_(self, "_encode", encoder.encode if encoder is not None else None)
         set_(self, "_decode", _decoder(decoder.decode) if decoder is not None else None)
+
+    if TYPE_CHECKING:
+
+        def _signature(
+            self, input: InputT, /, *, timeout: float | EllipsisType | None = ...
+        ) -> OutputT: ...
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Ref is immutable")
