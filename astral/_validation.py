@@ -207,7 +207,7 @@ def _pydantic_model_adapter(tp: Any) -> Adapter:
 def _pydantic_adapter(pydantic: Any, tp: Any) -> Adapter:
     try:
         type_adapter = pydantic.TypeAdapter(tp)
-    except pydantic.PydanticSchemaGenerationError as exc:
+    except pydantic.PydanticUserError as exc:  # includes PydanticSchemaGenerationError
         raise TypeError(f"pydantic cannot validate {tp.__qualname__}: {exc}") from None
     validate, dump, error = (
         type_adapter.validate_python,
