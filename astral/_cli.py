@@ -419,7 +419,9 @@ def _parser() -> argparse.ArgumentParser:
     token = commands.add_parser(
         "token", help="mint or verify a JWT", description="Mint or verify a JWT."
     )
-    token_commands = token.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    token_commands = token.add_subparsers(
+        dest="action", metavar="ACTION", parser_class=_Parser, required=True
+    )
     mint = token_commands.add_parser(
         "mint",
         help="sign a token and print it",
@@ -452,7 +454,6 @@ def _parser() -> argparse.ArgumentParser:
     _add_key_options(verify)
     _add_policy_options(verify)
     verify.set_defaults(run=_run_verify)
-    token.set_defaults(run=None, help_of=token)
 
     serve = commands.add_parser(
         "serve",
@@ -519,11 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else USAGE
     run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
     if run is None:
-        # No command at all: help, and success. A command missing its
-        # action (``astral token``): help, as a usage error.
-        helped = getattr(args, "help_of", parser)
-        helped.print_help(None if helped is parser else sys.stderr)
-        return OK if helped is parser else USAGE
+        parser.print_help()  # no command at all: help, and success
+        return OK
     prog = f"astral {args.command}"
     try:
         return run(args)
