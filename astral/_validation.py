@@ -167,7 +167,8 @@ def _msgspec_adapter(msgspec: Any, tp: Any) -> Adapter:
         except error as exc:
             raise ValueError(str(exc)) from None
 
-    return Adapter(tp, "msgspec", decode, to_builtins)
+    # A TypedDict is a dict: it goes out as it is, without a copy.
+    return Adapter(tp, "msgspec", decode, _same if _is_typeddict(tp) else to_builtins)
 
 
 def _pydantic_problem(exc: Any) -> str:

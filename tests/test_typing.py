@@ -11,14 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 DOCS = Path(__file__).parent.parent / "docs" / "typing.md"
 BLOCK = re.compile(r"<!-- mypy: (pass|fail) -->\n```python\n(.*?)```", re.DOTALL)
 WRONG = re.compile(r"#\s*wrong:\s*([a-z-]+)")
 ERROR = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+): error: .*\[(?P<code>[a-z-]+)\]$")
-
-pytest.importorskip("mypy")
 
 
 def examples() -> dict[str, str]:
