@@ -234,16 +234,11 @@ class Stream(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        item = await self._next()
-        if self._convert is not None:
-            return self._convert(item)
-        return item  # type: ignore[no-any-return]
-
-    async def _next(self) -> Any:
+        # One coroutine per item, not two: this is the hot path of a stream.
         if self._first is not None:
             first, self._first = self._first, None
             self._took()
-            return first.output
+            return self._item(first.output)
         if self._done:
             raise StopAsyncIteration
         try:
@@ -253,13 +248,17 @@ class Stream(Generic[T]):
             raise
         if isinstance(frame, Yield):
             self._took()
-            return frame.output
+            return self._item(frame.output)
         self._close()
         if frame.error is not None:
             raise RemoteError(frame.error)
         if frame.output is None:
             raise StopAsyncIteration
-        return frame.output
+        return self._item(frame.output)
+
+    def _item(self, output: Any) -> T:
+        convert = self._convert
+        return output if convert is None else convert(output)
 
     def __del__(self) -> None:
         # A stream dropped without aclose() must not leave the remote waiting
