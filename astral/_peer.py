@@ -767,7 +767,7 @@ class Peer:
         channel.receive.close()
         if frame.error is not None:
             raise RemoteError(frame.error)
-        if convert is not None and frame.output is not None:
+        if convert is not None:  # None too: no output does not fit a model type
             return convert(frame.output)
         return frame.output
 

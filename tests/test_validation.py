@@ -452,11 +452,17 @@ async def test_ref_output_that_does_not_fit_raises_validation_error() -> None:
         yield {"name": "b"}
         yield {"name": "c", "age": 3}
 
-    async with connected_pair({"wrong": wrong, "items": items}, {}) as (_, caller):
+    async def nothing(_: object) -> None:
+        pass
+
+    capabilities = {"wrong": wrong, "items": items, "nothing": nothing}
+    async with connected_pair(capabilities, {}) as (_, caller):
         with pytest.raises(astral.ValidationError) as caught:
             await caller.call(astral.ref("wrong", input=int, output=User), 1)
         assert str(caught.value) == "invalid output: Expected `int`, got `str` - at `$.age`"
         assert isinstance(caught.value, astral.CallError)
+        with pytest.raises(astral.ValidationError, match=r"^invalid output: Expected `object`"):
+            await caller.call(astral.ref("nothing", input=int, output=User), 1)
         async with caller.stream(astral.ref("items", input=int, output=User), 1) as stream:
             assert await anext(stream) == User("a", 1)
             with pytest.raises(astral.ValidationError, match="missing required field `age`"):
