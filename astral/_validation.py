@@ -260,7 +260,7 @@ def _hint(function: Any, name: str) -> Any:
     probe.__annotations__ = {"x": annotations[name]}
     try:
         return typing.get_type_hints(
-            probe, globalns=getattr(function, "__globals__", None), include_extras=False
+            probe, globalns=getattr(function, "__globals__", {}), include_extras=False
         )["x"]
     except Exception:
         logger.debug("annotation %r of %r not resolved", name, function, exc_info=True)

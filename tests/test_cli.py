@@ -393,12 +393,7 @@ async def test_serve_runs_a_principal_for_a_module(cli: list[str], tmp_path: Pat
         "--verifier-key-file", str(tmp_path / "key"), "--path", "/astral", *cli,
     ]  # fmt: skip
     async with await anyio.open_process(args, cwd=tmp_path, env=environment()) as process:
-        assert process.stdout is not None
-        assert process.stderr is not None
-        banner = b""
-        while not banner.endswith(b"\n"):
-            banner += await process.stdout.receive()
-        line = banner.decode().strip()
+        line = await read_banner(process)
         assert line.startswith("astral: serving count, hello on ws://127.0.0.1:"), line
         url = line.rsplit(" ", 1)[1]
         assert url.endswith("/astral")
@@ -415,6 +410,30 @@ async def test_serve_runs_a_principal_for_a_module(cli: list[str], tmp_path: Pat
             process.send_signal(signal.SIGINT)
             closed = await peer.wait_closed()
             assert closed.code == 1001
+        assert await process.wait() == 0
+
+
+@pytest.mark.time_limit(30)
+async def test_serve_over_tls_stops_on_sigterm(cli: list[str], tmp_path: Path) -> None:
+    (tmp_path / "served_caps.py").write_text(textwrap.dedent(SERVED_MODULE))
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    args = [
+        sys.executable, "-m", "astral", "serve", "served_caps:capabilities", "--port", "0",
+        "--certfile", str(tmp_path / "server.pem"), *cli,
+    ]  # fmt: skip
+    env = environment(ASTRAL_KEY=KEY)
+    async with await anyio.open_process(args, cwd=tmp_path, env=env) as process:
+        line = await read_banner(process)
+        assert line.startswith("astral: serving count, hello on wss://127.0.0.1:"), line
+        url = line.rsplit(" ", 1)[1]
+        async with astral.connect(url, token=token("tls"), ssl=client) as peer:
+            assert await peer.call("hello", "tls") == "hello tls, I am serving tls"
+            process.send_signal(signal.SIGTERM)
+            assert (await peer.wait_closed()).code == 1001
         assert await process.wait() == 0
 
 
