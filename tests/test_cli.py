@@ -365,6 +365,15 @@ def test_token_verify_prints_claims_or_why_it_was_refused(
 
 # -- astral serve ------------------------------------------------------------
 
+
+async def read_banner(process: Any) -> str:
+    """The line ``astral serve`` prints once it listens."""
+    banner = b""
+    while not banner.endswith(b"\n"):
+        banner += await process.stdout.receive()
+    return banner.decode().strip()
+
+
 SERVED_MODULE = """
 from collections.abc import AsyncIterator
 
