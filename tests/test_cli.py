@@ -8,6 +8,7 @@ other end runs in the test, on the test's own backend.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,15 @@ def test_trio_missing_says_which_extra_to_install() -> None:
         )
         assert result.returncode == 2, result
         assert one_line_error(result).endswith("pip install 'astral-rpc[trio]'")
+
+
+def test_console_scripts_point_at_the_command_line() -> None:
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    scripts = pyproject["project"]["scripts"]
+    assert scripts == {"astral": "astral._cli:main", "astral-demo": "astral._demo:main"}
+    for target in scripts.values():
+        module, _, name = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), name))
 
 
 def test_astral_demo_script_shim_still_parses(capsys: pytest.CaptureFixture[str]) -> None:
