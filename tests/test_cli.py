@@ -29,7 +29,8 @@ import trustme
 import astral
 from astral import _cli
 from astral._demo import main as demo_main
-from tests.helpers import SECRET, running_principal, token
+
+from .helpers import SECRET, running_principal, token
 
 KEY = SECRET.decode()
 CLI_BACKENDS = [pytest.param([], id="cli-asyncio"), pytest.param(["--trio"], id="cli-trio")]
