@@ -502,6 +502,14 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (tests capture it): nothing will complain
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line.
 
@@ -533,6 +541,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``astral call ... | head -1``): stop quietly,
+        # and keep Python from complaining when it flushes stdout at exit.
+        _silence_stdout()
+        return OK
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
         print(f"{prog}: {_describe(exc)}", file=sys.stderr)
         return _exit_status(exc)

@@ -249,6 +249,41 @@ async def test_call_prints_results_and_streams(cli: list[str]) -> None:
 
 
 @pytest.mark.time_limit(30)
+async def test_call_stops_quietly_when_its_reader_goes_away(cli: list[str]) -> None:
+    async with running_principal() as principal:
+        args = [
+            sys.executable, "-m", "astral", "call", principal.url, "count", "1000000",
+            "--token", token(), *cli,
+        ]  # fmt: skip
+        # A pipe of our own: closing its read end really closes it on
+        # both backends (anyio's asyncio stream only marks end of input).
+        read_end, write_end = os.pipe()
+        try:
+            async with await anyio.open_process(
+                args, stdout=write_end, env=environment()
+            ) as process:
+                os.close(write_end)
+                write_end = -1
+                assert process.stderr is not None
+                try:
+                    first = await anyio.to_thread.run_sync(os.read, read_end, 64)
+                finally:
+                    os.close(read_end)  # like `| head -1`
+                    read_end = -1
+                assert first.startswith(b"0")
+                assert await process.wait() == 0
+                stderr = b""
+                with contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        stderr += await process.stderr.receive()
+        finally:
+            for fd in (read_end, write_end):
+                if fd >= 0:
+                    os.close(fd)
+        assert stderr == b""
+
+
+@pytest.mark.time_limit(30)
 async def test_call_takes_the_token_from_a_file_the_environment_or_the_query(
     cli: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
