@@ -15,6 +15,7 @@ from ._auth import mint_token as mint_token
 from ._auth import verify_token as verify_token
 from ._client import connect as connect
 from ._dispatch import Callable as Callable
+from ._dispatch import Capability as Capability
 from ._dispatch import handle as handle
 from ._exceptions import AstralError as AstralError
 from ._exceptions import AuthenticationError as AuthenticationError
@@ -30,6 +31,7 @@ from ._exceptions import RemoteError as RemoteError
 from ._exceptions import StreamOverrun as StreamOverrun
 from ._exceptions import TLSError as TLSError
 from ._exceptions import Unauthorized as Unauthorized
+from ._exceptions import ValidationError as ValidationError
 from ._frames import Call as Call
 from ._frames import Cancel as Cancel
 from ._frames import Credit as Credit
@@ -46,6 +48,8 @@ from ._peer import Stream as Stream
 from ._peer import accept as accept
 from ._peer import current_peer as current_peer
 from ._principal import PeerRegistry as PeerRegistry
+from ._ref import Ref as Ref
+from ._ref import ref as ref
 from ._server import serve as serve
 from ._transport import Transport as Transport
 from ._worker import Backoff as Backoff
@@ -64,6 +68,7 @@ __all__ = [
     "CallTimeout",
     "Callable",
     "Cancel",
+    "Capability",
     "ConnectError",
     "ConnectTimeout",
     "ConnectionClosed",
@@ -76,6 +81,7 @@ __all__ = [
     "Peer",
     "PeerRegistry",
     "ProtocolError",
+    "Ref",
     "RemoteError",
     "Result",
     "Stream",
@@ -83,6 +89,7 @@ __all__ = [
     "TLSError",
     "Transport",
     "Unauthorized",
+    "ValidationError",
     "Verifier",
     "Yield",
     "accept",
@@ -92,6 +99,7 @@ __all__ = [
     "encode",
     "handle",
     "mint_token",
+    "ref",
     "run_worker",
     "serve",
     "verify_token",

@@ -229,14 +229,12 @@ async def _restart_scene(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo on asyncio, or on trio with ``--trio``."""
+    """The ``astral-demo`` script: ``astral demo`` (parsed in :mod:`astral._cli`)."""
     import sys  # noqa: PLC0415
 
-    args = sys.argv[1:] if argv is None else argv
-    backend = "trio" if "--trio" in args else "asyncio"
-    if args and args[0] not in ("demo", "--trio"):
-        print("usage: python -m astral demo [--trio]")
-        return 2
-    print(f"astral demo on {backend}")
-    anyio.run(_demo, backend=backend)
-    return 0
+    from ._cli import main as cli  # noqa: PLC0415
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["demo"]:
+        args = args[1:]
+    return cli(["demo", *args])

@@ -8,7 +8,10 @@ A capability is one of:
 * an async generator function ``async def f(input): yield ...`` (streams).
 
 A ``call`` (or function) that *returns* an async iterable streams too, as in
-the original. Capabilities are resolved once, when registered; at dispatch
+the original. A capability whose input is annotated with a msgspec
+``Struct``, a pydantic model, a ``TypedDict`` or a dataclass has its input
+validated on the way in (see :mod:`astral._validation`). Capabilities are
+resolved once, when registered; at dispatch
 time the remote name is only ever a key into a private ``dict``, so no
 attribute lookup is ever driven by the wire.
 
@@ -21,10 +24,11 @@ import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Mapping
 from collections.abc import Callable as _Fn
 from contextlib import aclosing
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Never, Protocol, TypeAlias, runtime_checkable
 
 from ._exceptions import Failure
 from ._frames import Call, Result, Yield
+from ._validation import adapt
 
 __all__ = [
     "GENERIC_MESSAGE",
@@ -58,7 +62,22 @@ class Callable(Protocol):
         ...
 
 
-Capability: TypeAlias = Callable | _Fn[[Any], Any]
+class _StreamingCallable(Protocol):
+    """An object whose ``call(input)`` is an async generator: it streams."""
+
+    def call(self, input: Any, /) -> AsyncIterable[Any]: ...
+
+
+#: What a ``capabilities`` mapping holds, for type checkers: an async
+#: function or async generator function of one argument (whatever its input
+#: type), or an object with an async ``call(input)``. A sync function, or a
+#: lambda returning a plain value, is refused by mypy as it is at run time.
+Capability: TypeAlias = (
+    Callable
+    | _StreamingCallable
+    | _Fn[[Never], Awaitable[object]]
+    | _Fn[[Never], AsyncIterable[object]]
+)
 Capabilities: TypeAlias = Mapping[str, Capability]
 #: A resolved capability: ``input -> awaitable output | async iterable``.
 _Invoke: TypeAlias = _Fn[[Any], Any]
@@ -78,7 +97,8 @@ def resolve(capabilities: Capabilities | None) -> dict[str, _Invoke]:
     Raises:
         TypeError: If a name is not a string, or a value is not an async
             function, an async generator function or an object with an async
-            ``call`` method.
+            ``call`` method, or its input is annotated with a ``TypedDict`` or
+            a dataclass while neither msgspec nor pydantic is installed.
     """
     table: dict[str, _Invoke] = {}
     for name, capability in (capabilities or {}).items():
@@ -95,23 +115,30 @@ def _is_async(function: Any) -> bool:
 
 def _invoker(name: str, capability: Any) -> _Invoke:
     if _is_async(capability):
-        return capability  # type: ignore[no-any-return]
+        return _adapt(name, capability)
     # Looked up on the type, as Python looks up special methods, so a
     # __getattr__ cannot pass for an async method.
     if _is_async(getattr(type(capability), "call", None)):
-        return capability.call  # type: ignore[no-any-return]
+        return _adapt(name, capability.call)
     if (
         callable(capability)
         and not inspect.isroutine(capability)
         and _is_async(type(capability).__call__)
     ):
-        return capability  # type: ignore[no-any-return]
+        return _adapt(name, capability)
     # Anything else, a plain sync function above all, would only fail when the
     # remote first calls it: refuse it now.
     raise TypeError(
         f"capability {name!r} must be an async function, an async generator function "
         f"or an object with an async 'call' method, not {type(capability).__name__}"
     )
+
+
+def _adapt(name: str, invoke: _Invoke) -> _Invoke:
+    try:
+        return adapt(invoke)
+    except TypeError as exc:
+        raise TypeError(f"capability {name!r}: {exc}") from None
 
 
 def error_message(exc: BaseException) -> str:

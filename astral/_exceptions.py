@@ -18,7 +18,8 @@ originals stay visible as ``__cause__``::
     └── CallError                one call failed; the connection lives on
         ├── RemoteError          the remote capability reported an error
         ├── CallTimeout          no answer in time (also a TimeoutError)
-        └── StreamOverrun        the consumer fell behind a streaming call
+        ├── StreamOverrun        the consumer fell behind a streaming call
+        └── ValidationError      a value did not match its declared type (also a ValueError)
 
 Trio's vocabulary applies to :class:`ConnectionClosed`: ``code`` and ``reason``
 tell whether we closed it (1000/1001) or the peer or network broke it.
@@ -43,6 +44,7 @@ __all__ = [
     "StreamOverrun",
     "TLSError",
     "Unauthorized",
+    "ValidationError",
 ]
 
 #: Longest error code accepted, in characters (:class:`Failure`, the wire).
@@ -220,4 +222,18 @@ class StreamOverrun(CallError):
 
     That one call fails with this error and the remote is told to stop; other
     calls on the connection are untouched.
+    """
+
+
+class ValidationError(CallError, ValueError):
+    """A value did not match the type declared for it.
+
+    Raised by :meth:`Peer.call <astral.Peer.call>` and :class:`Stream
+    <astral.Stream>` when the remote's output does not fit the ``output``
+    type of a typed reference (:func:`astral.ref`); a capability whose input
+    does not fit its annotated parameter fails the call with the same
+    message, which the caller receives as :class:`RemoteError`. The message
+    names the path and the problem, for example
+    ``"invalid output: Expected `int`, got `str` - at `$.age`"``; it never
+    quotes the value.
     """

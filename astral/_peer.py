@@ -29,7 +29,7 @@ import math
 import threading
 from contextlib import aclosing, asynccontextmanager
 from types import EllipsisType, MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Self, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -57,6 +57,7 @@ from ._protocol import (
     Reply,
     StartInbound,
 )
+from ._ref import unref
 from ._transport import CLOSED_ERRORS, AnyTransport, close_transport
 
 if TYPE_CHECKING:
@@ -67,12 +68,14 @@ if TYPE_CHECKING:
         Mapping,
         Sequence,
     )
+    from contextlib import AbstractAsyncContextManager
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from ._dispatch import Capabilities
     from ._frames import Call
     from ._middleware import Middleware
+    from ._ref import Ref, Signed
 
 __all__ = ["Peer", "Stream", "accept", "current_peer"]
 
@@ -80,6 +83,10 @@ logger = logging.getLogger("astral.peer")
 capability_logger = logging.getLogger("astral.capability")
 
 _current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("astral.current_peer")
+
+T = TypeVar("T")
+OutputT = TypeVar("OutputT")
+ArgsT = ParamSpec("ArgsT")
 
 #: Defaults, documented in docs/limits.md.
 DEFAULT_TIMEOUT = 30.0
@@ -206,8 +213,11 @@ class _Inbound:
         self.credit -= 1
 
 
-class Stream:
+class Stream(Generic[T]):
     """The items of a streaming call, as an async iterator.
+
+    Generic in the type of its items: ``Stream[str]`` from a typed reference
+    (:func:`astral.ref`), ``Stream[Any]`` from a call by name.
 
     ``async for item in stream`` yields each item in order and ends when the
     remote's stream ends. A result's output, if any, is the last item. If the
@@ -222,17 +232,26 @@ class Stream:
         CallTimeout: No first item arrived within the call's timeout.
         StreamOverrun: This consumer fell more than ``max_buffered_items``
             behind; the remote was told to stop.
+        ValidationError: An item did not fit the typed reference's output
+            type; the stream goes on.
         ConnectionClosed: The connection ended.
     """
 
-    __slots__ = ("_chain", "_channel", "_done", "_first", "_peer", "_taken")
+    __slots__ = ("_chain", "_channel", "_convert", "_done", "_first", "_peer", "_taken")
 
     def __init__(
-        self, peer: Peer, channel: _Channel, first: Yield | None, chain: Chain | None = None
+        self,
+        peer: Peer,
+        channel: _Channel,
+        first: Yield | None,
+        *,
+        chain: Chain | None = None,
+        convert: Callable[[Any], T] | None = None,
     ) -> None:
         self._peer = peer
         self._channel = channel
         self._first = first
+        self._convert = convert
         self._done = False
         self._taken = 0
         # The middleware watching this call; left once the stream ends.
@@ -246,11 +265,12 @@ class Stream:
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> T:
+        # One coroutine per item, not two: this is the hot path of a stream.
         if self._first is not None:
             first, self._first = self._first, None
             self._took()
-            return first.output
+            return self._item(first.output)
         if self._done:
             raise StopAsyncIteration
         try:
@@ -262,7 +282,7 @@ class Stream:
             raise
         if isinstance(frame, Yield):
             self._took()
-            return frame.output
+            return self._item(frame.output)
         self._close()
         if frame.error is not None:
             error = RemoteError(frame.error, code=frame.code, data=frame.data)
@@ -275,7 +295,11 @@ class Stream:
             raise StopAsyncIteration
         if self._chain is not None:
             await self._leave(None)
-        return frame.output
+        return self._item(frame.output)
+
+    def _item(self, output: Any) -> T:
+        convert = self._convert
+        return output if convert is None else convert(output)
 
     async def _leave(self, error: BaseException | None, outcome: str | None = None) -> None:
         chain, self._chain = self._chain, None
@@ -965,9 +989,25 @@ class Peer:
                 channel.fail(CallTimeout(f"call {channel.capability} timed out"))
                 self._forget(channel)  # and tell the remote to stop
 
+    # A typed reference brings its own signature (input, then timeout): see
+    # astral._ref.Signed for why it is a ParamSpec and not a TypeVar.
+    @overload
+    async def call(
+        self, capability: Signed[ArgsT, OutputT], /, *args: ArgsT.args, **kwargs: ArgsT.kwargs
+    ) -> OutputT: ...
+
+    @overload
     async def call(
         self,
         capability: str,
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+    ) -> Any: ...
+
+    async def call(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
+        self,
+        capability: str | Ref[Any, Any],
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
@@ -975,8 +1015,10 @@ class Peer:
         """Call a capability of the remote peer.
 
         Args:
-            capability: The registered name on the remote.
-            input: Any JSON value.
+            capability: The registered name on the remote, or a typed
+                reference to it (see :func:`astral.ref`), which types the
+                input and the output.
+            input: Any JSON value (of the reference's input type).
             timeout: Seconds to wait for the first frame (the result, or the
                 first item of a stream); ``None`` waits forever; by default
                 the peer's ``timeout``. Once a stream has started it has no
@@ -993,9 +1035,12 @@ class Peer:
             ConnectionClosed: The connection ended before the answer.
             ProtocolError: ``input`` cannot be sent as JSON, or the call is
                 larger than the remote accepts in one message.
+            ValidationError: The output does not fit the reference's model
+                output type.
         """
+        capability, input, convert = unref(capability, input)
         if self._middleware:
-            return await self._call_observed(capability, input, timeout)
+            return await self._call_observed(capability, input, timeout, convert)
         channel = await self._open(capability, input, timeout)
         try:
             frame = await channel.next()
@@ -1003,10 +1048,12 @@ class Peer:
             self._abandon(channel)
             raise
         if isinstance(frame, Yield):
-            return Stream(self, channel, frame)
+            return Stream(self, channel, frame, convert=convert)
         channel.receive.close()
         if frame.error is not None:
             raise RemoteError(frame.error, code=frame.code, data=frame.data)
+        if convert is not None:  # None too: no output does not fit a model type
+            return convert(frame.output)
         return frame.output
 
     async def _enter_outbound(self, capability: str, input: Any) -> Chain:
@@ -1039,7 +1086,11 @@ class Peer:
         return await chain.leave()
 
     async def _call_observed(
-        self, capability: str, input: Any, timeout: float | EllipsisType | None
+        self,
+        capability: str,
+        input: Any,
+        timeout: float | EllipsisType | None,
+        convert: Callable[[Any], Any] | None,
     ) -> Any:
         chain = await self._enter_outbound(capability, input)
         info = chain.info
@@ -1055,7 +1106,7 @@ class Peer:
             raise
         if isinstance(frame, Yield):
             info.streaming = True
-            return Stream(self, channel, frame, chain)
+            return Stream(self, channel, frame, chain=chain, convert=convert)
         channel.receive.close()
         error = None
         if frame.error is not None:
@@ -1067,16 +1118,31 @@ class Peer:
             raise error
         if failure is not None:
             raise failure
+        if convert is not None:  # None too: no output does not fit a model type
+            return convert(frame.output)
         return frame.output
 
-    @asynccontextmanager
-    async def stream(
+    @overload
+    def stream(
+        self, capability: Signed[ArgsT, OutputT], /, *args: ArgsT.args, **kwargs: ArgsT.kwargs
+    ) -> AbstractAsyncContextManager[Stream[OutputT]]: ...
+
+    @overload
+    def stream(
         self,
         capability: str,
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
-    ) -> AsyncIterator[Stream]:
+    ) -> AbstractAsyncContextManager[Stream[Any]]: ...
+
+    def stream(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
+        self,
+        capability: str | Ref[Any, Any],
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+    ) -> AbstractAsyncContextManager[Stream[Any]]:
         """Call a capability and iterate over what it streams.
 
         ::
@@ -1090,22 +1156,34 @@ class Peer:
         that one value.
 
         Args:
-            capability: The registered name on the remote.
-            input: Any JSON value.
+            capability: The registered name on the remote, or a typed
+                reference to it (see :func:`astral.ref`): the stream's items
+                are then of its output type.
+            input: Any JSON value (of the reference's input type).
             timeout: Seconds to wait for the first item or the result; see
                 :meth:`call`.
 
-        Yields:
-            The :class:`Stream`.
+        Returns:
+            An async context manager yielding the :class:`Stream`.
 
         Raises:
             ConnectionClosed: The connection is closed.
             ProtocolError: ``input`` cannot be sent as JSON, or the call is
                 larger than the remote accepts in one message.
         """
+        return self._stream(capability, input, timeout)
+
+    @asynccontextmanager
+    async def _stream(
+        self,
+        capability: str | Ref[Any, Any],
+        input: Any,
+        timeout: float | EllipsisType | None,
+    ) -> AsyncIterator[Stream[Any]]:
+        capability, input, convert = unref(capability, input)
         if not self._middleware:
             channel = await self._open(capability, input, timeout)
-            stream = Stream(self, channel, None)
+            stream: Stream[Any] = Stream(self, channel, None, convert=convert)
             try:
                 yield stream
             finally:
@@ -1118,7 +1196,7 @@ class Peer:
         except BaseException as exc:
             await self._leave_outbound(chain, exc)
             raise
-        stream = Stream(self, channel, None, chain)
+        stream = Stream(self, channel, None, chain=chain, convert=convert)
         try:
             yield stream
         finally:
