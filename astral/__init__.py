@@ -15,6 +15,7 @@ from ._auth import mint_token as mint_token
 from ._auth import verify_token as verify_token
 from ._client import connect as connect
 from ._dispatch import Callable as Callable
+from ._dispatch import Capability as Capability
 from ._dispatch import handle as handle
 from ._exceptions import AstralError as AstralError
 from ._exceptions import AuthenticationError as AuthenticationError
@@ -23,12 +24,14 @@ from ._exceptions import CallTimeout as CallTimeout
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import ConnectionClosed as ConnectionClosed
 from ._exceptions import ConnectTimeout as ConnectTimeout
+from ._exceptions import Failure as Failure
 from ._exceptions import HandshakeError as HandshakeError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import RemoteError as RemoteError
 from ._exceptions import StreamOverrun as StreamOverrun
 from ._exceptions import TLSError as TLSError
 from ._exceptions import Unauthorized as Unauthorized
+from ._exceptions import ValidationError as ValidationError
 from ._frames import Call as Call
 from ._frames import Cancel as Cancel
 from ._frames import Credit as Credit
@@ -37,14 +40,20 @@ from ._frames import Result as Result
 from ._frames import Yield as Yield
 from ._frames import decode as decode
 from ._frames import encode as encode
+from ._middleware import CallInfo as CallInfo
+from ._middleware import Middleware as Middleware
 from ._peer import AcceptedPeer as AcceptedPeer
 from ._peer import Peer as Peer
 from ._peer import Stream as Stream
 from ._peer import accept as accept
 from ._peer import current_peer as current_peer
 from ._principal import PeerRegistry as PeerRegistry
+from ._ref import Ref as Ref
+from ._ref import ref as ref
 from ._server import serve as serve
 from ._transport import Transport as Transport
+from ._worker import Backoff as Backoff
+from ._worker import run_worker as run_worker
 
 __version__ = "0.1.0"
 
@@ -52,21 +61,27 @@ __all__ = [
     "AcceptedPeer",
     "AstralError",
     "AuthenticationError",
+    "Backoff",
     "Call",
     "CallError",
+    "CallInfo",
     "CallTimeout",
     "Callable",
     "Cancel",
+    "Capability",
     "ConnectError",
     "ConnectTimeout",
     "ConnectionClosed",
     "Credit",
+    "Failure",
     "Frame",
     "HandshakeError",
     "JWTVerifier",
+    "Middleware",
     "Peer",
     "PeerRegistry",
     "ProtocolError",
+    "Ref",
     "RemoteError",
     "Result",
     "Stream",
@@ -74,6 +89,7 @@ __all__ = [
     "TLSError",
     "Transport",
     "Unauthorized",
+    "ValidationError",
     "Verifier",
     "Yield",
     "accept",
@@ -83,6 +99,8 @@ __all__ = [
     "encode",
     "handle",
     "mint_token",
+    "ref",
+    "run_worker",
     "serve",
     "verify_token",
 ]

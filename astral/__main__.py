@@ -1,10 +1,10 @@
-"""``python -m astral demo [--trio]``."""
+"""``python -m astral``: the command line (see :mod:`astral._cli`)."""
 
 from __future__ import annotations
 
 import sys
 
-from ._demo import main
+from ._cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

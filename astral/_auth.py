@@ -179,6 +179,11 @@ class JWTVerifier:
         # A token without kid may use a set only when there is no choice to make.
         self._sole = self._entries if len(self._entries) == 1 else None
 
+    @property
+    def leeway(self) -> float:
+        """Seconds of clock skew tolerated on ``exp``, ``nbf`` and ``iat``."""
+        return self._leeway
+
     def __repr__(self) -> str:
         # Never the key: a secret must not end up in a log line.
         return (

@@ -15,6 +15,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 
+from ._handshake import RemoteLimits, advertise
+from ._logs import ClosingLog, log_connection
 from ._peer import (
     DEFAULT_MAX_BUFFERED_ITEMS,
     DEFAULT_MAX_INBOUND_CALLS,
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
     from ._dispatch import Capabilities
     from ._frames import JsonDefault
+    from ._middleware import Middleware
 
 __all__ = ["connect"]
 
@@ -52,6 +55,14 @@ def _with_token_query(url: str, token: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+def _loggable(url: str) -> str:
+    # Never the query string in a log line: it may hold the token.
+    try:
+        return urlunsplit(urlsplit(url)._replace(query="", fragment=""))
+    except ValueError:
+        return "an invalid URL"  # open_websocket says what is wrong with it
+
+
 @asynccontextmanager
 async def connect(
     url: str,
@@ -70,6 +81,8 @@ async def connect(
     max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
     max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
     claims: Mapping[str, Any] | None = None,
+    middleware: Sequence[Middleware] = (),
+    hide_internal_errors: bool = False,
     json_default: JsonDefault | None = None,
 ) -> AsyncIterator[Peer]:
     """Connect to a principal and run a peer over the WebSocket.
@@ -100,11 +113,20 @@ async def connect(
         ping_interval: Seconds between keepalive pings; ``None`` disables.
         ping_timeout: Seconds to wait for a pong before closing.
         close_timeout: Seconds to wait for the closing handshake.
-        max_message_size: Largest incoming message, in bytes (close 1009).
+        max_message_size: Largest incoming message, in bytes (close 1009);
+            told to the principal (``Astral-Max-Message-Size``), which then
+            fails a too-big answer alone instead of sending it. A call larger
+            than the principal's own limit (1 MiB if it says none) fails with
+            :class:`astral.ProtocolError` before it is sent.
         max_inbound_calls: Remote calls allowed to run here at once.
         max_buffered_items: Items buffered per streaming call.
         claims: Claims describing the principal, for this worker's
             capabilities to read through ``current_peer().claims``.
+        middleware: Wrap every call to and from the principal, first one outermost
+            (see :data:`astral.Middleware`).
+        hide_internal_errors: Send ``"internal error"`` instead of the
+            message of an unexpected exception in a capability here (code
+            ``"internal"`` still); the full error is logged here.
         json_default: Converts values outside the value rule (see
             :class:`astral.Peer`); ``None`` refuses them.
 
@@ -123,12 +145,55 @@ async def connect(
     """
     check_limits(timeout, max_inbound_calls, max_buffered_items)
     value = await _resolve_token(token)
-    all_headers = list(headers)
+    ours = advertise(max_message_size)
+    for name, _ in headers:
+        if name.lower() in {own.lower() for own, _ in ours}:
+            raise ValueError(f"the {name!r} header is set by astral")
+    all_headers = [*headers, *ours]
     if value is not None:
         if token_in_query:
             url = _with_token_query(url, value)
         else:
             all_headers.append(("Authorization", f"Bearer {value}"))
+    where = _loggable(url)
+    subject = (claims or {}).get("sub")
+    with log_connection(where, subject) as closing:
+        async with _running(
+            url,
+            all_headers,
+            closing,
+            ssl=ssl,
+            open_timeout=open_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            close_timeout=close_timeout,
+            max_message_size=max_message_size,
+            capabilities=capabilities,
+            claims=claims,
+            timeout=timeout,
+            max_inbound_calls=max_inbound_calls,
+            max_buffered_items=max_buffered_items,
+            middleware=middleware,
+            hide_internal_errors=hide_internal_errors,
+            json_default=json_default,
+        ) as peer:
+            yield peer
+
+
+@asynccontextmanager
+async def _running(
+    url: str,
+    all_headers: list[tuple[str, str]],
+    closing: ClosingLog,
+    *,
+    ssl: _ssl.SSLContext | None,
+    open_timeout: float | None,
+    ping_interval: float | None,
+    ping_timeout: float | None,
+    close_timeout: float,
+    max_message_size: int,
+    **peer_options: Any,
+) -> AsyncIterator[Peer]:
     async with (
         open_websocket(
             url,
@@ -142,20 +207,20 @@ async def connect(
         ) as websocket,
         Peer(
             websocket,
-            capabilities=capabilities,
-            claims=claims,
-            timeout=timeout,
-            max_inbound_calls=max_inbound_calls,
-            max_buffered_items=max_buffered_items,
-            json_default=json_default,
+            remote_max_message_size=RemoteLimits.from_headers(
+                websocket.response_headers
+            ).max_message_size,
+            **peer_options,
         ) as peer,
     ):
+        closing.opened("connected to %s", peer)
         try:
             yield peer
         except BaseException as exc:
             # Say why on the wire: 1001 when the worker is going away
             # (cancelled), 1011 when the code using the peer failed.
             going_away = isinstance(exc, anyio.get_cancelled_exc_class())
+            closing.code = 1001 if going_away else 1011
             with anyio.CancelScope(shield=True):
                 await websocket.aclose(
                     1001 if going_away else 1011, "going away" if going_away else "error"

@@ -14,15 +14,21 @@ import secrets
 import ssl
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
+import anyio.abc
 
 from ._auth import JWTVerifier, mint_token
 from ._client import connect
 from ._exceptions import Unauthorized
-from ._peer import current_peer
+from ._peer import Peer, current_peer
 from ._principal import PeerRegistry
 from ._server import serve
+from ._worker import Backoff, run_worker
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -185,17 +191,86 @@ async def _demo() -> None:
             say(f"  refused before the upgrade: {exc}")
         tg.cancel_scope.cancel()
     say("principal stopped; every connection closed")
+    await _restart_scene(say, secret, server_tls, client_tls)
+
+
+async def _restart_scene(
+    say: Callable[..., None],
+    secret: bytes,
+    server_tls: ssl.SSLContext,
+    client_tls: ssl.SSLContext,
+) -> None:
+    """A worker kept connected by ``run_worker`` survives its principal's restart."""
+    verifier = JWTVerifier(secret, algorithms=["HS256"])
+    answered = [anyio.Event(), anyio.Event()]
+    connections = 0
+
+    async def hello(name: str) -> str:
+        return f"hello {name}"
+
+    async def work(principal: Peer) -> None:
+        nonlocal connections
+        connections += 1
+        say(f"  worker-2: connection {connections}: {await principal.call('hello', 'worker-2')!r}")
+        answered[connections - 1].set()
+
+    principal = anyio.CancelScope()
+    stopped = anyio.Event()
+
+    async def first_principal(*, task_status: anyio.abc.TaskStatus[int]) -> None:
+        try:
+            with principal:
+                await serve(
+                    verifier=verifier,
+                    capabilities={"hello": hello},
+                    ssl=server_tls,
+                    path="/astral",
+                    task_status=task_status,
+                )
+        finally:
+            stopped.set()
+
+    say("a worker kept connected by run_worker, while its principal restarts")
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(first_principal)
+        tg.start_soon(
+            functools.partial(
+                run_worker,
+                f"wss://127.0.0.1:{port}/astral",
+                token=functools.partial(mint_token, secret, subject="worker-2", expires_in=60),
+                ssl=client_tls,
+                on_connect=work,
+                backoff=Backoff(initial=0.05, maximum=0.5),
+            )
+        )
+        with anyio.fail_after(10):
+            await answered[0].wait()
+        say("  principal stops (its connections close with 1001) ...")
+        principal.cancel()
+        await stopped.wait()
+        say(f"  ... and starts again on port {port}; the worker reconnects by itself")
+        await tg.start(
+            functools.partial(
+                serve,
+                verifier=verifier,
+                capabilities={"hello": hello},
+                ssl=server_tls,
+                path="/astral",
+                port=port,
+            )
+        )
+        with anyio.fail_after(10):
+            await answered[1].wait()
+        tg.cancel_scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo on asyncio, or on trio with ``--trio``."""
+    """The ``astral-demo`` script: ``astral demo`` (parsed in :mod:`astral._cli`)."""
     import sys  # noqa: PLC0415
 
-    args = sys.argv[1:] if argv is None else argv
-    backend = "trio" if "--trio" in args else "asyncio"
-    if args and args[0] not in ("demo", "--trio"):
-        print("usage: python -m astral demo [--trio]")
-        return 2
-    print(f"astral demo on {backend}")
-    anyio.run(_demo, backend=backend)
-    return 0
+    from ._cli import main as cli  # noqa: PLC0415
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["demo"]:
+        args = args[1:]
+    return cli(["demo", *args])

@@ -8,7 +8,10 @@ A capability is one of:
 * an async generator function ``async def f(input): yield ...`` (streams).
 
 A ``call`` (or function) that *returns* an async iterable streams too, as in
-the original. Capabilities are resolved once, when registered; at dispatch
+the original. A capability whose input is annotated with a msgspec
+``Struct``, a pydantic model, a ``TypedDict`` or a dataclass has its input
+validated on the way in (see :mod:`astral._validation`). Capabilities are
+resolved once, when registered; at dispatch
 time the remote name is only ever a key into a private ``dict``, so no
 attribute lookup is ever driven by the wire.
 
@@ -21,17 +24,23 @@ import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Mapping
 from collections.abc import Callable as _Fn
 from contextlib import aclosing
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Never, Protocol, TypeAlias, runtime_checkable
 
+from ._exceptions import Failure
 from ._frames import Call, Result, Yield
+from ._validation import adapt
 
 __all__ = [
+    "GENERIC_MESSAGE",
+    "INTERNAL",
     "UNKNOWN_CAPABILITY",
     "Callable",
     "Capabilities",
     "Capability",
     "Dispatch",
+    "OnError",
     "error_message",
+    "error_result",
     "handle",
     "resolve",
 ]
@@ -53,7 +62,22 @@ class Callable(Protocol):
         ...
 
 
-Capability: TypeAlias = Callable | _Fn[[Any], Any]
+class _StreamingCallable(Protocol):
+    """An object whose ``call(input)`` is an async generator: it streams."""
+
+    def call(self, input: Any, /) -> AsyncIterable[Any]: ...
+
+
+#: What a ``capabilities`` mapping holds, for type checkers: an async
+#: function or async generator function of one argument (whatever its input
+#: type), or an object with an async ``call(input)``. A sync function, or a
+#: lambda returning a plain value, is refused by mypy as it is at run time.
+Capability: TypeAlias = (
+    Callable
+    | _StreamingCallable
+    | _Fn[[Never], Awaitable[object]]
+    | _Fn[[Never], AsyncIterable[object]]
+)
 Capabilities: TypeAlias = Mapping[str, Capability]
 #: A resolved capability: ``input -> awaitable output | async iterable``.
 _Invoke: TypeAlias = _Fn[[Any], Any]
@@ -73,7 +97,8 @@ def resolve(capabilities: Capabilities | None) -> dict[str, _Invoke]:
     Raises:
         TypeError: If a name is not a string, or a value is not an async
             function, an async generator function or an object with an async
-            ``call`` method.
+            ``call`` method, or its input is annotated with a ``TypedDict`` or
+            a dataclass while neither msgspec nor pydantic is installed.
     """
     table: dict[str, _Invoke] = {}
     for name, capability in (capabilities or {}).items():
@@ -90,17 +115,17 @@ def _is_async(function: Any) -> bool:
 
 def _invoker(name: str, capability: Any) -> _Invoke:
     if _is_async(capability):
-        return capability  # type: ignore[no-any-return]
+        return _adapt(name, capability)
     # Looked up on the type, as Python looks up special methods, so a
     # __getattr__ cannot pass for an async method.
     if _is_async(getattr(type(capability), "call", None)):
-        return capability.call  # type: ignore[no-any-return]
+        return _adapt(name, capability.call)
     if (
         callable(capability)
         and not inspect.isroutine(capability)
         and _is_async(type(capability).__call__)
     ):
-        return capability  # type: ignore[no-any-return]
+        return _adapt(name, capability)
     # Anything else, a plain sync function above all, would only fail when the
     # remote first calls it: refuse it now.
     raise TypeError(
@@ -109,13 +134,45 @@ def _invoker(name: str, capability: Any) -> _Invoke:
     )
 
 
+def _adapt(name: str, invoke: _Invoke) -> _Invoke:
+    try:
+        return adapt(invoke)
+    except TypeError as exc:
+        raise TypeError(f"capability {name!r}: {exc}") from None
+
+
 def error_message(exc: BaseException) -> str:
     """The error string sent for a failed capability: its message, never a traceback."""
     message = str(exc)
     return message if message else type(exc).__name__
 
 
-async def start(invoke: _Invoke, call: Call) -> Result | AsyncIterator[Any]:
+#: The error code sent for an exception other than :class:`~astral.Failure`.
+INTERNAL = "internal"
+#: The message sent instead of an unexpected exception's own, on request.
+GENERIC_MESSAGE = "internal error"
+
+
+def error_result(call: Call, exc: Exception, *, hide_internal_errors: bool = False) -> Result:
+    """The error result for a capability that raised ``exc``.
+
+    A :class:`~astral.Failure` sends its message, code and data; anything
+    else its message (or :data:`GENERIC_MESSAGE` when hiding) and code
+    ``"internal"``.
+    """
+    if isinstance(exc, Failure):
+        return Result(call.id, error=exc.message, code=exc.code, data=exc.data)
+    message = GENERIC_MESSAGE if hide_internal_errors else error_message(exc)
+    return Result(call.id, error=message, code=INTERNAL)
+
+
+#: Turns a capability's exception into its error result (and may log it).
+OnError: TypeAlias = _Fn[[Call, Exception], Result]
+
+
+async def start(
+    invoke: _Invoke, call: Call, on_error: OnError = error_result
+) -> Result | AsyncIterator[Any]:
     """Run a capability up to its output.
 
     Returns:
@@ -132,20 +189,21 @@ async def start(invoke: _Invoke, call: Call) -> Result | AsyncIterator[Any]:
         elif not isinstance(output, AsyncIterable):
             raise TypeError(f"capability returned {type(output).__name__}, not an awaitable")
     except Exception as exc:  # noqa: BLE001 - a capability's failure becomes its error result
-        return Result(call.id, error=error_message(exc))
+        return on_error(call, exc)
     if isinstance(output, AsyncIterable):
         return aiter(output)
     return Result(call.id, output)
 
 
 async def stream(
-    call_id: str, iterator: AsyncIterator[Any]
+    call: Call, iterator: AsyncIterator[Any], on_error: OnError = error_result
 ) -> AsyncGenerator[Yield | Result, None]:
     """Drain a streaming capability: ``Yield`` frames, then exactly one ``Result``.
 
     A stream that fails part-way ends with the error result; the iterator is
     closed however this generator ends.
     """
+    call_id = call.id
     try:
         while True:
             try:
@@ -153,7 +211,7 @@ async def stream(
             except StopAsyncIteration:
                 break
             except Exception as exc:  # noqa: BLE001 - a stream failing part-way
-                yield Result(call_id, error=error_message(exc))
+                yield on_error(call, exc)
                 return
             yield Yield(call_id, item)
     finally:
@@ -173,7 +231,7 @@ async def run(invoke: _Invoke, call: Call) -> AsyncGenerator[Yield | Result, Non
     if isinstance(first, Result):
         yield first
         return
-    async with aclosing(stream(call.id, first)) as frames:
+    async with aclosing(stream(call, first)) as frames:
         async for frame in frames:
             yield frame
 

@@ -14,16 +14,20 @@ originals stay visible as ``__cause__``::
     │   └── HandshakeError       ... because the WebSocket upgrade was refused
     │       └── Unauthorized     ... with HTTP 401 (also an AuthenticationError)
     ├── ConnectionClosed         the connection is gone; pending calls fail with it
+    ├── Failure                  raised by a capability to fail on purpose, with a code
     └── CallError                one call failed; the connection lives on
         ├── RemoteError          the remote capability reported an error
         ├── CallTimeout          no answer in time (also a TimeoutError)
-        └── StreamOverrun        the consumer fell behind a streaming call
+        ├── StreamOverrun        the consumer fell behind a streaming call
+        └── ValidationError      a value did not match its declared type (also a ValueError)
 
 Trio's vocabulary applies to :class:`ConnectionClosed`: ``code`` and ``reason``
 tell whether we closed it (1000/1001) or the peer or network broke it.
 """
 
 from __future__ import annotations
+
+from typing import Any, Final
 
 __all__ = [
     "AstralError",
@@ -33,13 +37,18 @@ __all__ = [
     "ConnectError",
     "ConnectTimeout",
     "ConnectionClosed",
+    "Failure",
     "HandshakeError",
     "ProtocolError",
     "RemoteError",
     "StreamOverrun",
     "TLSError",
     "Unauthorized",
+    "ValidationError",
 ]
+
+#: Longest error code accepted, in characters (:class:`Failure`, the wire).
+MAX_CODE_LENGTH: Final = 128
 
 
 class AstralError(Exception):
@@ -125,6 +134,51 @@ class ConnectionClosed(AstralError):
         super().__init__(reason if code is None else f"{reason} (code {self.code})")
 
 
+class Failure(AstralError):
+    """Raised by a capability (or a middleware) to fail a call on purpose.
+
+    The caller's :class:`RemoteError` gets the same message, ``code`` and
+    ``data``; they travel as optional fields of the ``result`` frame, so the
+    original TypeScript peer still sees only the message::
+
+        async def get_user(user_id):
+            if user_id not in users:
+                raise astral.Failure("no such user", code="not_found", data={"id": user_id})
+            return users[user_id]
+
+    A failure is expected, so the side where it ran logs it at DEBUG only,
+    without a traceback; any other exception is logged at ERROR and sent
+    with code ``"internal"``.
+
+    Args:
+        message: The error string the caller sees.
+        code: A short machine-readable code (at most 128 characters).
+        data: Any JSON value with details for the caller.
+
+    Raises:
+        TypeError: If ``message`` or ``code`` is not a string.
+        ValueError: If ``code`` is empty or longer than 128 characters.
+
+    Attributes:
+        message: The error string.
+        code: The code, or ``None``.
+        data: The data, or ``None``.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None, data: Any = None) -> None:
+        if not isinstance(message, str):
+            raise TypeError(f"Failure message must be a string, not {type(message).__name__}")
+        if code is not None:
+            if not isinstance(code, str):
+                raise TypeError(f"Failure code must be a string, not {type(code).__name__}")
+            if not 0 < len(code) <= MAX_CODE_LENGTH:
+                raise ValueError(f"Failure code must be 1 to {MAX_CODE_LENGTH} characters")
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.data = data
+
+
 class CallError(AstralError):
     """One call failed; the connection itself is still usable."""
 
@@ -135,13 +189,25 @@ class RemoteError(CallError):
     ``str(error)`` and :attr:`message` are the remote's error string, for
     example ``"unknown capability"``. No remote traceback ever crosses the wire.
 
+    Args:
+        message: The error string the remote peer sent.
+        code: The remote's error code, if it sent a valid one.
+        data: The remote's error data, if it sent any.
+
     Attributes:
         message: The error string the remote peer sent.
+        code: The error code: what the remote's :class:`Failure` said,
+            ``"internal"`` when an astral capability raised anything else,
+            ``None`` when the remote sent none (the original never does).
+        data: The JSON value of the remote's :class:`Failure` ``data``, or
+            ``None``.
     """
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, code: str | None = None, data: Any = None) -> None:
         super().__init__(message)
         self.message = message
+        self.code = code
+        self.data = data
 
 
 class CallTimeout(CallError, TimeoutError):
@@ -156,4 +222,18 @@ class StreamOverrun(CallError):
 
     That one call fails with this error and the remote is told to stop; other
     calls on the connection are untouched.
+    """
+
+
+class ValidationError(CallError, ValueError):
+    """A value did not match the type declared for it.
+
+    Raised by :meth:`Peer.call <astral.Peer.call>` and :class:`Stream
+    <astral.Stream>` when the remote's output does not fit the ``output``
+    type of a typed reference (:func:`astral.ref`); a capability whose input
+    does not fit its annotated parameter fails the call with the same
+    message, which the caller receives as :class:`RemoteError`. The message
+    names the path and the problem, for example
+    ``"invalid output: Expected `int`, got `str` - at `$.age`"``; it never
+    quotes the value.
     """

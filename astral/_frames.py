@@ -38,7 +38,12 @@ integers beyond 64 bits), takes a slower path in Python and the standard
 library's ``json`` that either carries the frame faithfully or names exactly
 what is wrong, with the frame's id whenever it can be read.
 
-This module does no I/O.
+The optional extension fields (a result's ``code`` and ``data``, a call's
+``window`` and ``trace``) are validated on receipt too; a malformed ``code``,
+``data`` or ``trace`` is dropped field by field, with a rate-limited warning
+on the ``astral.protocol`` logger, and the frame is still delivered.
+
+This module does no I/O besides that logging.
 """
 
 from __future__ import annotations
@@ -52,12 +57,18 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeGuard
 
 import orjson
 
-from ._exceptions import ProtocolError
+from ._exceptions import MAX_CODE_LENGTH, ProtocolError
+from ._logs import protocol_warnings
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 __all__ = [
     "MAX_DEPTH",
     "MAX_ID_LENGTH",
     "MAX_SAFE_INTEGER",
+    "MAX_TRACE_FIELDS",
+    "MAX_TRACE_VALUE",
     "Call",
     "Cancel",
     "Credit",
@@ -75,6 +86,10 @@ MAX_DEPTH: Final = 64
 MAX_ID_LENGTH: Final = 256
 #: Largest integer magnitude a JavaScript peer represents exactly (2**53 - 1).
 MAX_SAFE_INTEGER: Final = 2**53 - 1
+#: Most entries accepted in a call's ``trace`` object (astral extension).
+MAX_TRACE_FIELDS: Final = 8
+#: Longest value accepted in a call's ``trace`` object, in characters.
+MAX_TRACE_VALUE: Final = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +104,17 @@ class Call:
         window: astral extension: how many ``yield`` frames the caller can
             take before the callee must wait for :class:`Credit`; ``None``
             (absent, as from the original) means no flow control.
+        trace: astral extension: trace context (W3C ``traceparent``,
+            ``tracestate``...) as string keys and values, so the callee's
+            span can be a child of the caller's; ``None`` when absent.
+            Received junk is dropped with a warning (see :data:`MAX_TRACE_FIELDS`).
     """
 
     id: str
     capability: str
     input: Any = None
     window: int | None = None
+    trace: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +141,18 @@ class Result:
         error: The error message when the call failed, else ``None``. Any
             ``error`` key on the wire, even ``null`` or ``""``, means failure;
             if both are present the error wins.
+        code: astral extension: a short machine-readable error code, sent
+            only with ``error``; a received one that is not a string of at
+            most 128 characters is dropped with a warning.
+        data: astral extension: any JSON value detailing the error, sent
+            only with ``error``.
     """
 
     id: str
     output: Any = None
     error: str | None = None
+    code: str | None = None
+    data: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +251,11 @@ def encode(frame: Frame, *, json_default: JsonDefault | None = None) -> str:
             obj["output"] = value
         if frame.error is not None:
             obj["error"] = frame.error
+            if frame.code is not None:
+                obj["code"] = frame.code
+            if frame.data is not None:
+                obj["data"] = frame.data
+                value = [value, frame.data]  # both checked by _plain (a level deeper)
     elif type(frame) is Yield:
         value = frame.output
         obj = {"type": "yield", "id": frame.id, "output": value}
@@ -234,6 +266,8 @@ def encode(frame: Frame, *, json_default: JsonDefault | None = None) -> str:
             obj["input"] = value
         if frame.window is not None:
             obj["window"] = frame.window
+        if frame.trace:
+            obj["trace"] = dict(frame.trace)
     elif type(frame) is Cancel:
         value = None
         obj = {"type": "cancel", "id": frame.id}
@@ -390,7 +424,9 @@ class _NonFinite:
 def decode(text: str | bytes) -> Frame:
     r"""Decode and validate one frame.
 
-    Unknown extra fields are ignored, so peers may add optional fields.
+    Unknown extra fields are ignored, so peers may add optional fields. A
+    malformed ``code``, ``data`` or ``trace`` extension field is dropped
+    (with a rate-limited WARNING on ``astral.protocol``), not the frame.
     Strings may hold lone UTF-16 surrogates (``"\ud800"``), as JavaScript
     writes them; integers are read exactly.
 
@@ -431,7 +467,10 @@ def decode(text: str | bytes) -> Frame:
         else:
             obj = _check_fast(text, obj)
     except ProtocolError as exc:
-        raise ProtocolError(str(exc), frame_id=frame_id, frame_type=kind) from None
+        if not slow:
+            obj = json.loads(_as_text(text))  # exactly, big integers included
+        if not _without_bad_extension(obj, kind):
+            raise ProtocolError(str(exc), frame_id=frame_id, frame_type=kind) from None
     if kind == "result":
         if "error" in obj:
             error = obj["error"]
@@ -441,6 +480,8 @@ def decode(text: str | bytes) -> Frame:
                 raise ProtocolError(
                     "result 'error' must be a string", frame_id=frame_id, frame_type=kind
                 )
+            if "code" in obj or "data" in obj:
+                return Result(frame_id, obj.get("output"), error, *_error_details(obj, frame_id))
             return Result(frame_id, obj.get("output"), error)
         return Result(frame_id, obj.get("output"))
     if kind == "yield":
@@ -456,7 +497,10 @@ def decode(text: str | bytes) -> Frame:
             raise ProtocolError(
                 "call 'window' must be a positive integer", frame_id=frame_id, frame_type=kind
             )
-        return Call(frame_id, capability, obj.get("input"), window)
+        trace = obj.get("trace")
+        if trace is not None:
+            trace = _trace_context(trace, frame_id)
+        return Call(frame_id, capability, obj.get("input"), window, trace)
     if kind == "cancel":
         return Cancel(frame_id)
     if kind == "credit":
@@ -469,6 +513,60 @@ def decode(text: str | bytes) -> Frame:
     if kind is None:
         raise ProtocolError("frame has no string 'type'", frame_id=frame_id)
     raise ProtocolError(f"unknown frame type {kind!r:.40}", frame_id=frame_id, frame_type=kind)
+
+
+def _error_details(obj: dict[str, Any], frame_id: str) -> tuple[str | None, Any]:
+    # Extension fields are checked one by one: a bad one is dropped, the
+    # error itself still ends the call.
+    code = obj.get("code")
+    if code is not None and not (type(code) is str and 0 < len(code) <= MAX_CODE_LENGTH):
+        protocol_warnings.warning(
+            "ignored malformed 'code' in result %.60r: not a string of 1 to %d characters",
+            frame_id,
+            MAX_CODE_LENGTH,
+        )
+        code = None
+    return code, obj.get("data")
+
+
+def _trace_context(trace: Any, frame_id: str) -> dict[str, str] | None:
+    if (
+        type(trace) is dict
+        and len(trace) <= MAX_TRACE_FIELDS
+        and all(
+            type(value) is str and len(key) <= 256 and len(value) <= MAX_TRACE_VALUE
+            for key, value in trace.items()
+        )
+    ):
+        return trace
+    protocol_warnings.warning(
+        "ignored malformed 'trace' in call %.60r: not an object of at most %d short strings",
+        frame_id,
+        MAX_TRACE_FIELDS,
+    )
+    return None
+
+
+def _without_bad_extension(obj: dict[str, Any], kind: str | None) -> bool:
+    """Drop an extension field that broke a value rule; True if the rest passes.
+
+    A result's ``data`` or a call's ``trace`` that breaks a value rule
+    (an unsafe integer, excessive nesting) is ignored like any malformed
+    extension field; the frame itself is still delivered.
+    """
+    field = {"result": "data", "call": "trace"}.get(kind or "")
+    if field is None or field not in obj:
+        return False
+    value = obj.pop(field)
+    try:
+        _check_received(obj, ())
+    except ProtocolError:
+        obj[field] = value
+        return False
+    protocol_warnings.warning(
+        "ignored %r of %s %.60r: it breaks the value rules", field, kind, obj.get("id")
+    )
+    return True
 
 
 def _is_count(value: Any) -> TypeGuard[int]:
@@ -503,9 +601,7 @@ def _check_fast(text: str | bytes, obj: dict[str, Any]) -> dict[str, Any]:
     ``obj``, or the text re-read exactly when it holds integers beyond
     64 bits (which orjson reads as floats).
     """
-    if not isinstance(text, str):
-        # bytes, or any other buffer orjson accepted (bytearray, memoryview)
-        text = bytes(text).decode("utf-8", "replace")
+    text = _as_text(text)
     if text.count("[") + text.count("{") > MAX_DEPTH and not _shallow(obj):
         _check_received(obj, ())  # raises, naming where
     if _DIGITS_19.search(text) is not None and _LONG_INTEGER.search(text) is not None:
@@ -513,6 +609,13 @@ def _check_fast(text: str | bytes, obj: dict[str, Any]) -> dict[str, Any]:
         obj = json.loads(text)
         _check_received(obj, ())
     return obj
+
+
+def _as_text(text: str | bytes) -> str:
+    if isinstance(text, str):
+        return text
+    # bytes, or any other buffer orjson accepted (bytearray, memoryview)
+    return bytes(text).decode("utf-8", "replace")
 
 
 def _shallow(value: Any) -> bool:

@@ -29,22 +29,24 @@ import math
 import threading
 from contextlib import aclosing, asynccontextmanager
 from types import EllipsisType, MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Self, TypeVar, overload
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 
 from ._deadlines import Deadlines
-from ._dispatch import start, stream
+from ._dispatch import INTERNAL, error_result, start, stream
 from ._exceptions import (
     CallTimeout,
     ConnectionClosed,
+    Failure,
     ProtocolError,
     RemoteError,
     StreamOverrun,
 )
 from ._frames import Cancel, Result, Yield, encode
+from ._middleware import CallInfo, Chain, log_refusal
 from ._protocol import (
     CANCELLED,
     CancelInbound,
@@ -55,21 +57,36 @@ from ._protocol import (
     Reply,
     StartInbound,
 )
-from ._transport import CLOSED_ERRORS, Transport
+from ._ref import unref
+from ._transport import CLOSED_ERRORS, AnyTransport, close_transport
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+    from collections.abc import (
+        AsyncIterator,
+        Awaitable,
+        Callable,
+        Mapping,
+        Sequence,
+    )
+    from contextlib import AbstractAsyncContextManager
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from ._dispatch import Capabilities
     from ._frames import Call, JsonDefault
+    from ._middleware import Middleware
+    from ._ref import Ref, Signed
 
 __all__ = ["Peer", "Stream", "accept", "current_peer"]
 
 logger = logging.getLogger("astral.peer")
+capability_logger = logging.getLogger("astral.capability")
 
 _current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("astral.current_peer")
+
+T = TypeVar("T")
+OutputT = TypeVar("OutputT")
+ArgsT = ParamSpec("ArgsT")
 
 #: Defaults, documented in docs/limits.md.
 DEFAULT_TIMEOUT = 30.0
@@ -87,6 +104,24 @@ def check_limits(timeout: float | None, max_inbound_calls: int, max_buffered_ite
         raise ValueError("timeout must be a positive number of seconds, or None")
     if max_inbound_calls < 1 or max_buffered_items < 1:
         raise ValueError("max_inbound_calls and max_buffered_items must be at least 1")
+
+
+#: Close codes :meth:`Peer.aclose` accepts besides 3000-4999 (RFC 6455 7.4).
+_CLOSE_CODES = frozenset({1000, 1001})
+_MAX_REASON_BYTES = 123
+
+
+def check_close(code: int, reason: str) -> None:
+    """Refuse a close code an application may not send, or a reason too long.
+
+    Raises:
+        ValueError: ``code`` is not 1000, 1001 or 3000-4999, or ``reason``
+            is longer than 123 bytes of UTF-8.
+    """
+    if code not in _CLOSE_CODES and not 3000 <= code <= 4999:
+        raise ValueError(f"close code must be 1000, 1001 or 3000-4999, not {code}")
+    if len(reason.encode("utf-8", "surrogatepass")) > _MAX_REASON_BYTES:
+        raise ValueError(f"close reason must be at most {_MAX_REASON_BYTES} bytes of UTF-8")
 
 
 def current_peer() -> Peer:
@@ -178,8 +213,11 @@ class _Inbound:
         self.credit -= 1
 
 
-class Stream:
+class Stream(Generic[T]):
     """The items of a streaming call, as an async iterator.
+
+    Generic in the type of its items: ``Stream[str]`` from a typed reference
+    (:func:`astral.ref`), ``Stream[Any]`` from a call by name.
 
     ``async for item in stream`` yields each item in order and ends when the
     remote's stream ends. A result's output, if any, is the last item. If the
@@ -194,17 +232,30 @@ class Stream:
         CallTimeout: No first item arrived within the call's timeout.
         StreamOverrun: This consumer fell more than ``max_buffered_items``
             behind; the remote was told to stop.
+        ValidationError: An item did not fit the typed reference's output
+            type; the stream goes on.
         ConnectionClosed: The connection ended.
     """
 
-    __slots__ = ("_channel", "_done", "_first", "_peer", "_taken")
+    __slots__ = ("_chain", "_channel", "_convert", "_done", "_first", "_peer", "_taken")
 
-    def __init__(self, peer: Peer, channel: _Channel, first: Yield | None) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        channel: _Channel,
+        first: Yield | None,
+        *,
+        chain: Chain | None = None,
+        convert: Callable[[Any], T] | None = None,
+    ) -> None:
         self._peer = peer
         self._channel = channel
         self._first = first
+        self._convert = convert
         self._done = False
         self._taken = 0
+        # The middleware watching this call; left once the stream ends.
+        self._chain = chain
 
     @property
     def capability(self) -> str:
@@ -214,27 +265,48 @@ class Stream:
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> T:
+        # One coroutine per item, not two: this is the hot path of a stream.
         if self._first is not None:
             first, self._first = self._first, None
             self._took()
-            return first.output
+            return self._item(first.output)
         if self._done:
             raise StopAsyncIteration
         try:
             frame = await self._channel.next()
-        except BaseException:
+        except BaseException as exc:
             self._close()
+            if self._chain is not None:
+                await self._leave(exc)
             raise
         if isinstance(frame, Yield):
             self._took()
-            return frame.output
+            return self._item(frame.output)
         self._close()
         if frame.error is not None:
-            raise RemoteError(frame.error)
+            error = RemoteError(frame.error, code=frame.code, data=frame.data)
+            if self._chain is not None:
+                await self._leave(error)
+            raise error
         if frame.output is None:
+            if self._chain is not None:
+                await self._leave(None)
             raise StopAsyncIteration
-        return frame.output
+        if self._chain is not None:
+            await self._leave(None)
+        return self._item(frame.output)
+
+    def _item(self, output: Any) -> T:
+        convert = self._convert
+        return output if convert is None else convert(output)
+
+    async def _leave(self, error: BaseException | None, outcome: str | None = None) -> None:
+        chain, self._chain = self._chain, None
+        assert chain is not None
+        failure = await self._peer._leave_outbound(chain, error, outcome)
+        if failure is not None and error is None and outcome is None:
+            raise failure
 
     def __del__(self) -> None:
         # A stream dropped without aclose() must not leave the remote waiting
@@ -247,6 +319,8 @@ class Stream:
                 pass
 
     def _took(self) -> None:
+        if self._chain is not None:
+            self._chain.info.items += 1
         # Flow control: hand the remote credit for half a window at a time,
         # so it never waits while this consumer keeps up.
         self._taken += 1
@@ -262,9 +336,11 @@ class Stream:
     async def aclose(self) -> None:
         """Stop the stream; if it is still running, the remote is told to stop.
 
-        Never raises and never blocks.
+        Never raises. Blocks only while middleware record how the call ended.
         """
         self._close()
+        if self._chain is not None:
+            await self._leave(None, "cancelled")
 
     async def __aenter__(self) -> Self:
         return self
@@ -275,7 +351,7 @@ class Stream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._close()
+        await self.aclose()
 
 
 class Peer:
@@ -289,7 +365,8 @@ class Peer:
             print(await peer.call("add", [1, 2]))
 
     Args:
-        transport: Carries text messages (see :class:`astral.Transport`).
+        transport: Carries text messages (see :class:`astral.Transport`;
+            an AnyIO object stream of ``str`` will do too).
         capabilities: The names the remote may call, mapped to capabilities
             (see :class:`astral.Callable`).
         claims: The remote's verified token claims, for capabilities to read
@@ -300,6 +377,19 @@ class Peer:
             more is refused with ``"too many concurrent calls"``.
         max_buffered_items: Items buffered per streaming call before the
             consumer counts as overrun (see :class:`astral.StreamOverrun`).
+        middleware: Wrap every call in both directions, first one
+            outermost (see :data:`astral.Middleware`).
+        hide_internal_errors: Send ``"internal error"`` instead of the
+            message of a capability's unexpected exception (anything but
+            :class:`astral.Failure`); the code stays ``"internal"``, and the
+            full error is still logged here.
+        remote_max_message_size: The largest message the remote accepts, in
+            bytes. A call larger than that fails at once with
+            :class:`ProtocolError`, and a result or stream item larger than
+            that is replaced by the error result ``"result larger than N
+            bytes"``, instead of the remote closing the connection (1009).
+            ``None`` (the default) checks nothing; :func:`astral.connect` and
+            :func:`astral.serve` set it from the upgrade.
         json_default: Converts values outside the value rule (datetimes,
             UUIDs, dataclasses, tuples...) in the inputs this peer sends and
             the outputs its capabilities return, like
@@ -313,27 +403,43 @@ class Peer:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: AnyTransport,
         *,
         capabilities: Capabilities | None = None,
         claims: Mapping[str, Any] | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+        middleware: Sequence[Middleware] = (),
+        hide_internal_errors: bool = False,
+        remote_max_message_size: int | None = None,
         json_default: JsonDefault | None = None,
     ) -> None:
         check_limits(timeout, max_inbound_calls, max_buffered_items)
+        if remote_max_message_size is not None and remote_max_message_size < 1:
+            raise ValueError("remote_max_message_size must be positive, or None")
         self._transport = transport
         self._state: PeerState[_Channel, _Inbound] = PeerState(
-            capabilities, _Inbound, max_inbound_calls=max_inbound_calls, json_default=json_default
+            capabilities,
+            _Inbound,
+            max_inbound_calls=max_inbound_calls,
+            max_send_size=remote_max_message_size,
+            json_default=json_default,
         )
         self._claims: Mapping[str, Any] = MappingProxyType(dict(claims or {}))
+        self._middleware = tuple(middleware)
+        self._hide_internal_errors = hide_internal_errors
+        sub = self._claims.get("sub")
+        # Who the remote is, in log lines: never the token, only its subject.
+        self._state.remote = f"subject {sub!r:.80}" if isinstance(sub, str) else "the remote peer"
         self._timeout = timeout
         self._max_inbound = max_inbound_calls
         self._max_buffered = max_buffered_items
         self._credit_batch = max(1, max_buffered_items // 2)
         self._control_send, self._control_receive = anyio.create_memory_object_stream[str](math.inf)
         self._close_error: ConnectionClosed | None = None
+        self._close_with = (1000, "")  # the close code and reason the transport gets
+        self._idle: anyio.Event | None = None  # set once a drain has no call left
         # The inbound calls waiting for a worker; bounded by max_inbound_calls.
         self._work_send, self._work_receive = anyio.create_memory_object_stream[
             tuple["Call", "Callable[[Any], Any]", _Inbound]
@@ -403,28 +509,88 @@ class Peer:
             try:
                 # However the peer stopped (the remote left, a flood was cut
                 # off, aclose), the transport goes too, so the remote learns it.
-                await self._close_transport()
+                await self._close_transport(*self._close_with)
             finally:
                 self._stopped.set()
 
-    async def aclose(self) -> None:
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Close the connection and end every task of this peer. Idempotent.
 
         Pending calls and open streams fail with :class:`ConnectionClosed`;
         running inbound calls are cancelled. Called from inside one of this
-        peer's capabilities, it cancels that capability too.
+        peer's capabilities, it cancels that capability too. The remote's
+        pending calls fail with a :class:`ConnectionClosed` carrying ``code``
+        and ``reason`` (over a WebSocket; in-memory transports carry no code).
+        Only the first close counts.
+
+        Args:
+            code: The WebSocket close code: 1000 (normal), 1001 (going away)
+                or an application code from 3000 to 4999.
+            reason: A short reason, at most 123 bytes of UTF-8.
+
+        Raises:
+            ValueError: ``code`` is not one of those, or ``reason`` is too long.
         """
-        self._shutdown(ConnectionClosed("connection closed by this peer", code=1000))
-        await self._close_transport()
+        check_close(code, reason)
+        if self._close_error is None:
+            self._close_with = (code, reason)
+        self._shutdown(ConnectionClosed(reason or "connection closed by this peer", code=code))
+        await self._close_transport(*self._close_with)
         if self._tasks is not None:
             self._tasks.cancel_scope.cancel()
             # Only a peer whose tasks started will ever be stopped.
             await self._stopped.wait()
 
-    async def _close_transport(self) -> None:
+    async def drain(self, grace: float, *, code: int = 1001, reason: str = "going away") -> None:
+        """Leave gracefully: finish the calls in flight, then close.
+
+        New calls are refused at once, both ways: the remote's get an error
+        result ``"shutting down"`` (:class:`RemoteError` there), this peer's
+        raise :class:`ConnectionClosed` ``"shutting down"``. Calls already
+        running here, and calls this peer is waiting on, get up to ``grace``
+        seconds to finish; then the connection closes (see :meth:`aclose`)
+        and whatever is left is cancelled or fails.
+
+        Args:
+            grace: Longest wait for the calls in flight, in seconds.
+            code: The close code (1000, 1001 or 3000-4999).
+            reason: The close reason.
+
+        Raises:
+            ValueError: ``grace`` is negative, or ``code`` or ``reason`` is
+                refused as by :meth:`aclose`.
+        """
+        check_close(code, reason)
+        if not grace >= 0:
+            raise ValueError("grace must not be negative")
+        if self._close_error is None and self._tasks is not None:
+            self._state.draining = True
+            if self._idle is None:
+                self._idle = anyio.Event()
+            self._check_idle()
+            with anyio.move_on_after(grace):
+                await self._idle.wait()
+        await self.aclose(code, reason)
+
+    def _check_idle(self) -> None:
+        idle = self._idle
+        if idle is not None and not self._state.inbound and not self._state.outbound:
+            idle.set()
+
+    def _close_after(self, delay: float, code: int, reason: str) -> None:
+        """Close the connection with ``code`` once ``delay`` seconds have passed."""
+        assert self._tasks is not None
+        self._tasks.start_soon(self._close_later, delay, code, reason)
+
+    async def _close_later(self, delay: float, code: int, reason: str) -> None:
+        await anyio.sleep(delay)
+        logger.info("closing the connection: %s", reason)
+        await self.aclose(code, reason)
+
+    async def _close_transport(self, code: int = 1000, reason: str = "") -> None:
         with anyio.CancelScope(shield=True):
             try:
-                await self._transport.aclose()
+                await close_transport(self._transport, code, reason)
             except Exception:
                 logger.debug("transport raised while closing", exc_info=True)
 
@@ -465,11 +631,15 @@ class Peer:
         self._work_send.close()
         self._work_receive.close()
         self._timer_wake.set()  # the timer loop ends too
+        if self._idle is not None:
+            self._idle.set()  # a drain has nothing left to wait for
         self._closed.set()
 
     def _check_open(self) -> None:
         if self._close_error is not None:
             raise self._close_error
+        if self._state.draining:
+            raise ConnectionClosed("shutting down")
         if self._tasks is None:
             raise RuntimeError("use the Peer inside 'async with' before calling")
 
@@ -487,6 +657,8 @@ class Peer:
                         # can outrun a consumer that never got scheduled:
                         # let it run before the buffer overruns.
                         await anyio.lowlevel.checkpoint()
+                    elif self._idle is not None:
+                        self._check_idle()  # draining: that may have been the last call
                 elif isinstance(event, StartInbound):
                     self._start_inbound(event.call, event.invoke, event.handle)
                 elif isinstance(event, CreditInbound):
@@ -498,6 +670,8 @@ class Peer:
                     self._queue_reply(event.text)
                 elif isinstance(event, Fail):
                     event.handle.fail(event.error)
+                    if self._idle is not None:
+                        self._check_idle()
                     if event.error.frame_type == "yield":
                         # A result ends the call remotely; a yield means the
                         # stream still runs there: stop it.
@@ -586,16 +760,47 @@ class Peer:
             assert self._tasks is not None
             self._tasks.start_soon(self._worker)
 
+    def _on_error(self, call: Call, exc: Exception) -> Result:
+        """Log a capability's failure here, and make its error result."""
+        extra = {
+            "astral_capability": call.capability,
+            "astral_call_id": call.id,
+            "astral_remote": self._state.remote,
+        }
+        if isinstance(exc, Failure):
+            capability_logger.debug(
+                "capability %r failed on purpose (call %.60r from %s): code %r",
+                call.capability,
+                call.id,
+                self._state.remote,
+                exc.code,
+                extra=extra,
+            )
+        else:
+            capability_logger.error(
+                "capability %r raised %s (call %.60r from %s)",
+                call.capability,
+                type(exc).__name__,
+                call.id,
+                self._state.remote,
+                exc_info=exc,
+                extra=extra,
+            )
+        return error_result(call, exc, hide_internal_errors=self._hide_internal_errors)
+
     async def _serve(self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound) -> None:
+        if self._middleware:
+            await self._serve_observed(call, invoke, handle)
+            return
         state, send = self._state, self._transport.send
         final: str | None = None
         try:
             with handle.scope:
-                first = await start(invoke, call)
+                first = await start(invoke, call, self._on_error)
                 if isinstance(first, Result):
                     final = state.reply(first)[0]
                 else:
-                    async with aclosing(stream(call.id, first)) as frames:
+                    async with aclosing(stream(call, first, self._on_error)) as frames:
                         async for frame in frames:
                             text, ended = state.reply(frame)
                             if ended:
@@ -613,18 +818,118 @@ class Peer:
             pass  # the connection ended; the reader shuts the peer down
         finally:
             state.finished(call.id, handle)
+            if self._idle is not None:
+                self._check_idle()
+
+    async def _serve_observed(
+        self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound
+    ) -> None:
+        """:meth:`_serve` inside the middleware chain (kept apart: the plain path is hot)."""
+        send = self._transport.send
+        info = CallInfo(
+            "inbound", call.capability, call.id, peer=self, input=call.input, trace=call.trace
+        )
+        chain = Chain(self._middleware, info)
+        final: Result | None = None
+
+        def on_error(call: Call, exc: Exception) -> Result:
+            info.end("error", error=exc)
+            return self._on_error(call, exc)
+
+        try:
+            try:
+                with handle.scope:
+                    refused = await chain.enter()
+                    if refused is not None:
+                        info.end("error", error=refused)
+                        final = self._refused(info, call, refused)
+                    else:
+                        first = await start(invoke, call, on_error)
+                        if isinstance(first, Result):
+                            final = first
+                        else:
+                            info.streaming = True
+                            async with aclosing(stream(call, first, on_error)) as frames:
+                                async for frame in frames:
+                                    if type(frame) is Result:
+                                        final = frame
+                                        break
+                                    try:
+                                        text = encode(frame)
+                                    except ProtocolError as exc:
+                                        info.end("error", error=exc)
+                                        final = Result(call.id, error=str(exc), code=INTERNAL)
+                                        break
+                                    if not self._state.fits(text):
+                                        final = self._state.oversize(call.id)
+                                        info.end("error", error=ProtocolError(final.error or ""))
+                                        break
+                                    await handle.spend()
+                                    await send(text)
+                                    info.items += 1
+                if final is None and handle.by_remote:
+                    final = Result(call.id, error=CANCELLED)
+                    info.end("cancelled")
+                if final is not None:
+                    final, text = _encoded(final)
+                    if not self._state.fits(text):
+                        final = self._state.oversize(call.id)
+                        text = encode(final)
+                    if final.error is None:
+                        info.end("result", output=final.output)
+                    else:
+                        info.end("error", error=ProtocolError(final.error))
+            finally:
+                # Cancelled by the connection's end when nothing was decided.
+                failure = await chain.leave()
+            if final is None:
+                return
+            if failure is not None and final.error is None:
+                # A middleware failed on the way out: the call fails after all.
+                text = _encoded(self._refused(info, call, failure, logged=True))[1]
+            # Outside the call's scope: once the capability has finished,
+            # a late cancel cannot interrupt its one terminal result.
+            await send(text)
+        except CLOSED_ERRORS:
+            pass  # the connection ended; the reader shuts the peer down
+        finally:
+            self._state.finished(call.id, handle)
+            if self._idle is not None:
+                self._check_idle()
+
+    def _refused(
+        self, info: CallInfo, call: Call, exc: Exception, *, logged: bool = False
+    ) -> Result:
+        """The error result for a middleware that refused a call or failed."""
+        if not logged:
+            log_refusal(info, exc)
+        return error_result(call, exc, hide_internal_errors=self._hide_internal_errors)
 
     # -- calls we make -------------------------------------------------------
 
     async def _open(
-        self, capability: str, input: Any, timeout: float | EllipsisType | None
+        self,
+        capability: str,
+        input: Any,
+        timeout: float | EllipsisType | None,
+        info: CallInfo | None = None,
     ) -> _Channel:
         self._check_open()
         channel = _Channel(capability, self._max_buffered)
         try:
-            channel.call_id, text = self._state.start_call(
-                capability, input, channel, self._max_buffered
-            )
+            if info is None:
+                channel.call_id, text = self._state.start_call(
+                    capability, input, channel, self._max_buffered
+                )
+            else:
+                channel.call_id, text = self._state.start_call(
+                    capability,
+                    input,
+                    channel,
+                    self._max_buffered,
+                    trace=info.trace,
+                    call_id=info.call_id,
+                )
             self._arm(channel, timeout)
         except ProtocolError:
             channel.send.close()  # nothing was registered or sent
@@ -656,6 +961,8 @@ class Peer:
         text = self._state.abandon(channel.call_id)
         if text is not None:
             self._send_control(text)
+        if self._idle is not None:
+            self._check_idle()
 
     def _abandon(self, channel: _Channel) -> None:
         # The consumer has gone: also drop whatever is buffered.
@@ -689,9 +996,25 @@ class Peer:
                 channel.fail(CallTimeout(f"call {channel.capability} timed out"))
                 self._forget(channel)  # and tell the remote to stop
 
+    # A typed reference brings its own signature (input, then timeout): see
+    # astral._ref.Signed for why it is a ParamSpec and not a TypeVar.
+    @overload
+    async def call(
+        self, capability: Signed[ArgsT, OutputT], /, *args: ArgsT.args, **kwargs: ArgsT.kwargs
+    ) -> OutputT: ...
+
+    @overload
     async def call(
         self,
         capability: str,
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+    ) -> Any: ...
+
+    async def call(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
+        self,
+        capability: str | Ref[Any, Any],
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
@@ -699,8 +1022,10 @@ class Peer:
         """Call a capability of the remote peer.
 
         Args:
-            capability: The registered name on the remote.
-            input: Any JSON value.
+            capability: The registered name on the remote, or a typed
+                reference to it (see :func:`astral.ref`), which types the
+                input and the output.
+            input: Any JSON value (of the reference's input type).
             timeout: Seconds to wait for the first frame (the result, or the
                 first item of a stream); ``None`` waits forever; by default
                 the peer's ``timeout``. Once a stream has started it has no
@@ -715,10 +1040,15 @@ class Peer:
             CallTimeout: Nothing arrived within ``timeout``; the remote was
                 told to stop.
             ConnectionClosed: The connection ended before the answer.
-            ProtocolError: ``input`` cannot be sent: a type outside the value
-                rule, an integer JavaScript would change, or nesting too
-                deep. Nothing was sent.
+            ProtocolError: ``input`` cannot be sent (a type outside the value
+                rule, an integer JavaScript would change, nesting too deep),
+                or the call is larger than the remote accepts in one message.
+            ValidationError: The output does not fit the reference's model
+                output type.
         """
+        capability, input, convert = unref(capability, input)
+        if self._middleware:
+            return await self._call_observed(capability, input, timeout, convert)
         channel = await self._open(capability, input, timeout)
         try:
             frame = await channel.next()
@@ -726,20 +1056,101 @@ class Peer:
             self._abandon(channel)
             raise
         if isinstance(frame, Yield):
-            return Stream(self, channel, frame)
+            return Stream(self, channel, frame, convert=convert)
         channel.receive.close()
         if frame.error is not None:
-            raise RemoteError(frame.error)
+            raise RemoteError(frame.error, code=frame.code, data=frame.data)
+        if convert is not None:  # None too: no output does not fit a model type
+            return convert(frame.output)
         return frame.output
 
-    @asynccontextmanager
-    async def stream(
+    async def _enter_outbound(self, capability: str, input: Any) -> Chain:
+        """Run the middleware's entry for a call we are about to send."""
+        self._check_open()
+        info = CallInfo("outbound", capability, self._state.next_id(), peer=self, input=input)
+        chain = Chain(self._middleware, info)
+        try:
+            refused = await chain.enter()
+        except BaseException as exc:
+            await self._leave_outbound(chain, exc)
+            raise
+        if refused is not None:
+            log_refusal(info, refused)
+            await self._leave_outbound(chain, refused)
+            raise refused
+        return chain
+
+    async def _leave_outbound(
+        self, chain: Chain, error: BaseException | None, outcome: str | None = None
+    ) -> Exception | None:
+        """Record how an outbound call ended and leave its middleware."""
+        info = chain.info
+        if outcome == "cancelled" or isinstance(error, anyio.get_cancelled_exc_class()):
+            info.end("cancelled")
+        elif error is not None:
+            info.end("error", error=error)
+        else:
+            info.end("result", output=info.output)
+        return await chain.leave()
+
+    async def _call_observed(
+        self,
+        capability: str,
+        input: Any,
+        timeout: float | EllipsisType | None,
+        convert: Callable[[Any], Any] | None,
+    ) -> Any:
+        chain = await self._enter_outbound(capability, input)
+        info = chain.info
+        try:
+            channel = await self._open(capability, input, timeout, info)
+            try:
+                frame = await channel.next()
+            except BaseException:
+                self._abandon(channel)
+                raise
+        except BaseException as exc:
+            await self._leave_outbound(chain, exc)
+            raise
+        if isinstance(frame, Yield):
+            info.streaming = True
+            return Stream(self, channel, frame, chain=chain, convert=convert)
+        channel.receive.close()
+        error = None
+        if frame.error is not None:
+            error = RemoteError(frame.error, code=frame.code, data=frame.data)
+        else:
+            info.output = frame.output
+        failure = await self._leave_outbound(chain, error)
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise failure
+        if convert is not None:  # None too: no output does not fit a model type
+            return convert(frame.output)
+        return frame.output
+
+    @overload
+    def stream(
+        self, capability: Signed[ArgsT, OutputT], /, *args: ArgsT.args, **kwargs: ArgsT.kwargs
+    ) -> AbstractAsyncContextManager[Stream[OutputT]]: ...
+
+    @overload
+    def stream(
         self,
         capability: str,
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
-    ) -> AsyncIterator[Stream]:
+    ) -> AbstractAsyncContextManager[Stream[Any]]: ...
+
+    def stream(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
+        self,
+        capability: str | Ref[Any, Any],
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+    ) -> AbstractAsyncContextManager[Stream[Any]]:
         """Call a capability and iterate over what it streams.
 
         ::
@@ -753,24 +1164,59 @@ class Peer:
         that one value.
 
         Args:
-            capability: The registered name on the remote.
-            input: Any JSON value.
+            capability: The registered name on the remote, or a typed
+                reference to it (see :func:`astral.ref`): the stream's items
+                are then of its output type.
+            input: Any JSON value (of the reference's input type).
             timeout: Seconds to wait for the first item or the result; see
                 :meth:`call`.
 
-        Yields:
-            The :class:`Stream`.
+        Returns:
+            An async context manager yielding the :class:`Stream`.
 
         Raises:
             ConnectionClosed: The connection is closed.
             ProtocolError: ``input`` cannot be sent (see :meth:`call`).
         """
-        channel = await self._open(capability, input, timeout)
-        stream = Stream(self, channel, None)
+        return self._stream(capability, input, timeout)
+
+    @asynccontextmanager
+    async def _stream(
+        self,
+        capability: str | Ref[Any, Any],
+        input: Any,
+        timeout: float | EllipsisType | None,
+    ) -> AsyncIterator[Stream[Any]]:
+        capability, input, convert = unref(capability, input)
+        if not self._middleware:
+            channel = await self._open(capability, input, timeout)
+            stream: Stream[Any] = Stream(self, channel, None, convert=convert)
+            try:
+                yield stream
+            finally:
+                stream._close()
+            return
+        chain = await self._enter_outbound(capability, input)
+        chain.info.streaming = True
+        try:
+            channel = await self._open(capability, input, timeout, chain.info)
+        except BaseException as exc:
+            await self._leave_outbound(chain, exc)
+            raise
+        stream = Stream(self, channel, None, chain=chain, convert=convert)
         try:
             yield stream
         finally:
-            stream._close()
+            await stream.aclose()
+
+
+def _encoded(result: Result) -> tuple[Result, str]:
+    """Encode a terminal result; one that cannot be sent becomes an error that can."""
+    try:
+        return result, encode(result)
+    except ProtocolError as exc:
+        result = Result(result.id, error=str(exc), code=INTERNAL)
+        return result, encode(result)
 
 
 class AcceptedPeer(Peer):
@@ -814,7 +1260,7 @@ class _FeedTransport:
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise ConnectionClosed("peer is closed") from None
 
-    async def aclose(self) -> None:
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
         self._in.close()
         self._out.close()
 
@@ -845,7 +1291,9 @@ async def accept(
         claims: The remote's verified token claims.
         input_buffer: Messages buffered between ``receive`` and the reader.
         **options: Passed on to :class:`Peer` (``timeout``,
-            ``max_inbound_calls``, ``max_buffered_items``, ``json_default``).
+            ``max_inbound_calls``, ``max_buffered_items``, ``middleware``,
+            ``hide_internal_errors``,
+            ``json_default``).
 
     Yields:
         The running peer.

@@ -4,7 +4,8 @@ Shared by :func:`astral.serve` (astral's own WebSocket server) and
 :class:`astral.asgi.App` (any ASGI server): run one :class:`~astral.Peer`
 with the worker's verified claims, list it in the :class:`PeerRegistry`
 under the token's subject, run ``on_connect``, and close with the right code
-(1011 when ``on_connect`` fails, 1001 when the server shuts down).
+(1011 when ``on_connect`` fails, 1001 when the server shuts down, after
+draining; :data:`TOKEN_EXPIRED_CODE` when the worker's token expires).
 
 This module knows no WebSocket library: each server hands it a transport and
 a way to close that transport with a code.
@@ -13,23 +14,39 @@ a way to close that transport with a code.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ._auth import JWTVerifier
 from ._exceptions import ConnectionClosed
+from ._logs import ClosingLog, log_connection
 from ._peer import Peer
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from ._dispatch import Capabilities
-    from ._transport import Transport
+    from ._transport import AnyTransport
 
-__all__ = ["PeerRegistry", "host_worker", "token_from"]
+__all__ = [
+    "TOKEN_EXPIRED",
+    "TOKEN_EXPIRED_CODE",
+    "PeerRegistry",
+    "expiry_leeway",
+    "host_worker",
+    "token_from",
+]
 
 logger = logging.getLogger("astral.server")
+
+#: The close code and reason of a connection whose token's ``exp`` has passed
+#: (an application code; 4401 mirrors HTTP 401, as graphql-ws does).
+TOKEN_EXPIRED_CODE = 4401
+TOKEN_EXPIRED = "token expired"  # noqa: S105 - a close reason
 
 
 class PeerRegistry(Mapping[str, Peer]):
@@ -101,7 +118,7 @@ def token_from(authorization: str | None, query_token: str | None) -> str | None
 
 
 async def host_worker(
-    transport: Transport,
+    transport: AnyTransport,
     close: Callable[[int, str], Awaitable[None]],
     claims: Mapping[str, Any],
     *,
@@ -109,9 +126,18 @@ async def host_worker(
     registry: PeerRegistry | None,
     on_connect: Callable[[Peer], Awaitable[None]] | None,
     where: str,
+    grace: float = 0.0,
+    expiry_leeway: float | None = 0.0,
+    hosted: set[Peer] | None = None,
     **peer_options: Any,
 ) -> None:
-    """Serve one authenticated worker until it leaves or the server stops.
+    """Serve one authenticated worker until it leaves, its token expires or the server stops.
+
+    The peer runs in a task shielded from the server's cancellation, so that
+    when the server stops, calls in flight can finish: this task is
+    cancelled, drains the peer for ``grace`` seconds (new calls refused with
+    ``"shutting down"``), closes it with 1001, and only then cancels what is
+    left (``on_connect`` included).
 
     Args:
         transport: The accepted connection.
@@ -122,32 +148,133 @@ async def host_worker(
         on_connect: Awaited with the peer; if it raises, the connection is
             closed with 1011 and the error logged.
         where: Who the worker is, for log lines (its address).
+        grace: Seconds calls in flight may take to finish when the server stops.
+        expiry_leeway: Seconds after the token's ``exp`` to close the
+            connection with :data:`TOKEN_EXPIRED_CODE`; ``None`` never closes
+            it for that.
+        hosted: A set the peer is kept in while it runs (for a server that
+            drains them all itself, as the ASGI app does on lifespan shutdown).
         **peer_options: For :class:`~astral.Peer` (``timeout``, limits).
     """
     sub = claims.get("sub")
     # Connections whose token has no string subject are served, not listed.
     subject = sub if isinstance(sub, str) and registry is not None else None
-    async with Peer(transport, capabilities=capabilities, claims=claims, **peer_options) as peer:
-        if subject is not None:
-            assert registry is not None
-            registry._add(subject, peer)
+    with log_connection(where, sub) as closing:
+        await _host(
+            transport,
+            close,
+            claims,
+            closing,
+            capabilities=capabilities,
+            registry=registry,
+            subject=subject,
+            on_connect=on_connect,
+            where=where,
+            grace=grace,
+            expires_in=_expires_in(claims, expiry_leeway),
+            hosted=hosted,
+            **peer_options,
+        )
+
+
+async def _host(
+    transport: AnyTransport,
+    close: Callable[[int, str], Awaitable[None]],
+    claims: Mapping[str, Any],
+    closing: ClosingLog,
+    *,
+    capabilities: Capabilities | None,
+    registry: PeerRegistry | None,
+    subject: str | None,
+    on_connect: Callable[[Peer], Awaitable[None]] | None,
+    where: str,
+    grace: float,
+    expires_in: float | None,
+    hosted: set[Peer] | None,
+    **peer_options: Any,
+) -> None:
+    shield = anyio.CancelScope(shield=True)
+    running: list[Peer] = []
+    finished = anyio.Event()
+
+    async def run() -> None:
         try:
-            if on_connect is not None:
-                try:
-                    await on_connect(peer)
-                except ConnectionClosed:
-                    pass  # the worker left while on_connect talked to it
-                except Exception:
-                    logger.exception("on_connect failed for %s; closing that connection", where)
-                    await close(1011, "internal error")
-                    return
-            await peer.wait_closed()
-        except anyio.get_cancelled_exc_class():
-            # The server is shutting down: say so before the peer tears down.
-            with anyio.CancelScope(shield=True):
-                await close(1001, "server shutting down")
-            raise
+            with shield:
+                async with Peer(
+                    transport, capabilities=capabilities, claims=claims, **peer_options
+                ) as peer:
+                    closing.opened("accepted connection from %s", peer)
+                    running.append(peer)
+                    if hosted is not None:
+                        hosted.add(peer)
+                    if expires_in is not None:
+                        peer._close_after(expires_in, TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
+                    if subject is not None:
+                        assert registry is not None
+                        registry._add(subject, peer)
+                    try:
+                        await _serve_worker(peer, close, closing, on_connect, where)
+                    finally:
+                        if hosted is not None:
+                            hosted.discard(peer)
+                        if subject is not None:
+                            assert registry is not None
+                            registry._remove(subject, peer)
         finally:
-            if subject is not None:
-                assert registry is not None
-                registry._remove(subject, peer)
+            finished.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        try:
+            await finished.wait()
+        except anyio.get_cancelled_exc_class():
+            # The server is shutting down: drain, say so, then stop the rest.
+            closing.code = 1001
+            with anyio.CancelScope(shield=True):
+                if running:
+                    await running[0].drain(grace, code=1001, reason="server shutting down")
+                else:
+                    await close(1001, "server shutting down")
+                shield.cancel()
+            raise
+
+
+async def _serve_worker(
+    peer: Peer,
+    close: Callable[[int, str], Awaitable[None]],
+    closing: ClosingLog,
+    on_connect: Callable[[Peer], Awaitable[None]] | None,
+    where: str,
+) -> None:
+    if on_connect is not None:
+        try:
+            await on_connect(peer)
+        except ConnectionClosed:
+            pass  # the worker left while on_connect talked to it
+        except Exception:
+            logger.exception("on_connect failed for %s; closing that connection", where)
+            closing.code = 1011
+            await close(1011, "internal error")
+            return
+    await peer.wait_closed()
+
+
+def expiry_leeway(verifier: object, close_on_token_expiry: bool) -> float | None:
+    """The leeway after ``exp`` before a session ends, or ``None`` when it never does.
+
+    A :class:`~astral.JWTVerifier` accepts a token until ``exp + leeway``; the
+    session lasts as long. Other verifiers get no leeway.
+    """
+    if not close_on_token_expiry:
+        return None
+    return verifier.leeway if isinstance(verifier, JWTVerifier) else 0.0
+
+
+def _expires_in(claims: Mapping[str, Any], leeway: float | None) -> float | None:
+    """Seconds until the session must end, from the token's ``exp`` and the leeway."""
+    exp = claims.get("exp")
+    if leeway is None or isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    if not math.isfinite(exp):
+        return None
+    return max(0.0, exp + leeway - time.time())

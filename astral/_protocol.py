@@ -16,8 +16,9 @@ the calls it makes, so the two directions never share an id space:
   handed to the driver; the driver reports the end with :meth:`finished`.
 
 :meth:`PeerState.receive` turns one text message into at most one event for
-the driver, and never raises: bad input is logged once at debug level and
-dropped, or answered, as the table in ``docs/protocol.md`` says. Frames go
+the driver, and never raises: bad input is dropped, or answered, as the
+table in ``docs/protocol.md`` says; protocol violations are logged at WARNING
+on ``astral.protocol``, rate-limited, and the rest at DEBUG. Frames go
 out through :meth:`start_call`, :meth:`abandon` and :meth:`reply`.
 
 This module does no I/O and knows no event loop.
@@ -30,12 +31,13 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._dispatch import UNKNOWN_CAPABILITY, resolve
+from ._dispatch import INTERNAL, UNKNOWN_CAPABILITY, resolve
 from ._exceptions import ProtocolError
 from ._frames import Call, Cancel, Credit, Result, Yield, decode, encode
+from ._logs import protocol_warnings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from ._frames import JsonDefault
 
@@ -58,6 +60,7 @@ In = TypeVar("In")
 CANCELLED = "cancelled"
 DUPLICATE_ID = "duplicate call id"
 TOO_MANY_CALLS = "too many concurrent calls"
+SHUTTING_DOWN = "shutting down"
 
 
 @dataclass(slots=True)
@@ -115,6 +118,10 @@ class PeerState(Generic[Out, In]):
         new_inbound: Makes the handle of a newly started inbound call.
         max_inbound_calls: How many remote calls may run here at once; one
             more is answered ``"too many concurrent calls"``.
+        max_send_size: The largest message the remote accepts, in bytes of
+            UTF-8; a frame we would send that is larger fails its one call
+            instead (the remote would close the connection over it).
+            ``None`` for no check.
         json_default: Converts values of other types in our inputs and
             outputs (see :func:`astral.encode`); ``None`` refuses them.
     """
@@ -125,15 +132,24 @@ class PeerState(Generic[Out, In]):
         new_inbound: Callable[[], In],
         *,
         max_inbound_calls: int,
+        max_send_size: int | None = None,
         json_default: JsonDefault | None = None,
     ) -> None:
         self._capabilities = resolve(capabilities)
         self._json_default = json_default
         self._new_inbound = new_inbound
         self._max_inbound = max_inbound_calls
+        self._max_send = max_send_size
+        # A text of at most this many characters fits whatever its encoding.
+        self._max_send_cheap = max_send_size // 4 if max_send_size is not None else 0
         self._ids = itertools.count(1)
+        #: Who the remote is, for log lines (set by the driver).
+        self.remote = "the remote peer"
         self.outbound: dict[str, Out] = {}
         self.inbound: dict[str, In] = {}
+        #: Set while the connection drains: new calls are refused with
+        #: ``"shutting down"``, calls in flight go on.
+        self.draining = False
 
     # -- frames we send ----------------------------------------------------
 
@@ -143,6 +159,9 @@ class PeerState(Generic[Out, In]):
         input: Any,
         handle: Out,
         window: int | None = None,
+        *,
+        trace: Mapping[str, str] | None = None,
+        call_id: str | None = None,
     ) -> tuple[str, str]:
         """Register an outbound call; return its id and its ``call`` frame.
 
@@ -151,14 +170,31 @@ class PeerState(Generic[Out, In]):
             input: The input value.
             handle: What the driver wants delivered with this call's frames.
             window: Items the callee may stream before it needs credit.
+            trace: Trace context to carry in the frame.
+            call_id: An id taken earlier from :meth:`next_id`, else a new one.
 
         Raises:
-            ProtocolError: If ``input`` cannot be encoded (nothing is registered).
+            ProtocolError: If ``input`` cannot be encoded, or the frame is
+                larger than the remote accepts (nothing is registered).
         """
-        call_id = str(next(self._ids))
-        text = encode(Call(call_id, capability, input, window), json_default=self._json_default)
+        if call_id is None:
+            call_id = str(next(self._ids))
+        text = encode(
+            Call(call_id, capability, input, window, trace), json_default=self._json_default
+        )
+        if not self.fits(text):
+            raise ProtocolError(
+                f"call {capability}: the call is larger than the {self._max_send} bytes "
+                "the remote accepts in one message",
+                frame_id=call_id,
+                frame_type="call",
+            )
         self.outbound[call_id] = handle
         return call_id, text
+
+    def next_id(self) -> str:
+        """Reserve the id of an outbound call before starting it."""
+        return str(next(self._ids))
 
     def abandon(self, call_id: str) -> str | None:
         """Stop waiting for an outbound call.
@@ -176,12 +212,32 @@ class PeerState(Generic[Out, In]):
 
         Returns:
             The text to send, and whether it ends the call. An output that
-            cannot be encoded is replaced by an error result, which ends it.
+            cannot be encoded, or that is larger than the remote accepts, is
+            replaced by an error result, which ends it.
         """
         try:
-            return encode(frame, json_default=self._json_default), type(frame) is Result
+            text = encode(frame, json_default=self._json_default)
         except ProtocolError as exc:
-            return encode(Result(frame.id, error=str(exc))), True
+            return encode(Result(frame.id, error=str(exc), code=INTERNAL)), True
+        if not self.fits(text):
+            logger.info(
+                "call %r: answer larger than %s bytes, sent as an error", frame.id, self._max_send
+            )
+            return encode(self.oversize(frame.id)), True
+        return text, type(frame) is Result
+
+    def fits(self, text: str) -> bool:
+        """Whether the remote accepts ``text`` as one message."""
+        limit = self._max_send
+        return (
+            limit is None
+            or len(text) <= self._max_send_cheap
+            or len(text.encode("utf-8", "surrogatepass")) <= limit
+        )
+
+    def oversize(self, call_id: str) -> Result:
+        """The error result that replaces an answer larger than the remote accepts."""
+        return Result(call_id, error=f"result larger than {self._max_send} bytes")
 
     def credit(self, call_id: str, n: int) -> str | None:
         """The consumer of an outbound stream took ``n`` items.
@@ -253,18 +309,31 @@ class PeerState(Generic[Out, In]):
         if exc.frame_id is not None and exc.frame_type in ("yield", "result"):
             handle = self.outbound.pop(exc.frame_id, None)
             if handle is not None:
-                logger.debug("malformed %s for call %r: %s", exc.frame_type, exc.frame_id, exc)
+                protocol_warnings.warning(
+                    "malformed %s for call %.60r from %s: %s",
+                    exc.frame_type,
+                    exc.frame_id,
+                    self.remote,
+                    exc,
+                )
                 return Fail(handle, exc)
         elif exc.frame_id is not None and exc.frame_type == "call":
-            logger.debug("refused malformed call %r: %s", exc.frame_id, exc)
+            protocol_warnings.warning(
+                "refused malformed call %.60r from %s: %s", exc.frame_id, self.remote, exc
+            )
             return Reply(encode(Result(exc.frame_id, error=f"malformed call: {exc}")))
-        logger.debug("ignored malformed frame: %s", exc)
+        protocol_warnings.warning("ignored malformed frame from %s: %s", self.remote, exc)
         return None
 
     def _receive_call(self, call: Call) -> StartInbound[In] | Reply:
         if call.id in self.inbound:
-            logger.debug("refused call %r: id already running", call.id)
+            protocol_warnings.warning(
+                "refused call %.60r from %s: id already running", call.id, self.remote
+            )
             return Reply(encode(Result(call.id, error=DUPLICATE_ID)))
+        if self.draining:
+            logger.debug("refused call %r: shutting down", call.id)
+            return Reply(encode(Result(call.id, error=SHUTTING_DOWN)))
         invoke = self._capabilities.get(call.capability)
         if invoke is None:
             logger.debug("refused call %r: unknown capability %.60r", call.id, call.capability)

@@ -19,6 +19,7 @@ import anyio.abc
 from ._auth import Verifier, verify_token
 from ._dispatch import resolve
 from ._exceptions import AuthenticationError
+from ._handshake import RemoteLimits, advertise
 from ._peer import (
     DEFAULT_MAX_BUFFERED_ITEMS,
     DEFAULT_MAX_INBOUND_CALLS,
@@ -26,15 +27,16 @@ from ._peer import (
     Peer,
     check_limits,
 )
-from ._principal import PeerRegistry, host_worker, token_from
+from ._principal import PeerRegistry, expiry_leeway, host_worker, token_from
 from ._websocket import HandshakeRequest, Rejection, WebSocketConnection, serve_websocket
 
 if TYPE_CHECKING:
     import ssl as _ssl
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from ._dispatch import Capabilities
     from ._frames import JsonDefault
+    from ._middleware import Middleware
 
 __all__ = ["serve"]
 
@@ -71,6 +73,10 @@ async def serve(
     max_header_size: int = 128 * 1024,
     max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
     max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+    middleware: Sequence[Middleware] = (),
+    hide_internal_errors: bool = False,
+    grace: float = 5.0,
+    close_on_token_expiry: bool = True,
     json_default: JsonDefault | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -83,7 +89,13 @@ async def serve(
             port = await tg.start(functools.partial(
                 astral.serve, verifier=verifier, capabilities=caps, registry=workers))
             ...
-            tg.cancel_scope.cancel()   # every connection closes with 1001
+            tg.cancel_scope.cancel()   # drains, then every connection closes with 1001
+
+    Stopping it (cancelling it) stops accepting connections at once; each
+    connection then refuses new calls (``"shutting down"``), gives the calls
+    in flight up to ``grace`` seconds to finish, and closes with 1001; what
+    is left is cancelled. A connection whose token's ``exp`` passes (plus
+    the verifier's leeway) is closed with 4401 ``"token expired"``.
 
     Args:
         verifier: Checks each token: an :class:`astral.JWTVerifier`, or any
@@ -104,10 +116,24 @@ async def serve(
         ping_interval: Seconds between keepalive pings; ``None`` disables.
         ping_timeout: Seconds to wait for a pong before closing.
         close_timeout: Seconds to wait for a closing handshake.
-        max_message_size: Largest incoming message, in bytes (close 1009).
+        max_message_size: Largest incoming message, in bytes (close 1009);
+            told to each worker (``Astral-Max-Message-Size``), which then
+            fails a too-big call or answer alone instead of sending it. An
+            answer larger than a worker's own limit (1 MiB if it says none)
+            is sent as the error ``"result larger than N bytes"``.
         max_header_size: Largest upgrade request head, in bytes (431).
         max_inbound_calls: Calls one worker may have running here at once.
         max_buffered_items: Items buffered per streaming call.
+        middleware: Wrap every call to and from each worker, first one outermost
+            (see :data:`astral.Middleware`).
+        hide_internal_errors: Send ``"internal error"`` instead of the
+            message of an unexpected exception in a capability here (code
+            ``"internal"`` still); the full error is logged here.
+        grace: Seconds calls in flight may take to finish once the server
+            is stopped; ``0`` cancels them at once.
+        close_on_token_expiry: Close each connection (4401 ``"token
+            expired"``) when its token's ``exp`` passes, after the leeway of a
+            :class:`astral.JWTVerifier` (none for other verifiers).
         json_default: Converts values outside the value rule (see
             :class:`astral.Peer`); ``None`` refuses them.
         task_status: Receives the bound port (see ``TaskGroup.start``).
@@ -115,11 +141,14 @@ async def serve(
     Raises:
         OSError: The address cannot be bound.
         TypeError: A capability is not async.
-        ValueError: A limit is not positive.
+        ValueError: A limit is not positive, or ``grace`` is negative.
     """
     # Fail fast, before listening, on a capability that is not async or a bad limit.
     resolve(capabilities)
     check_limits(timeout, max_inbound_calls, max_buffered_items)
+    if not grace >= 0:
+        raise ValueError("grace must not be negative")
+    leeway = expiry_leeway(verifier, close_on_token_expiry)
 
     async def process_request(request: HandshakeRequest) -> Rejection | None:
         if path is not None and request.path.partition("?")[0] != path:
@@ -141,9 +170,16 @@ async def serve(
             registry=registry,
             on_connect=on_connect,
             where=_address(websocket.request),
+            remote_max_message_size=RemoteLimits.from_headers(
+                websocket.request.headers
+            ).max_message_size,
+            grace=grace,
+            expiry_leeway=leeway,
             timeout=timeout,
             max_inbound_calls=max_inbound_calls,
             max_buffered_items=max_buffered_items,
+            middleware=middleware,
+            hide_internal_errors=hide_internal_errors,
             json_default=json_default,
         )
 
@@ -159,6 +195,7 @@ async def serve(
         close_timeout=close_timeout,
         max_message_size=max_message_size,
         max_header_size=max_header_size,
+        response_headers=advertise(max_message_size),
         task_status=task_status,
     )
 

@@ -11,13 +11,17 @@ End of input is signalled by :meth:`Transport.receive` raising one of
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import inspect
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
 import anyio
 
 from ._exceptions import ConnectionClosed
 
-__all__ = ["CLOSED_ERRORS", "Transport"]
+if TYPE_CHECKING:
+    from anyio.abc import ObjectStream
+
+__all__ = ["CLOSED_ERRORS", "AnyTransport", "Transport", "close_transport"]
 
 
 @runtime_checkable
@@ -45,9 +49,17 @@ class Transport(Protocol):
         """
         ...
 
-    async def aclose(self) -> None:
-        """Close the transport. Idempotent."""
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the transport, telling the remote ``code`` and ``reason``. Idempotent.
 
+        Transports that carry no close code (AnyIO's object streams) may take
+        no arguments: astral then calls ``aclose()`` alone.
+        """
+
+
+#: What a peer runs over: a :class:`Transport`, or an AnyIO object stream of
+#: text (whose ``aclose`` takes no close code).
+AnyTransport: TypeAlias = "Transport | ObjectStream[str]"
 
 #: Exceptions from a transport that mean "this connection is over".
 CLOSED_ERRORS: tuple[type[BaseException], ...] = (
@@ -56,3 +68,26 @@ CLOSED_ERRORS: tuple[type[BaseException], ...] = (
     anyio.ClosedResourceError,
     anyio.BrokenResourceError,
 )
+
+
+def _takes_code(aclose: object) -> bool:
+    try:
+        parameters = inspect.signature(aclose).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters
+    )
+
+
+async def close_transport(transport: AnyTransport, code: int = 1000, reason: str = "") -> None:
+    """Close ``transport`` with ``code`` and ``reason`` if its ``aclose`` takes them.
+
+    AnyIO's object streams (and older transports) have ``aclose()`` with no
+    arguments: they are closed without a code.
+    """
+    aclose = transport.aclose
+    if _takes_code(aclose):
+        await aclose(code, reason)  # type: ignore[call-arg]
+    else:
+        await aclose()

@@ -154,6 +154,8 @@ class _ClientHandshake:
             raise ValueError(f"invalid request header ({type(exc).__name__})") from None
         #: The status of a refusal, once its head has arrived.
         self.status: int | None = None
+        #: The 101 response's headers (names lower-cased), once it has arrived.
+        self.response_headers: tuple[tuple[str, str], ...] = ()
         self._body = bytearray()
         self._secure = target.secure
         self._first = b""  # the first byte the server sent
@@ -232,6 +234,9 @@ class _ClientHandshake:
             problem = "server chose an extension or subprotocol we did not offer"
         if problem is not None:
             raise HandshakeError(f"invalid WebSocket upgrade response: {problem}", status=101)
+        self.response_headers = tuple(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in response.headers
+        )
 
     def refusal(self) -> HandshakeError:
         """Return the error for a server that answered without switching protocols."""
@@ -297,7 +302,7 @@ async def _connect(
     headers: Sequence[tuple[str, str]],
     open_timeout: float | None,
     max_header_size: int,
-) -> tuple[ByteStream, bytes]:
+) -> tuple[ByteStream, bytes, tuple[tuple[str, str], ...]]:
     target = _parse_url(url)
     if ssl_context is not None and not target.secure:
         raise ValueError("ssl_context given for a ws:// URL; use wss://")
@@ -309,7 +314,7 @@ async def _connect(
             stream = await _open_stream(target, ssl_context)
             trailing = await _upgrade(stream, handshake)
             done = True
-            return stream, trailing
+            return stream, trailing, handshake.response_headers
         if handshake.status is not None:  # refused, but the body never ended
             raise handshake.refusal()
         raise ConnectTimeout(f"opening {redact(url)} took more than {open_timeout} s")
@@ -374,7 +379,9 @@ async def open_websocket(
         max_message_size=max_message_size,
         max_header_size=max_header_size,
     )
-    stream, trailing = await _connect(url, ssl_context, headers, open_timeout, max_header_size)
+    stream, trailing, response_headers = await _connect(
+        url, ssl_context, headers, open_timeout, max_header_size
+    )
     conn = WebSocketConnection(
         stream,
         Connection(ConnectionType.CLIENT, trailing_data=trailing),
@@ -385,5 +392,6 @@ async def open_websocket(
         close_timeout=close_timeout,
         max_message_size=max_message_size,
     )
+    conn.response_headers = response_headers
     async with conn._run():
         yield conn

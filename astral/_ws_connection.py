@@ -213,6 +213,8 @@ class WebSocketConnection:
         self._ws = ws
         self._client = ws.client
         self._request = request
+        #: The server's 101 response headers, names lower-cased (client side).
+        self.response_headers: tuple[tuple[str, str], ...] = ()
         self._remote_address = remote_address
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout

@@ -36,7 +36,7 @@ from ._ws_connection import (
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from anyio.abc import ByteStream, SocketStream, TaskGroup
 
@@ -199,8 +199,8 @@ class _ServerHandshake:
         assert self._complete
         return HandshakeRequest(self._target, self._headers, remote_address)
 
-    def accept(self) -> tuple[bytes, bytes]:
-        """Return the 101 response, and the bytes the client sent after its request."""
+    def accept(self, headers: Sequence[tuple[str, str]] = ()) -> tuple[bytes, bytes]:
+        """Return the 101 response with extra ``headers``, and what came after the request."""
         accept = base64.b64encode(hashlib.sha1(self._key + _GUID).digest())  # noqa: S324 - RFC 6455
         response = h11.InformationalResponse(
             status_code=101,
@@ -209,6 +209,7 @@ class _ServerHandshake:
                 (b"upgrade", b"websocket"),
                 (b"connection", b"Upgrade"),
                 (b"sec-websocket-accept", accept),
+                *((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers),
             ],
         )
         return self._h11.send(response) or b"", self._h11.trailing_data[0]
@@ -251,6 +252,7 @@ class _Server:
     close_timeout: float
     max_message_size: int
     max_header_size: int
+    response_headers: Sequence[tuple[str, str]] = ()
 
 
 async def serve_websocket(
@@ -266,6 +268,7 @@ async def serve_websocket(
     close_timeout: float = 10.0,
     max_message_size: int = 2**20,
     max_header_size: int = 128 * 1024,
+    response_headers: Sequence[tuple[str, str]] = (),
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve WebSocket connections until cancelled.
@@ -302,6 +305,7 @@ async def serve_websocket(
         max_message_size: Largest message accepted, in bytes (reassembled);
             bigger ones close the connection with 1009.
         max_header_size: Largest upgrade request head, in bytes.
+        response_headers: Extra headers for every 101 response.
         task_status: Receives the port actually listened on, once listening.
 
     Raises:
@@ -326,6 +330,7 @@ async def serve_websocket(
         close_timeout,
         max_message_size,
         max_header_size,
+        tuple(response_headers),
     )
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     async with listener, anyio.create_task_group() as tg:
@@ -338,6 +343,15 @@ async def serve_websocket(
 
 
 async def _accept_loop(listener: SocketListener, tg: TaskGroup, server: _Server) -> None:
+    try:
+        await _accept_until_cancelled(listener, tg, server)
+    finally:
+        # Stopping: refuse new connections now, while the open ones drain.
+        with anyio.CancelScope(shield=True):
+            await listener.aclose()
+
+
+async def _accept_until_cancelled(listener: SocketListener, tg: TaskGroup, server: _Server) -> None:
     while True:
         try:
             stream = await listener.accept()
@@ -412,7 +426,7 @@ async def _open(
             response = handshake.reject(rejection.status, rejection.body, rejection.headers)
             await _answer_and_close(stream, response)
             return None
-        response, trailing = handshake.accept()
+        response, trailing = handshake.accept(server.response_headers)
         await stream.send(response)
     except _BadRequest as exc:
         logger.info("bad upgrade request from %s: %s", remote, exc.detail)

@@ -52,6 +52,7 @@ import anyio
 from ._auth import Verifier, verify_token
 from ._dispatch import resolve
 from ._exceptions import AuthenticationError, ConnectionClosed
+from ._handshake import DEFAULT_MAX_MESSAGE_SIZE, RemoteLimits, advertise
 from ._peer import (
     DEFAULT_MAX_BUFFERED_ITEMS,
     DEFAULT_MAX_INBOUND_CALLS,
@@ -59,11 +60,14 @@ from ._peer import (
     Peer,
     check_limits,
 )
-from ._principal import host_worker, token_from
+from ._principal import expiry_leeway, host_worker, token_from
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ._dispatch import Capabilities
     from ._frames import JsonDefault
+    from ._middleware import Middleware
     from ._principal import PeerRegistry
 
 __all__ = ["App"]
@@ -83,6 +87,7 @@ _UNAUTHORIZED: _Refusal = (
     ((b"www-authenticate", b'Bearer realm="astral"'),),
 )
 _NOT_FOUND: _Refusal = (404, b"not found\n", ())
+_SHUTTING_DOWN: _Refusal = (503, b"shutting down\n", ())
 _CLOSED_HERE = "connection closed by this peer"
 _CLOSED_THERE = "connection closed by the remote peer"
 
@@ -117,11 +122,28 @@ class App:
             our ``websocket.close`` message.
         max_inbound_calls: Calls one worker may have running here at once.
         max_buffered_items: Items buffered per streaming call.
+        middleware: Wrap every call to and from each worker, first one outermost
+            (see :data:`astral.Middleware`).
+        hide_internal_errors: Send ``"internal error"`` instead of the
+            message of an unexpected exception in a capability here (code
+            ``"internal"`` still); the full error is logged here.
+        grace: Seconds calls in flight may take to finish on shutdown
+            (``lifespan.shutdown``, or the server cancelling the application)
+            before the connection closes with 1001; new calls are refused
+            with ``"shutting down"`` meanwhile. ``0`` cancels them at once.
+        close_on_token_expiry: Close each connection (4401 ``"token
+            expired"``) when its token's ``exp`` passes, after the leeway of a
+            :class:`astral.JWTVerifier` (none for other verifiers).
+        max_message_size: The largest message the ASGI server accepts, told
+            to workers (``Astral-Max-Message-Size``) so that a too-big call
+            fails alone. Set it to the server's own limit or below (uvicorn's
+            ``ws_max_size``, hypercorn's ``websocket_max_message_size``).
         json_default: Converts values outside the value rule (see
             :class:`astral.Peer`); ``None`` refuses them.
 
     Raises:
         TypeError: A capability is not async.
+        ValueError: A limit is not positive, or ``grace`` is negative.
     """
 
     def __init__(
@@ -136,11 +158,28 @@ class App:
         close_timeout: float = 10.0,
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+        middleware: Sequence[Middleware] = (),
+        hide_internal_errors: bool = False,
+        grace: float = 5.0,
+        close_on_token_expiry: bool = True,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         json_default: JsonDefault | None = None,
     ) -> None:
         # Fail now, not at the first connection, on a sync capability or a bad limit.
         resolve(capabilities)
         check_limits(timeout, max_inbound_calls, max_buffered_items)
+        if not grace >= 0:
+            raise ValueError("grace must not be negative")
+        self._grace = grace
+        if max_message_size < 1:
+            raise ValueError("max_message_size must be positive")
+        self._accept_headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in advertise(max_message_size)
+        ]
+        self._expiry_leeway = expiry_leeway(verifier, close_on_token_expiry)
+        self._hosted: set[Peer] = set()
+        self._stopping = False
         self._verifier = verifier
         self._capabilities = capabilities
         self._registry = registry
@@ -150,6 +189,8 @@ class App:
         self._close_timeout = close_timeout
         self._max_inbound_calls = max_inbound_calls
         self._max_buffered_items = max_buffered_items
+        self._middleware = tuple(middleware)
+        self._hide_internal_errors = hide_internal_errors
         self._json_default = json_default
 
     async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
@@ -173,7 +214,7 @@ class App:
             )
             await send({"type": "http.response.body", "body": body})
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await self._lifespan(receive, send)
         else:
             raise ValueError(f"unsupported ASGI scope type {kind!r}")
 
@@ -183,6 +224,9 @@ class App:
         if self._path is not None and not _same_path(scope.get("path"), self._path):
             await _deny(scope, send, *_NOT_FOUND)
             return
+        if self._stopping:
+            await _deny(scope, send, *_SHUTTING_DOWN)
+            return
         try:
             claims = await verify_token(self._verifier, _token_of(scope))
         except AuthenticationError as exc:
@@ -190,7 +234,7 @@ class App:
             logger.info("refused connection from %s: %s", _address(scope), exc)
             await _deny(scope, send, *_UNAUTHORIZED)
             return
-        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.accept", "headers": self._accept_headers})
         transport = _ASGITransport(receive, send, close_timeout=self._close_timeout)
         await host_worker(
             transport,
@@ -200,11 +244,45 @@ class App:
             registry=self._registry,
             on_connect=self._on_connect,
             where=_address(scope),
+            grace=self._grace,
+            expiry_leeway=self._expiry_leeway,
+            hosted=self._hosted,
+            remote_max_message_size=RemoteLimits.from_headers(_headers_of(scope)).max_message_size,
             timeout=self._timeout,
             max_inbound_calls=self._max_inbound_calls,
             max_buffered_items=self._max_buffered_items,
+            middleware=self._middleware,
+            hide_internal_errors=self._hide_internal_errors,
             json_default=self._json_default,
         )
+
+    async def _lifespan(self, receive: _Receive, send: _Send) -> None:
+        while True:
+            kind = (await receive())["type"]
+            if kind == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif kind == "lifespan.shutdown":
+                await self.drain()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def drain(self) -> None:
+        """Drain every connection at once and close each with 1001.
+
+        Done on ``lifespan.shutdown``; call it yourself when your server
+        sends that only after closing the WebSockets (uvicorn does). From
+        then on new connections are refused (HTTP 503), new calls with
+        ``"shutting down"``, and calls in flight get ``grace`` seconds to
+        finish.
+        """
+        self._stopping = True
+        async with anyio.create_task_group() as tg:
+            for peer in list(self._hosted):
+                tg.start_soon(_drain, peer, self._grace)
+
+
+async def _drain(peer: Peer, grace: float) -> None:
+    await peer.drain(grace, code=1001, reason="server shutting down")
 
 
 def _same_path(path: object, expected: str) -> bool:
@@ -283,9 +361,9 @@ class _ASGITransport:
                 raise self._closed_error()
             # Anything else (a stray websocket.connect) carries no message.
 
-    async def aclose(self) -> None:
-        """Close the connection normally (1000). Idempotent; never raises."""
-        await self.close(1000)
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection with ``code`` and ``reason``. Idempotent; never raises."""
+        await self.close(code, reason)
 
     async def close(self, code: int, reason: str = "") -> None:
         """Send ``websocket.close`` once, unless the client has already left.
@@ -305,16 +383,6 @@ class _ASGITransport:
                     await self._send({"type": "websocket.close", "code": code, "reason": reason})
                 except OSError:
                     pass  # gone already: nothing left to close
-
-
-async def _lifespan(receive: _Receive, send: _Send) -> None:
-    while True:
-        kind = (await receive())["type"]
-        if kind == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif kind == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 async def _deny(
@@ -338,6 +406,13 @@ async def _deny(
         # A close before the accept is all the base spec offers: the server
         # answers 403 whatever the reason.
         await send({"type": "websocket.close", "code": 1008})
+
+
+def _headers_of(scope: _Scope) -> list[tuple[str, str]]:
+    return [
+        (bytes(name).decode("latin-1"), bytes(value).decode("latin-1"))
+        for name, value in scope.get("headers", ())
+    ]
 
 
 def _token_of(scope: _Scope) -> str | None:

@@ -119,13 +119,13 @@ class TrioWebSocketTransport:
                 await self._ws.aclose(1007, reason)
             raise ConnectionClosed(reason, code=1007) from exc
 
-    async def aclose(self) -> None:
-        """Close the connection (1000), waiting at most ``close_timeout``.
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection with ``code`` and ``reason``, waiting at most ``close_timeout``.
 
         Idempotent; never raises.
         """
         with trio.move_on_after(self._close_timeout):
-            await self._ws.aclose()
+            await self._ws.aclose(code, reason or None)
 
 
 def _translate(exc: trio_websocket.ConnectionClosed) -> ConnectionClosed:
@@ -158,7 +158,8 @@ async def open_peer(
         close_timeout: Longest wait, in seconds, for the closing handshake.
         **peer_options: Passed on to :class:`astral.Peer` (``capabilities``,
             ``claims``, ``timeout``, ``max_inbound_calls``,
-            ``max_buffered_items``, ``json_default``).
+            ``max_buffered_items``, ``middleware``, ``hide_internal_errors``,
+            ``json_default``).
 
     Yields:
         The running :class:`astral.Peer`.

@@ -16,6 +16,8 @@ from typing import Any
 import anyio
 import pytest
 
+import astral._logs
+
 DEFAULT_TIME_LIMIT = 10.0
 
 
@@ -27,6 +29,13 @@ DEFAULT_TIME_LIMIT = 10.0
 )
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _full_log_bucket() -> None:
+    # Rate-limited warnings share one bucket per logger: each test starts full,
+    # so a test that floods cannot hide the warnings another test expects.
+    astral._logs.protocol_warnings.reset()
 
 
 def pytest_configure(config: pytest.Config) -> None:

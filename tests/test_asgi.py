@@ -84,6 +84,7 @@ class Principal:
             registry=self.registry,
             on_connect=self.on_connect,
             path=PATH,
+            grace=0.0,  # shutdown cancels at once here; tests/test_drain.py drains
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -580,7 +581,10 @@ async def test_in_memory_peer_bytes_disconnect_and_close_codes(fake: FakeServer)
     async with anyio.create_task_group() as tg:
         await tg.start(fake.run, principal, fake.scope(headers=bearer(token("mem"))))
         await fake.to_app.send({"type": "websocket.connect"})
-        assert await fake.from_app.receive() == {"type": "websocket.accept"}
+        assert await fake.from_app.receive() == {
+            "type": "websocket.accept",
+            "headers": [(b"astral-max-message-size", b"1048576")],
+        }
 
         call = {"type": "call", "id": "1", "capability": "echo", "input": "é"}
         await fake.to_app.send({"type": "websocket.receive", "bytes": json.dumps(call).encode()})

@@ -135,7 +135,7 @@ async def test_cancelling_a_call_cancels_the_remote_capability() -> None:
 async def test_server_shutdown_closes_with_1001_and_fails_pending_calls() -> None:
     closed = anyio.Event()
     outcome: list[BaseException] = []
-    async with running_principal() as principal:
+    async with running_principal(grace=0) as principal:  # no drain: see test_drain.py
         async with astral.connect(principal.url, token=token()) as worker:
 
             async def pending() -> None:

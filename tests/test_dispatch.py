@@ -215,7 +215,7 @@ async def test_a_raised_exception_becomes_an_error_result() -> None:
         raise ValueError("bad input: 42")
 
     assert await collect(handle({"fail": fail}), Call("e", "fail")) == [
-        Result("e", error="bad input: 42")
+        Result("e", error="bad input: 42", code="internal")
     ]
 
 
@@ -227,7 +227,7 @@ async def test_an_exception_without_message_sends_its_class_name() -> None:
         raise QuotaExceeded
 
     assert await collect(handle({"fail": fail}), Call("e", "fail")) == [
-        Result("e", error="QuotaExceeded")
+        Result("e", error="QuotaExceeded", code="internal")
     ]
 
 
@@ -246,7 +246,9 @@ async def test_an_object_call_that_raises() -> None:
         async def call(self, input: Any) -> NoReturn:
             raise KeyError(input)
 
-    assert await collect(handle({"b": Broken()}), Call("e", "b", "k")) == [Result("e", error="'k'")]
+    assert await collect(handle({"b": Broken()}), Call("e", "b", "k")) == [
+        Result("e", error="'k'", code="internal")
+    ]
 
 
 async def test_raising_a_non_exception_value_becomes_an_error_result() -> None:
@@ -284,7 +286,7 @@ async def test_a_capability_returning_neither_awaitable_nor_stream() -> None:
     shadowed = Echo()
     shadowed.call = lambda input: input  # type: ignore[method-assign]
     [frame] = await collect(handle({"e": shadowed}), Call("2", "e", 1))
-    assert frame == Result("2", error="capability returned int, not an awaitable")
+    assert frame == Result("2", error="capability returned int, not an awaitable", code="internal")
 
 
 async def test_correlation_id_is_preserved() -> None:
@@ -320,7 +322,11 @@ async def test_a_failing_stream_sends_its_items_then_the_error() -> None:
         raise RuntimeError("disk full")
 
     frames = await collect(handle({"p": partial_failure}), Call("s", "p"))
-    assert frames == [Yield("s", "a"), Yield("s", "b"), Result("s", error="disk full")]
+    assert frames == [
+        Yield("s", "a"),
+        Yield("s", "b"),
+        Result("s", error="disk full", code="internal"),
+    ]
 
 
 async def test_a_stream_failing_at_once_sends_only_the_error() -> None:
@@ -330,7 +336,7 @@ async def test_a_stream_failing_at_once_sends_only_the_error() -> None:
         raise RuntimeError("nope")
 
     frames = await collect(handle({"p": immediate_failure}), Call("s", "p"))
-    assert frames == [Result("s", error="nope")]
+    assert frames == [Result("s", error="nope", code="internal")]
 
 
 async def test_an_empty_stream_is_only_a_result() -> None:

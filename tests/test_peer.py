@@ -1282,14 +1282,19 @@ async def test_answers_are_sent_with_exactly_the_originals_fields() -> None:
         await theirs.send('{"type":"call","id":"2","capability":"echo","input":{"b":1,"a":"ü"}}')
         assert await theirs.receive() == '{"type":"result","id":"2","output":{"b":1,"a":"ü"}}'
         await theirs.send('{"type":"call","id":"3","capability":"fail","input":"no"}')
-        assert await theirs.receive() == '{"type":"result","id":"3","error":"no"}'
+        # Plus one optional field, the error code (docs/protocol.md), which
+        # the original ignores like any unknown field.
+        assert await theirs.receive() == '{"type":"result","id":"3","error":"no","code":"internal"}'
         await theirs.send('{"type":"call","id":"4","capability":"nothing"}')
         assert await theirs.receive() == '{"type":"result","id":"4"}'
         await theirs.send('{"type":"call","id":"5","capability":"__proto__"}')
         assert await theirs.receive() == '{"type":"result","id":"5","error":"unknown capability"}'
         await theirs.send('{"type":"call","id":"6","capability":"failing_stream","input":1}')
         assert await theirs.receive() == '{"type":"yield","id":"6","output":0}'
-        assert await theirs.receive() == '{"type":"result","id":"6","error":"failed after 1"}'
+        assert (
+            await theirs.receive()
+            == '{"type":"result","id":"6","error":"failed after 1","code":"internal"}'
+        )
 
 
 @pytest.mark.parametrize(

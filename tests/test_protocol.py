@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import astral._logs
 from astral import Call, Cancel, ProtocolError, Result, Yield, decode, encode
 from astral._protocol import (
     CancelInbound,
@@ -468,28 +469,35 @@ def test_receive_never_raises_on_bad_input() -> None:
 
 
 def _records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "astral.peer"]
+    return [r for r in caplog.records if r.name in ("astral.peer", "astral.protocol")]
 
 
-IGNORED = [
-    *BAD_INPUT,
-    encode(Result("unknown", 1)),
-    encode(Yield("unknown", 1)),
-    encode(Cancel("unknown")),
-    '{"type":"result","id":"unknown","error":1}',
-]
+# Broke the protocol: a WARNING on astral.protocol (rate-limited).
+MALFORMED = [*BAD_INPUT, '{"type":"result","id":"unknown","error":1}']
+# Normal races (a late frame for a call that ended): DEBUG on astral.peer.
+LATE = [encode(Result("unknown", 1)), encode(Yield("unknown", 1)), encode(Cancel("unknown"))]
 
 
-@pytest.mark.parametrize("text", IGNORED, ids=lambda t: repr(t)[:50])
-def test_each_ignored_frame_is_logged_once_at_debug(
-    text: str, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.mark.parametrize("text", MALFORMED, ids=lambda t: repr(t)[:50])
+def test_each_malformed_frame_is_one_warning(text: str, caplog: pytest.LogCaptureFixture) -> None:
     state = make_state()
-    caplog.set_level(logging.DEBUG, logger="astral.peer")
+    caplog.set_level(logging.DEBUG)
     assert state.receive(text) is None
     records = _records(caplog)
     assert len(records) == 1, records
-    assert records[0].levelno == logging.DEBUG
+    assert (records[0].name, records[0].levelno) == ("astral.protocol", logging.WARNING)
+
+
+@pytest.mark.parametrize("text", LATE, ids=lambda t: repr(t)[:50])
+def test_each_late_frame_is_logged_once_at_debug(
+    text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = make_state()
+    caplog.set_level(logging.DEBUG)
+    assert state.receive(text) is None
+    records = _records(caplog)
+    assert len(records) == 1, records
+    assert (records[0].name, records[0].levelno) == ("astral.peer", logging.DEBUG)
 
 
 def test_second_result_and_late_yield_are_logged_once_each(
@@ -514,32 +522,49 @@ def test_second_result_and_late_yield_are_logged_once_each(
         assert records[0].levelno == logging.DEBUG
 
 
-def test_refusals_and_failures_are_logged_once_at_debug(
+def test_refusals_and_failures_are_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     state = make_state(max_inbound_calls=1)
     call_id, _ = state.start_call("f", None, Handle())
-    caplog.set_level(logging.DEBUG, logger="astral.peer")
+    caplog.set_level(logging.DEBUG)
     assert isinstance(state.receive(call_text("r")), StartInbound)
     assert _records(caplog) == []
-    for text, kind in (
-        (call_text("r"), Reply),
-        (call_text("s"), Reply),
-        (call_text("t", "nope"), Reply),
-        ('{"type":"call","id":"u"}', Reply),
-        ('{"type":"result","id":"' + call_id + '","error":1}', Fail),
+    for text, kind, level in (
+        (call_text("r"), Reply, logging.WARNING),  # a duplicate id breaks the protocol
+        (call_text("s"), Reply, logging.DEBUG),  # too many calls: a limit, not a violation
+        (call_text("t", "nope"), Reply, logging.DEBUG),
+        ('{"type":"call","id":"u"}', Reply, logging.WARNING),
+        ('{"type":"result","id":"' + call_id + '","error":1}', Fail, logging.WARNING),
     ):
         caplog.clear()
         assert isinstance(state.receive(text), kind)
         records = _records(caplog)
         assert len(records) == 1
-        assert records[0].levelno == logging.DEBUG
+        assert records[0].levelno == level
 
 
-def test_nothing_is_logged_above_debug(caplog: pytest.LogCaptureFixture) -> None:
+def test_warnings_name_the_remote(caplog: pytest.LogCaptureFixture) -> None:
     state = make_state()
-    caplog.set_level(logging.INFO, logger="astral.peer")
-    for text in IGNORED:
+    state.remote = "'worker-7' at 10.0.0.1:5000"
+    caplog.set_level(logging.WARNING, logger="astral.protocol")
+    state.receive("not json")
+    assert "'worker-7' at 10.0.0.1:5000" in caplog.records[0].getMessage()
+
+
+def test_a_flood_of_malformed_frames_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    state = make_state()
+    caplog.set_level(logging.WARNING, logger="astral.protocol")
+    for _ in range(1000):
+        assert state.receive("not json") is None
+    records = _records(caplog)
+    assert 1 <= len(records) <= astral._logs.BURST + 1
+
+
+def test_nothing_is_logged_above_debug_for_late_frames(caplog: pytest.LogCaptureFixture) -> None:
+    state = make_state()
+    caplog.set_level(logging.INFO)
+    for text in LATE:
         state.receive(text)
     assert _records(caplog) == []
 

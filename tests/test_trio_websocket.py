@@ -244,6 +244,7 @@ async def astral_principal() -> AsyncIterator[Served]:
                 verifier=VERIFIER,
                 capabilities={"echo": echo, "count": count, "whoami": whoami, "sleepy": sleepy},
                 registry=served.registry,
+                grace=0,  # stopping cancels at once (tests/test_drain.py drains)
                 task_status=task_status,
             )
 

@@ -1,0 +1,110 @@
+"""Token lifetime is the session's lifetime: a principal closes with 4401 once ``exp`` passes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+import astral
+import astral.asgi
+from astral._principal import _expires_in, expiry_leeway
+from tests.helpers import SECRET, running_principal, token
+from tests.test_asgi import PATH, SERVERS, run
+
+STRICT = astral.JWTVerifier(SECRET, algorithms=["HS256"], leeway=0)
+
+
+async def test_in_flight_calls_fail_with_token_expired_on_both_sides() -> None:
+    running = anyio.Event()
+
+    async def hold(_: Any) -> None:
+        running.set()
+        await anyio.sleep_forever()
+
+    async with running_principal(STRICT) as principal:
+        # exp is at most one second away (iat is rounded down to the second).
+        async with astral.connect(
+            principal.url, token=token(expires_in=1), capabilities={"hold": hold}
+        ) as worker:
+            server_side = await principal.registry.wait_for("worker-1")
+            failures: list[astral.ConnectionClosed] = []
+
+            async def principal_calls() -> None:
+                with pytest.raises(astral.ConnectionClosed) as info:
+                    await server_side.call("hold", timeout=None)
+                failures.append(info.value)
+
+            async def worker_calls() -> None:
+                with pytest.raises(astral.ConnectionClosed) as info:
+                    await worker.call("sleepy", timeout=None)
+                failures.append(info.value)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(principal_calls)
+                tg.start_soon(worker_calls)
+                await running.wait()
+            assert sorted((f.code, f.reason) for f in failures) == [
+                (4401, "token expired"),
+                (4401, "token expired"),
+            ]
+            assert time.time() >= token_exp(server_side)
+            closed = await worker.wait_closed()
+            assert (closed.code, closed.reason) == (4401, "token expired")
+
+
+def token_exp(peer: astral.Peer) -> float:
+    return float(peer.claims["exp"])
+
+
+def past_exp_verifier(token: str) -> dict[str, Any]:
+    """A custom verifier (no leeway) that accepts a token whose exp has passed."""
+    del token
+    return {"sub": "worker-1", "exp": time.time() - 100}
+
+
+async def test_an_expired_session_is_closed_at_once() -> None:
+    async with running_principal(past_exp_verifier) as principal:
+        async with astral.connect(principal.url, token="anything") as worker:
+            closed = await worker.wait_closed()
+            assert (closed.code, closed.reason) == (4401, "token expired")
+
+
+async def test_expiry_can_be_switched_off() -> None:
+    async def nap(_: Any) -> str:
+        await anyio.sleep(0.2)  # the session outlives the token's exp meanwhile
+        return "still here"
+
+    async with running_principal(
+        past_exp_verifier, capabilities={"nap": nap}, close_on_token_expiry=False
+    ) as principal:
+        async with astral.connect(principal.url, token="anything") as worker:
+            assert await worker.call("nap") == "still here"
+            assert not worker.closed
+
+
+def test_the_session_lasts_until_exp_plus_the_verifiers_leeway() -> None:
+    now = time.time()
+    assert expiry_leeway(astral.JWTVerifier(SECRET, algorithms=["HS256"]), True) == 30.0
+    assert expiry_leeway(past_exp_verifier, True) == 0.0
+    assert expiry_leeway(STRICT, False) is None
+    remaining = _expires_in({"exp": now + 100}, 30.0)
+    assert remaining is not None
+    assert 129 < remaining <= 130
+    assert _expires_in({"exp": now - 100}, 30.0) == 0.0
+    for claims in ({}, {"exp": None}, {"exp": "soon"}, {"exp": True}, {"exp": float("nan")}):
+        assert _expires_in(claims, 30.0) is None
+    assert _expires_in({"exp": now}, None) is None
+
+
+@pytest.mark.parametrize(("anyio_backend", "server"), [SERVERS[0], SERVERS[3]])
+async def test_the_asgi_app_closes_expired_sessions_too(anyio_backend: str, server: str) -> None:
+    app = astral.asgi.App(verifier=past_exp_verifier, path=PATH)
+    async with (
+        run(server, anyio_backend, app) as running,
+        astral.connect(running.url + PATH, token="anything") as worker,
+    ):
+        closed = await worker.wait_closed()
+        assert (closed.code, closed.reason) == (4401, "token expired")
