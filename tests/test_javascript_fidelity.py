@@ -22,6 +22,7 @@ import pytest
 
 import astral
 from astral._ws_client import open_websocket
+from astral.testing import connected_pair
 
 from .helpers import running_principal, token
 
@@ -166,3 +167,19 @@ async def test_a_node_peer_gets_its_values_back_identical() -> None:
     out = done.stdout.decode()
     assert done.returncode == 0, out + done.stderr.decode()
     assert out.count("same ") == 5, out
+
+
+async def test_json_default_on_a_peer_converts_inputs_and_outputs() -> None:
+    async def today(_: Any) -> Any:
+        return [datetime.date(2024, 1, 2)]
+
+    async def echo(value: Any) -> Any:
+        return value
+
+    caps = {"today": today, "echo": echo}
+    async with connected_pair(caps, {}, json_default=str) as (_, b):
+        assert await b.call("today") == ["2024-01-02"]
+        assert await b.call("echo", {"id": uuid.UUID(int=1)}) == {"id": str(uuid.UUID(int=1))}
+    async with connected_pair(caps, {}) as (_, b):
+        with pytest.raises(astral.RemoteError, match=r"cannot send datetime\.date at output\[0\]"):
+            await b.call("today")
