@@ -428,6 +428,7 @@ class Peer:
         )
         self._claims: Mapping[str, Any] = MappingProxyType(dict(claims or {}))
         self._middleware = tuple(middleware)
+        self._json_default = json_default
         self._hide_internal_errors = hide_internal_errors
         sub = self._claims.get("sub")
         # Who the remote is, in log lines: never the token, only its subject.
@@ -855,7 +856,7 @@ class Peer:
                                         final = frame
                                         break
                                     try:
-                                        text = encode(frame)
+                                        text = encode(frame, json_default=self._json_default)
                                     except ProtocolError as exc:
                                         info.end("error", error=exc)
                                         final = Result(call.id, error=str(exc), code=INTERNAL)
@@ -871,7 +872,7 @@ class Peer:
                     final = Result(call.id, error=CANCELLED)
                     info.end("cancelled")
                 if final is not None:
-                    final, text = _encoded(final)
+                    final, text = _encoded(final, self._json_default)
                     if not self._state.fits(text):
                         final = self._state.oversize(call.id)
                         text = encode(final)
@@ -886,7 +887,9 @@ class Peer:
                 return
             if failure is not None and final.error is None:
                 # A middleware failed on the way out: the call fails after all.
-                text = _encoded(self._refused(info, call, failure, logged=True))[1]
+                text = _encoded(
+                    self._refused(info, call, failure, logged=True), self._json_default
+                )[1]
             # Outside the call's scope: once the capability has finished,
             # a late cancel cannot interrupt its one terminal result.
             await send(text)
@@ -1210,10 +1213,10 @@ class Peer:
             await stream.aclose()
 
 
-def _encoded(result: Result) -> tuple[Result, str]:
+def _encoded(result: Result, json_default: JsonDefault | None) -> tuple[Result, str]:
     """Encode a terminal result; one that cannot be sent becomes an error that can."""
     try:
-        return result, encode(result)
+        return result, encode(result, json_default=json_default)
     except ProtocolError as exc:
         result = Result(result.id, error=str(exc), code=INTERNAL)
         return result, encode(result)

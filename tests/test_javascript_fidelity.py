@@ -9,11 +9,13 @@ Node.js 20+ is installed, a real JavaScript peer does the same
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import shutil
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +185,23 @@ async def test_json_default_on_a_peer_converts_inputs_and_outputs() -> None:
     async with connected_pair(caps, {}) as (_, b):
         with pytest.raises(astral.RemoteError, match=r"cannot send datetime\.date at output\[0\]"):
             await b.call("today")
+
+
+async def test_json_default_applies_when_middleware_observe_the_call() -> None:
+    # With middleware, answers are encoded on the observed path: same rule.
+    @contextlib.asynccontextmanager
+    async def observe(call: astral.CallInfo) -> AsyncIterator[None]:
+        yield
+
+    async def today(_: Any) -> Any:
+        return [datetime.date(2024, 1, 2)]
+
+    async def days(_: Any) -> AsyncIterator[Any]:
+        yield datetime.date(2024, 1, 3)
+
+    caps = {"today": today, "days": days}
+    options: dict[str, Any] = {"json_default": str, "middleware": [observe]}
+    async with connected_pair(caps, {}, **options) as (_, b):
+        assert await b.call("today") == ["2024-01-02"]
+        async with b.stream("days") as items:
+            assert [item async for item in items] == ["2024-01-03"]
