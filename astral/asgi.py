@@ -270,9 +270,9 @@ class _ASGITransport:
                 raise self._closed_error()
             # Anything else (a stray websocket.connect) carries no message.
 
-    async def aclose(self) -> None:
-        """Close the connection normally (1000). Idempotent; never raises."""
-        await self.close(1000)
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection with ``code``. Idempotent; never raises."""
+        await self.close(code, reason)
 
     async def close(self, code: int, reason: str = "") -> None:
         """Send ``websocket.close`` once, unless the client has already left.
