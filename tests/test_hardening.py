@@ -298,6 +298,28 @@ async def test_astral_sees_no_spurious_refusals_for_concurrent_quick_calls() -> 
         assert results == {i: i for i in range(1500)}
 
 
+async def test_a_burst_of_quick_calls_sent_at_once_gets_no_refusal() -> None:
+    # 1,500 calls of a quick capability in one write, against the default
+    # max_inbound_calls (1,000): the reader lets each call run before it
+    # counts the table full, so none is refused, on either backend.
+    async with running_principal() as principal:
+        stream = await open_raw(principal.port)
+        n = 1500
+        await stream.send(
+            b"".join(frame(0x1, encode(Call(str(i), "echo", i)).encode()) for i in range(n))
+        )
+        client = Client(stream)
+        answers = []
+        while len(answers) < n:
+            message = await client.receive()
+            assert message is not None, "cut off"
+            answers.append(decode(message))
+        assert sorted(answers, key=lambda a: int(a.id)) == [  # type: ignore[union-attr]
+            Result(str(i), i) for i in range(n)
+        ]
+        await stream.aclose()
+
+
 async def test_a_burst_beyond_max_inbound_calls_gets_exactly_its_refusals() -> None:
     release = anyio.Event()
     running = 0
@@ -346,7 +368,7 @@ async def test_a_burst_beyond_max_inbound_calls_gets_exactly_its_refusals() -> N
 async def test_a_flood_of_refused_calls_is_closed_with_1008_on_the_wire(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_peer, "FLOOD_GRACE", 0.5)
+    monkeypatch.setattr(_peer, "FLOOD_GRACE", 0.5, raising=False)
     watch = Watch()
     async with running_principal(on_connect=watch.on_connect, close_timeout=10) as principal:
         stream = await open_raw(principal.port, small_window=True)
