@@ -70,6 +70,8 @@ async def serve(
     max_header_size: int = 128 * 1024,
     max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
     max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
+    max_connections: int = 1024,
+    max_handshakes: int = 128,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a principal until cancelled.
@@ -106,6 +108,11 @@ async def serve(
         max_header_size: Largest upgrade request head, in bytes (431).
         max_inbound_calls: Calls one worker may have running here at once.
         max_buffered_items: Items buffered per streaming call.
+        max_connections: Connections held at once, handshakes included; one
+            more gets HTTP 503 (over TLS, is closed).
+        max_handshakes: Connections in TLS or the upgrade request (not yet
+            authenticated) at once; one more gets HTTP 503 (over TLS, is
+            closed).
         task_status: Receives the bound port (see ``TaskGroup.start``).
 
     Raises:
@@ -154,6 +161,8 @@ async def serve(
         close_timeout=close_timeout,
         max_message_size=max_message_size,
         max_header_size=max_header_size,
+        max_connections=max_connections,
+        max_handshakes=max_handshakes,
         task_status=task_status,
     )
 

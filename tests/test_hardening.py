@@ -400,3 +400,51 @@ async def test_a_flood_of_refused_calls_is_closed_with_1008_on_the_wire(
         assert {decode(m).error for m in messages} == {"unknown capability"}  # type: ignore[union-attr]
         assert close is not None
         assert close.code == 1008
+
+
+# -- connection caps ----------------------------------------------------------------------
+
+
+async def read_http_answer(stream: SocketStream) -> bytes:
+    answer = b""
+    try:
+        while True:
+            answer += await stream.receive()
+    except (anyio.EndOfStream, anyio.BrokenResourceError):
+        return answer
+
+
+async def test_over_max_handshakes_a_client_gets_503_and_the_rest_go_on() -> None:
+    async with running_principal(max_handshakes=2, open_timeout=1) as principal:
+        # Two clients stall in the upgrade request (accepted in the order
+        # they connected: the kernel's queue is first in, first out).
+        stalled = [await anyio.connect_tcp("127.0.0.1", principal.port) for _ in range(2)]
+        for stream in stalled:
+            await stream.send(b"GET /astral HTTP/1.1\r\n")
+        async with await anyio.connect_tcp("127.0.0.1", principal.port) as third:
+            await third.send(upgrade_request())
+            answer = await read_http_answer(third)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert answer.endswith(b"server busy\n")
+        # Once the server drops the stalled clients (open_timeout), there is
+        # room again: it counts a client out before it closes the socket.
+        for stream in stalled:
+            assert await read_http_answer(stream) == b""
+            await stream.aclose()
+        async with astral.connect(principal.url, token=token("w")) as peer:
+            assert await peer.call("echo", 1) == 1
+
+
+async def test_over_max_connections_a_client_gets_503() -> None:
+    async with (
+        running_principal(max_connections=2) as principal,
+        astral.connect(principal.url, token=token("a")) as a,
+        astral.connect(principal.url, token=token("b")) as b,
+    ):
+        assert await a.call("echo", 1) == 1  # both are past their handshake
+        assert await b.call("echo", 2) == 2
+        with pytest.raises(astral.HandshakeError) as info:
+            async with astral.connect(principal.url, token=token("c")):
+                pass
+        assert info.value.status == 503
+        assert await a.call("echo", 3) == 3
