@@ -124,8 +124,11 @@ class Client:
         self.close: CloseConnection | None = None
         self.pongs = 0
 
-    async def receive(self) -> str | None:
-        """Return the next whole text message, or None at the close frame or EOF."""
+    async def receive(self, *, until_pong: bool = False) -> str | None:
+        """Return the next whole text message, or None at the close frame or EOF.
+
+        With ``until_pong``, return None as soon as a pong arrives, too.
+        """
         while True:
             for event in self.ws.events():
                 if isinstance(event, TextMessage):
@@ -138,6 +141,8 @@ class Client:
                     return None
                 elif isinstance(event, Pong):
                     self.pongs += 1
+                    if until_pong:
+                        return None
             if self.close is not None:
                 return None
             try:
