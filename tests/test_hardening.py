@@ -28,8 +28,9 @@ import astral
 from astral import _peer
 from astral._frames import Call, Result, decode, encode
 from astral._ws_connection import WRITE_HIGH_WATER, WebSocketConnection
+from astral.testing import memory_transport_pair
 
-from .helpers import running_principal, token
+from .helpers import SECRET, running_principal, token
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -455,3 +456,58 @@ async def test_over_max_connections_a_client_gets_503() -> None:
                 pass
         assert info.value.status == 503
         assert await a.call("echo", 3) == 3
+
+
+async def test_serve_refuses_caps_below_one() -> None:
+    verifier = astral.JWTVerifier(SECRET, algorithms=["HS256"])
+    for options in ({"max_connections": 0}, {"max_handshakes": 0}):
+        with pytest.raises(ValueError, match="at least 1"):
+            await astral.serve(verifier=verifier, **options)
+
+
+# -- Transport.aclose(code, reason) ------------------------------------------------------
+
+
+class RecordingTransport:
+    """An in-memory transport whose aclose takes the close code, and records it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.closed_with: tuple[int, str] | None = None
+
+    async def send(self, item: str, /) -> None:
+        await self.inner.send(item)
+
+    async def receive(self) -> str:
+        return str(await self.inner.receive())
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        if self.closed_with is None:
+            self.closed_with = (code, reason)
+        await self.inner.aclose()
+
+
+async def test_the_flood_cut_off_closes_the_transport_with_1008(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_peer, "FLOOD_GRACE", 0.2)
+    ours, theirs = memory_transport_pair()
+    transport = RecordingTransport(ours)
+    assert isinstance(transport, astral.Transport)
+    async with theirs, astral.Peer(transport, max_inbound_calls=4) as peer:
+        with pytest.raises(anyio.BrokenResourceError):
+            for i in range(10_000):  # never reading the answers
+                await theirs.send(encode(Call(str(i), "unknown")))
+        assert (await peer.wait_closed()).code == 1008
+    assert transport.closed_with is not None
+    assert transport.closed_with[0] == 1008
+
+
+async def test_a_plain_transport_is_closed_normally() -> None:
+    ours, theirs = memory_transport_pair()  # aclose() takes no arguments
+    async with theirs:
+        async with astral.Peer(ours) as peer:
+            pass
+        assert peer.closed
+        with pytest.raises(anyio.EndOfStream):
+            await theirs.receive()
