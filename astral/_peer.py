@@ -55,7 +55,7 @@ from ._protocol import (
     Reply,
     StartInbound,
 )
-from ._transport import CLOSED_ERRORS, AnyTransport, closer
+from ._transport import CLOSED_ERRORS, AnyTransport, close_transport
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -321,7 +321,6 @@ class Peer:
     ) -> None:
         check_limits(timeout, max_inbound_calls, max_buffered_items)
         self._transport = transport
-        self._close = closer(transport)
         self._state: PeerState[_Channel, _Inbound] = PeerState(
             capabilities, _Inbound, max_inbound_calls=max_inbound_calls
         )
@@ -335,6 +334,7 @@ class Peer:
         self._control_send, self._control_receive = anyio.create_memory_object_stream[str](math.inf)
         self._control_sent = anyio.Event()  # set each time the control loop sends one
         self._close_error: ConnectionClosed | None = None
+        self._close_with = (1000, "")  # the close code and reason the transport gets
         # The inbound calls waiting for a worker; bounded by max_inbound_calls.
         self._work_send, self._work_receive = anyio.create_memory_object_stream[
             tuple["Call", "Callable[[Any], Any]", _Inbound]
@@ -405,7 +405,7 @@ class Peer:
             try:
                 # However the peer stopped (the remote left, a flood was cut
                 # off, aclose), the transport goes too, so the remote learns it.
-                await self._close_transport()
+                await self._close_transport(*self._close_with)
             finally:
                 self._stopped.set()
 
@@ -424,10 +424,9 @@ class Peer:
             await self._stopped.wait()
 
     async def _close_transport(self, code: int = 1000, reason: str = "") -> None:
-        """Close the transport with ``code`` (the first close's code is the one sent)."""
         with anyio.CancelScope(shield=True):
             try:
-                await self._close(code, reason)
+                await close_transport(self._transport, code, reason)
             except Exception:
                 logger.debug("transport raised while closing", exc_info=True)
 
@@ -572,8 +571,9 @@ class Peer:
                 continue
             reason = "remote provokes replies it does not read"
             logger.warning("remote floods refused calls without reading; closing (1008)")
+            self._close_with = (1008, reason)
             self._shutdown(ConnectionClosed(reason, code=1008))
-            await self._close_transport(1008, reason)
+            await self._close_transport(*self._close_with)
             if self._tasks is not None:
                 self._tasks.cancel_scope.cancel()
 
@@ -845,7 +845,6 @@ class _FeedTransport:
             raise ConnectionClosed("peer is closed") from None
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        # Your server owns the connection and its close code; this only ends the peer's input.
         self._in.close()
         self._out.close()
 

@@ -7,26 +7,21 @@ adapters for trio-websocket and ASGI.
 
 End of input is signalled by :meth:`Transport.receive` raising one of
 :data:`CLOSED_ERRORS`.
-
-:meth:`Transport.aclose` takes the WebSocket close code that says why the
-connection ends (1008 when a remote is cut off, say). A transport whose
-``aclose()`` takes no arguments (AnyIO's object streams) still works: the
-code is dropped for it, in one place, :func:`closer`.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
 import anyio
 
 from ._exceptions import ConnectionClosed
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from anyio.abc import ObjectStream
 
-__all__ = ["CLOSED_ERRORS", "AnyTransport", "Transport", "closer"]
+__all__ = ["CLOSED_ERRORS", "AnyTransport", "Transport", "close_transport"]
 
 
 @runtime_checkable
@@ -55,49 +50,16 @@ class Transport(Protocol):
         ...
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        """Close the transport. Idempotent: the first call's code is the one sent.
+        """Close the transport, telling the remote ``code`` and ``reason``. Idempotent.
 
-        Args:
-            code: The WebSocket close code saying why (1000 normal, 1001 going
-                away, 1008 policy violation, 1009 too big, 1011 internal error).
-            reason: A short reason to go with it.
+        Transports that carry no close code (AnyIO's object streams) may take
+        no arguments: astral then calls ``aclose()`` alone.
         """
 
 
-@runtime_checkable
-class _PlainTransport(Protocol):
-    """A transport whose ``aclose()`` takes no code: AnyIO's object streams."""
-
-    async def send(self, item: str, /) -> None: ...
-
-    async def receive(self) -> str: ...
-
-    async def aclose(self) -> None: ...
-
-
-#: What a :class:`~astral.Peer` runs over: a :class:`Transport`, or anything
-#: with the same ``send``/``receive`` and a plain ``aclose()``.
-AnyTransport = Transport | _PlainTransport
-
-
-def closer(transport: AnyTransport) -> Callable[[int, str], Awaitable[None]]:
-    """Return ``close(code, reason)`` for ``transport``, whatever its ``aclose`` takes.
-
-    A transport whose ``aclose`` accepts a code and a reason gets them; one
-    whose ``aclose()`` takes nothing (an AnyIO object stream) is closed
-    without, since it has no close frame to put them in.
-    """
-    aclose: Any = transport.aclose
-    try:
-        inspect.signature(aclose).bind(1000, "")
-    except (TypeError, ValueError):  # takes no code, or its signature cannot be read
-
-        async def close(code: int, reason: str) -> None:
-            await aclose()
-
-        return close
-    return aclose  # type: ignore[no-any-return]
-
+#: What a peer runs over: a :class:`Transport`, or an AnyIO object stream of
+#: text (whose ``aclose`` takes no close code).
+AnyTransport: TypeAlias = "Transport | ObjectStream[str]"
 
 #: Exceptions from a transport that mean "this connection is over".
 CLOSED_ERRORS: tuple[type[BaseException], ...] = (
@@ -106,3 +68,26 @@ CLOSED_ERRORS: tuple[type[BaseException], ...] = (
     anyio.ClosedResourceError,
     anyio.BrokenResourceError,
 )
+
+
+def _takes_code(aclose: object) -> bool:
+    try:
+        parameters = inspect.signature(aclose).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters
+    )
+
+
+async def close_transport(transport: AnyTransport, code: int = 1000, reason: str = "") -> None:
+    """Close ``transport`` with ``code`` and ``reason`` if its ``aclose`` takes them.
+
+    AnyIO's object streams (and older transports) have ``aclose()`` with no
+    arguments: they are closed without a code.
+    """
+    aclose = transport.aclose
+    if _takes_code(aclose):
+        await aclose(code, reason)  # type: ignore[call-arg]
+    else:
+        await aclose()

@@ -271,7 +271,7 @@ class _ASGITransport:
             # Anything else (a stray websocket.connect) carries no message.
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        """Close the connection with ``code``. Idempotent; never raises."""
+        """Close the connection with ``code`` and ``reason``. Idempotent; never raises."""
         await self.close(code, reason)
 
     async def close(self, code: int, reason: str = "") -> None:

@@ -120,16 +120,12 @@ class TrioWebSocketTransport:
             raise ConnectionClosed(reason, code=1007) from exc
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        """Close the connection, waiting at most ``close_timeout``.
+        """Close the connection with ``code`` and ``reason``, waiting at most ``close_timeout``.
 
         Idempotent; never raises.
-
-        Args:
-            code: The close code (1000 normal, 1008 policy violation...).
-            reason: A short reason to go with it.
         """
         with trio.move_on_after(self._close_timeout):
-            await self._ws.aclose(code, reason)
+            await self._ws.aclose(code, reason or None)
 
 
 def _translate(exc: trio_websocket.ConnectionClosed) -> ConnectionClosed:
