@@ -376,7 +376,7 @@ async def test_a_burst_beyond_max_inbound_calls_gets_exactly_its_refusals() -> N
 async def test_a_flood_of_refused_calls_is_closed_with_1008_on_the_wire(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_peer, "FLOOD_GRACE", 0.5, raising=False)
+    monkeypatch.setattr(_peer, "FLOOD_GRACE", 0.5)
     watch = Watch()
     async with running_principal(on_connect=watch.on_connect, close_timeout=10) as principal:
         stream = await open_raw(principal.port, small_window=True)
