@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import pytest
 from anyio.abc import SocketStream
 from wsproto.connection import Connection, ConnectionType
@@ -27,7 +28,7 @@ from wsproto.events import CloseConnection, Pong, TextMessage
 import astral
 from astral import _peer
 from astral._frames import Call, Result, decode, encode
-from astral._ws_connection import WRITE_HIGH_WATER, WebSocketConnection
+from astral._ws_connection import WRITE_HIGH_WATER, WebSocketConnection, read_ahead_limiter
 from astral.testing import memory_transport_pair
 
 from .helpers import SECRET, running_principal, token
@@ -511,3 +512,17 @@ async def test_a_plain_transport_is_closed_normally() -> None:
         assert peer.closed
         with pytest.raises(anyio.EndOfStream):
             await theirs.receive()
+
+
+async def test_the_asyncio_socket_is_kept_from_reading_far_ahead(anyio_backend: str) -> None:
+    # The limiter reaches into AnyIO's asyncio stream; if AnyIO renames what
+    # it uses, this says so instead of the bound silently going away.
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            limit = read_ahead_limiter(stream)
+            if anyio_backend == "asyncio":
+                assert limit is not None
+                limit()  # nothing queued: nothing to pause
+            else:
+                assert limit is None  # trio reads only what it is asked for
