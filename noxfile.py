@@ -71,3 +71,10 @@ def bench(session: nox.Session) -> None:
     """The benchmark suite (separate processes on 127.0.0.1): ``nox -s bench -- --quick``."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(name="bench-memory", python=PYTHONS[:1])
+def bench_memory(session: nox.Session) -> None:
+    """What a hostile client can make a principal hold (memory, not time; ~2 min)."""
+    session.install("-e", ".[trio]")
+    session.run("python", "-m", "benchmarks.memory", *session.posargs)

@@ -92,6 +92,9 @@ ArgsT = ParamSpec("ArgsT")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_INBOUND_CALLS = 1000
 DEFAULT_MAX_BUFFERED_ITEMS = 1024
+#: Seconds the reader waits, with ``max_inbound_calls`` answers queued, for the
+#: remote to take any of them before it is cut off as a flooder (1008).
+FLOOD_GRACE = 5.0
 
 
 def check_limits(timeout: float | None, max_inbound_calls: int, max_buffered_items: int) -> None:
@@ -437,7 +440,10 @@ class Peer:
         self._max_inbound = max_inbound_calls
         self._max_buffered = max_buffered_items
         self._credit_batch = max(1, max_buffered_items // 2)
+        # The reader's own replies. Unbounded as a stream, but the reader stops
+        # reading while max_inbound_calls of them wait (see _wait_for_replies).
         self._control_send, self._control_receive = anyio.create_memory_object_stream[str](math.inf)
+        self._control_sent = anyio.Event()  # set each time the control loop sends one
         self._close_error: ConnectionClosed | None = None
         self._close_with = (1000, "")  # the close code and reason the transport gets
         self._idle: anyio.Event | None = None  # set once a drain has no call left
@@ -446,6 +452,7 @@ class Peer:
             tuple["Call", "Callable[[Any], Any]", _Inbound]
         ](math.inf)
         self._idle_workers = 0
+        self._unstarted = 0  # calls handed to a worker that has not taken them yet
         self._deadlines: Deadlines[_Channel] = Deadlines()
         self._timer_target = math.inf
         self._timer_wake = anyio.Event()
@@ -648,10 +655,14 @@ class Peer:
 
     async def _read_loop(self) -> None:
         state, receive = self._state, self._transport.receive
+        inbound, limit = state.inbound, self._max_inbound
         error = ConnectionClosed("peer stopped")
         try:
             while True:
-                event = state.receive(await receive())
+                text = await receive()
+                if len(inbound) >= limit and self._unstarted:
+                    await self._let_workers_start()
+                event = state.receive(text)
                 if isinstance(event, Deliver):
                     if self._deliver(event):
                         # A producer that ignores flow control (the original)
@@ -668,7 +679,9 @@ class Peer:
                     event.handle.by_remote = True
                     event.handle.scope.cancel()
                 elif isinstance(event, Reply):
-                    self._queue_reply(event.text)
+                    self._send_control(event.text)
+                    if self._control_send.statistics().current_buffer_used >= limit:
+                        await self._wait_for_replies()
                 elif isinstance(event, Fail):
                     event.handle.fail(event.error)
                     if self._idle is not None:
@@ -711,17 +724,38 @@ class Peer:
             return False
         return channel.buffered > self._credit_batch
 
-    def _queue_reply(self, text: str) -> None:
-        # Replies the reader makes up are queued, never awaited. A remote that
-        # floods us with refused calls while not reading our answers would
-        # grow this queue without bound, so past the limit it is cut off.
-        if self._control_send.statistics().current_buffer_used >= self._max_inbound:
-            logger.warning("remote floods refused calls without reading; closing")
-            self._shutdown(ConnectionClosed("remote sent too many refused calls", code=1008))
+    async def _let_workers_start(self) -> None:
+        # Every slot is taken, but some by calls whose worker has not run yet
+        # (on trio the reader drains a burst of calls without yielding). Let
+        # them run, so a call is refused only when the slots are taken by
+        # calls that really are running, whatever the backend.
+        while self._unstarted and len(self._state.inbound) >= self._max_inbound:
+            await anyio.lowlevel.checkpoint()
+
+    async def _wait_for_replies(self) -> None:
+        """Stop reading while ``max_inbound_calls`` of our replies wait to be sent.
+
+        A burst of refused calls only pauses the reader until the control
+        loop has handed the replies to the transport, which it does as fast as
+        the remote reads them: a remote that reads is never cut off. One that
+        reads nothing at all for :data:`FLOOD_GRACE` seconds, while it has
+        that many answers waiting, is provoking replies it does not read: the
+        connection is closed with 1008.
+        """
+        stats = self._control_send.statistics
+        while stats().current_buffer_used >= self._max_inbound and self._close_error is None:
+            sent = self._control_sent = anyio.Event()
+            with anyio.move_on_after(FLOOD_GRACE):
+                await sent.wait()
+            if sent.is_set():
+                continue
+            reason = "remote provokes replies it does not read"
+            logger.warning("remote floods refused calls without reading; closing (1008)")
+            self._close_with = (1008, reason)
+            self._shutdown(ConnectionClosed(reason, code=1008))
+            await self._close_transport(*self._close_with)
             if self._tasks is not None:
                 self._tasks.cancel_scope.cancel()
-            return
-        self._send_control(text)
 
     def _send_control(self, text: str) -> None:
         try:
@@ -734,6 +768,7 @@ class Peer:
         try:
             async for text in self._control_receive:
                 await send(text)
+                self._control_sent.set()
         except CLOSED_ERRORS:
             pass  # the reader sees the end too, and shuts the peer down
 
@@ -749,12 +784,14 @@ class Peer:
                 call, invoke, handle = await receive.receive()
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 return
+            self._unstarted -= 1
             await self._serve(call, invoke, handle)
             self._idle_workers += 1
 
     def _start_inbound(self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound) -> None:
         handle.credit = call.window
         self._work_send.send_nowait((call, invoke, handle))
+        self._unstarted += 1
         if self._idle_workers:
             self._idle_workers -= 1  # that idle worker takes this call
         else:

@@ -78,6 +78,8 @@ async def serve(
     grace: float = 5.0,
     close_on_token_expiry: bool = True,
     json_default: JsonDefault | None = None,
+    max_connections: int = 1024,
+    max_handshakes: int = 128,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a principal until cancelled.
@@ -136,6 +138,11 @@ async def serve(
             :class:`astral.JWTVerifier` (none for other verifiers).
         json_default: Converts values outside the value rule (see
             :class:`astral.Peer`); ``None`` refuses them.
+        max_connections: Connections held at once, handshakes included; one
+            more gets HTTP 503 (over TLS, is closed).
+        max_handshakes: Connections in TLS or the upgrade request (not yet
+            authenticated) at once; one more gets HTTP 503 (over TLS, is
+            closed).
         task_status: Receives the bound port (see ``TaskGroup.start``).
 
     Raises:
@@ -196,6 +203,8 @@ async def serve(
         max_message_size=max_message_size,
         max_header_size=max_header_size,
         response_headers=advertise(max_message_size),
+        max_connections=max_connections,
+        max_handshakes=max_handshakes,
         task_status=task_status,
     )
 

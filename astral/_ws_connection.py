@@ -8,9 +8,10 @@ This module only moves those bytes and keeps the books, with three background
 tasks per connection, all inside the task group of :meth:`_run`:
 
 * the **reader** reads the stream, feeds wsproto, and turns its events into
-  whole messages in a deque (fragments are joined, binary is decoded as
-  UTF-8, sizes are checked). Pings are answered here. It is the only task that
-  ever closes the stream, so the socket's lifetime has one owner.
+  whole messages in a deque (fragments are gathered in one growing buffer,
+  binary is decoded as UTF-8, sizes are checked). Pings are answered here. It
+  is the only task that ever closes the stream, so the socket's lifetime has
+  one owner.
 * the **writer** drains one shared ``bytearray``. :meth:`send` serialises its
   frame synchronously into that buffer (so a frame is always whole, and a
   cancelled send either appended all of it or nothing) and returns; the writer
@@ -24,6 +25,21 @@ The background tasks run inside shielded cancel scopes of their own, so that
 when the code using the connection is cancelled (the server shutting down,
 say) the close handshake can still go out; they are cancelled explicitly
 (:meth:`_abort`) once the connection is done with.
+
+What a remote can make us hold is bounded (figures in ``docs/limits.md``):
+
+* received messages wait in the deque up to ``max(max_message_size, READ_SIZE)``
+  characters, each message counted as at least :data:`MESSAGE_OVERHEAD`; then
+  the reader stops reading until :meth:`receive` catches up;
+* a message being reassembled holds at most ``max_message_size`` bytes in one
+  growing buffer, and has at most one fragment per :data:`FRAGMENT_OVERHEAD`
+  bytes of that limit (16 at least): a stream of empty continuation frames is
+  "too big" (1009) like a stream of bytes;
+* control replies count against the write high-water mark: a ping that comes
+  while :data:`WRITE_HIGH_WATER` bytes wait to be written is answered later,
+  with one pong for the latest ping (RFC 6455 section 5.5.3 allows it); a
+  remote that sends more than :data:`MAX_PINGS_UNREAD` pings while one write
+  of ours is stuck (it does not read) is cut off with 1008.
 
 Closing: whichever side sends the first close frame sets :attr:`close_code`;
 from then on nothing more is sent or delivered, and one deadline
@@ -63,6 +79,14 @@ logger = logging.getLogger("astral.websocket")
 READ_SIZE = 65536
 #: Senders wait while the outgoing buffer holds at least this many bytes.
 WRITE_HIGH_WATER = 65536
+#: A message may have one fragment per this many bytes of ``max_message_size``.
+FRAGMENT_OVERHEAD = 64
+#: ...and at least this many fragments, however small the limit.
+MIN_FRAGMENTS = 16
+#: What one received message counts for at least, against the receive buffer.
+MESSAGE_OVERHEAD = 64
+#: Pings a remote may send while one write of ours is stuck, before it is cut off.
+MAX_PINGS_UNREAD = 64
 
 #: Errors of a byte stream that mean "the transport is gone".
 STREAM_ERRORS: tuple[type[Exception], ...] = (
@@ -167,6 +191,30 @@ def check_close_code(code: int) -> None:
         raise ValueError(f"{code} is not a close code an endpoint may send")
 
 
+def read_ahead_limiter(stream: ByteStream) -> Callable[[], None] | None:
+    """Return a function that stops AnyIO's asyncio socket from reading far ahead of us.
+
+    AnyIO's asyncio ``SocketStream`` pauses its transport only when
+    ``receive()`` finds nothing queued; a remote that sends faster than we
+    process never lets that happen, and the transport keeps queueing 256 KiB
+    reads without bound (measured: 64 MiB of pings grew the server by 64 MiB
+    on asyncio, none on trio). The returned function pauses the transport once
+    two reads are queued; ``receive()`` resumes it when the queue runs dry.
+    Returns ``None`` for any other stream (trio's reads only what is asked).
+    """
+    inner: Any = getattr(stream, "transport_stream", stream)  # under TLS, the socket
+    queue = getattr(getattr(inner, "_protocol", None), "read_queue", None)
+    pause = getattr(getattr(inner, "_transport", None), "pause_reading", None)
+    if not isinstance(queue, deque) or pause is None:
+        return None
+
+    def limit() -> None:
+        if len(queue) >= 2:
+            pause()
+
+    return limit
+
+
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
@@ -232,9 +280,12 @@ class WebSocketConnection:
         self._recv_low = self._recv_high // 2
         self._recv_waiter: anyio.Event | None = None
         self._resume: anyio.Event | None = None  # set: the reader may read again
-        self._parts: list[str] = []
-        self._binary: bytearray | None = None  # a binary message is being reassembled
-        self._part_size = 0
+        # The message being reassembled, UTF-8, in one growing buffer, and
+        # how many of its frames have ended.
+        self._partial = bytearray()
+        self._reassembling = False
+        self._fragments = 0
+        self._max_fragments = max(MIN_FRAGMENTS, max_message_size // FRAGMENT_OVERHEAD)
         self._recv_closed = False  # no more messages will be queued
 
         # Sending.
@@ -243,6 +294,10 @@ class WebSocketConnection:
         self._space: anyio.Event | None = None  # senders wait for room
         self._write_closed = False  # a close frame is queued, or the stream is gone
         self._writer_done = anyio.Event()
+        # Pings that came while the buffer was full: answered (the latest
+        # one) once the writer drains it; how many since a write last completed.
+        self._pong_owed: bytes | None = None
+        self._pings_unread = 0
 
         # Keepalive.
         self._ping_payload = b""
@@ -322,7 +377,7 @@ class WebSocketConnection:
             messages = self._messages
             if messages:
                 message = messages.popleft()
-                self._queued -= len(message)
+                self._queued -= len(message) + MESSAGE_OVERHEAD
                 resume = self._resume
                 if resume is not None and self._queued < self._recv_low:
                     self._resume = None
@@ -472,6 +527,12 @@ class WebSocketConnection:
                     logger.debug("write failed: %r", exc)
                     self._lost(f"write failed: {exc!r}")
                     return
+                self._pings_unread = 0  # the remote reads
+                owed = self._pong_owed
+                if owed is not None:
+                    self._pong_owed = None
+                    if not self._write_closed:
+                        self._queue(self._ws.send(Pong(payload=owed)))
                 space = self._space
                 if space is not None:
                     self._space = None
@@ -525,12 +586,15 @@ class WebSocketConnection:
 
     async def _read_loop(self) -> None:
         receive = self._stream.receive
+        limit_read_ahead = read_ahead_limiter(self._stream)
         while True:
             resume = self._resume
             if resume is not None:
                 await resume.wait()
             try:
                 data = await receive(READ_SIZE)
+                if limit_read_ahead is not None:
+                    limit_read_ahead()
             except anyio.EndOfStream:
                 if not self._peer_done:
                     self._lost("connection closed without a close frame")
@@ -554,8 +618,8 @@ class WebSocketConnection:
                 if not self._recv_closed:
                     got_message |= self._on_data(event)
             elif isinstance(event, Ping):
-                if not self._write_closed:
-                    self._queue(ws.send(event.response()))
+                if not self._write_closed and self._on_ping(event):
+                    return True
             elif isinstance(event, Pong):
                 pong = self._pong
                 if pong is not None and event.payload == self._ping_payload:
@@ -572,55 +636,67 @@ class WebSocketConnection:
                 self._resume = anyio.Event()  # pause reading until receive() catches up
         return False
 
+    def _on_ping(self, event: Ping) -> bool:
+        """Answer a ping, or owe the answer; return whether the remote is cut off."""
+        if len(self._out) < WRITE_HIGH_WATER:
+            self._queue(self._ws.send(event.response()))
+            return False
+        # The remote has not read what we already owe it: answer later, once,
+        # with the latest payload, and count how long it keeps this up.
+        self._pong_owed = bytes(event.payload)
+        self._pings_unread += 1
+        if self._pings_unread <= MAX_PINGS_UNREAD:
+            return False
+        logger.info("remote sends pings without reading the pongs; closing (1008)")
+        self._fail(1008, "pings sent without reading the pongs")
+        return True
+
     def _on_data(self, event: TextMessage | BytesMessage) -> bool:
         """Add a message fragment; return whether a whole message was queued."""
         data = event.data
         if (
             type(data) is str  # the hot path: one text frame, read whole
             and event.message_finished
-            and not self._parts
-            and self._binary is None
+            and not self._reassembling
         ):
             if len(data) > self._max_chars_cheap and _utf8_len(data) > self._max_size:
                 self._too_big()
                 return False
             self._messages.append(data)
-            self._queued += len(data)
+            self._queued += len(data) + MESSAGE_OVERHEAD
             return True
-        if isinstance(data, str):
-            self._part_size += _utf8_len(data)
-            self._parts.append(data)
-        else:
-            if self._binary is None:
-                self._binary = bytearray()
-            self._part_size += len(data)
-            self._binary += data
-        if self._part_size > self._max_size:
+        self._reassembling = True
+        chunk = data.encode("utf-8") if isinstance(data, str) else data
+        # Fragments count by number as well as by bytes: empty continuation
+        # frames cost no bytes, but each costs the reader a trip.
+        self._fragments += event.frame_finished
+        if (
+            len(self._partial) + len(chunk) > self._max_size
+            or self._fragments > self._max_fragments
+        ):
             self._too_big()
             return False
+        self._partial += chunk
         if not event.message_finished:
             return False
-        if self._binary is not None:
-            try:
-                message = self._binary.decode("utf-8")
-            except UnicodeDecodeError:
-                self._start_close(1007, "invalid UTF-8 in binary message")
-                return False
-            finally:
-                self._binary = None
-                self._part_size = 0
-        else:
-            message = "".join(self._parts)
-            self._parts.clear()
-            self._part_size = 0
+        buffer = self._partial
+        self._reset_partial()
+        try:
+            message = buffer.decode("utf-8")
+        except UnicodeDecodeError:  # only binary: wsproto checks text as it comes
+            self._start_close(1007, "invalid UTF-8 in binary message")
+            return False
         self._messages.append(message)
-        self._queued += len(message)
+        self._queued += len(message) + MESSAGE_OVERHEAD
         return True
 
+    def _reset_partial(self) -> None:
+        self._partial = bytearray()
+        self._reassembling = False
+        self._fragments = 0
+
     def _too_big(self) -> None:
-        self._parts.clear()
-        self._binary = None
-        self._part_size = 0
+        self._reset_partial()
         self._start_close(1009, f"message larger than {self._max_size} bytes")
 
     def _on_close(self, event: CloseConnection) -> bool:

@@ -4,6 +4,13 @@
 :func:`serve_websocket` is the AnyIO driver. Every connection runs in a task of
 its own behind a catch-all that logs, so nothing one client does (or one
 handler bug) reaches the listener or another connection.
+
+What unauthenticated clients can make the server hold is bounded: at most
+``max_handshakes`` connections are in the TLS/upgrade phase and
+``max_connections`` open in all; one more gets HTTP 503 at once (over TLS, it
+is just closed: a TLS handshake to refuse would cost what the cap saves). The
+request head is read in pieces that grow with what has arrived (4 KiB first),
+so a stalled client holds what it sent, not a read buffer sized in advance.
 """
 
 from __future__ import annotations
@@ -49,6 +56,22 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: client gets to read our answer instead of a TCP reset.
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 1 << 20
+#: Refusing a client over the connection caps: how long and how much we read
+#: (so our 503 is not lost to a reset), and how many such refusals at once
+#: (beyond that, the socket is just closed).
+_BUSY_LINGER_SECONDS = 0.5
+_BUSY_LINGER_BYTES = 64 * 1024
+_MAX_REFUSING = 64
+_BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Retry-After: 1\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 12\r\n"
+    b"Connection: close\r\n\r\n"
+    b"server busy\n"
+)
+#: The first read of a request head; later reads grow with what has arrived.
+_HEAD_FIRST_READ = 4096
 #: accept() errors that mean "out of resources, try again shortly".
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
@@ -110,6 +133,7 @@ class _ServerHandshake:
     def __init__(self, max_header_size: int) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_size)
         self._budget = max_header_size + 1  # bytes we may still read before the head ends
+        self._received = 0
         self._target = ""
         self._headers: tuple[tuple[str, str], ...] = ()
         self._key = b""
@@ -120,9 +144,12 @@ class _ServerHandshake:
         """How many bytes to read next.
 
         h11 checks its limit only while it waits for more, so a whole oversized
-        head read at once would slip through: never read past the limit.
+        head read at once would slip through: never read past the limit. Reads
+        grow with what has arrived (4 KiB, then as much as came so far), so
+        the buffer a read needs is never far beyond what the client sent.
         """
-        return max(1, min(READ_SIZE, self._budget))
+        grown = max(_HEAD_FIRST_READ, self._received)
+        return max(1, min(READ_SIZE, grown, self._budget))
 
     def receive_data(self, data: bytes) -> bool:
         """Feed bytes from the client (``b""`` at end of stream).
@@ -135,6 +162,7 @@ class _ServerHandshake:
                 malformed or too big, or the client went away.
         """
         self._budget -= len(data)
+        self._received += len(data)
         self._h11.receive_data(data)
         while True:
             try:
@@ -252,7 +280,23 @@ class _Server:
     close_timeout: float
     max_message_size: int
     max_header_size: int
+    max_connections: int
+    max_handshakes: int
     response_headers: Sequence[tuple[str, str]] = ()
+
+
+class _Admission:
+    """How many connections the server holds, and in which phase."""
+
+    def __init__(self, server: _Server) -> None:
+        self.max_connections = server.max_connections
+        self.max_handshakes = server.max_handshakes
+        self.connections = 0  # accepted and not yet closed, handshakes included
+        self.handshaking = 0  # in TLS or the upgrade request
+        self.refusing = 0  # being told 503
+
+    def full(self) -> bool:
+        return self.connections >= self.max_connections or self.handshaking >= self.max_handshakes
 
 
 async def serve_websocket(
@@ -269,6 +313,8 @@ async def serve_websocket(
     max_message_size: int = 2**20,
     max_header_size: int = 128 * 1024,
     response_headers: Sequence[tuple[str, str]] = (),
+    max_connections: int = 1024,
+    max_handshakes: int = 128,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve WebSocket connections until cancelled.
@@ -306,6 +352,10 @@ async def serve_websocket(
             bigger ones close the connection with 1009.
         max_header_size: Largest upgrade request head, in bytes.
         response_headers: Extra headers for every 101 response.
+        max_connections: Connections held at once, handshakes included; one
+            more gets HTTP 503 (or, over TLS, is closed).
+        max_handshakes: Connections in TLS or the upgrade request at once;
+            one more gets HTTP 503 (or, over TLS, is closed).
         task_status: Receives the port actually listened on, once listening.
 
     Raises:
@@ -320,6 +370,8 @@ async def serve_websocket(
         max_message_size=max_message_size,
         max_header_size=max_header_size,
     )
+    if max_connections < 1 or max_handshakes < 1:
+        raise ValueError("max_connections and max_handshakes must be at least 1")
     server = _Server(
         handler,
         ssl_context,
@@ -330,28 +382,35 @@ async def serve_websocket(
         close_timeout,
         max_message_size,
         max_header_size,
+        max_connections,
+        max_handshakes,
         tuple(response_headers),
     )
+    admission = _Admission(server)
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     async with listener, anyio.create_task_group() as tg:
         listeners = [sub for sub in listener.listeners if isinstance(sub, SocketListener)]
         actual_port = listeners[0].extra(SocketAttribute.local_port)  # noqa: S610
         logger.info("listening on %s port %d", host, actual_port)
         for sub in listeners:
-            tg.start_soon(_accept_loop, sub, tg, server)
+            tg.start_soon(_accept_loop, sub, tg, server, admission)
         task_status.started(actual_port)
 
 
-async def _accept_loop(listener: SocketListener, tg: TaskGroup, server: _Server) -> None:
+async def _accept_loop(
+    listener: SocketListener, tg: TaskGroup, server: _Server, admission: _Admission
+) -> None:
     try:
-        await _accept_until_cancelled(listener, tg, server)
+        await _accept_until_cancelled(listener, tg, server, admission)
     finally:
         # Stopping: refuse new connections now, while the open ones drain.
         with anyio.CancelScope(shield=True):
             await listener.aclose()
 
 
-async def _accept_until_cancelled(listener: SocketListener, tg: TaskGroup, server: _Server) -> None:
+async def _accept_until_cancelled(
+    listener: SocketListener, tg: TaskGroup, server: _Server, admission: _Admission
+) -> None:
     while True:
         try:
             stream = await listener.accept()
@@ -362,10 +421,31 @@ async def _accept_until_cancelled(listener: SocketListener, tg: TaskGroup, serve
             logger.warning("accept() failed, retrying shortly: %r", exc)
             await anyio.sleep(0.1)
             continue
-        tg.start_soon(_serve_one, stream, server)
+        if admission.full():
+            if admission.refusing >= _MAX_REFUSING or server.ssl_context is not None:
+                logger.info("too many connections; dropped %s", peer_address(stream))
+                await anyio.aclose_forcefully(stream)
+                continue
+            admission.refusing += 1
+            tg.start_soon(_refuse_busy, stream, admission)
+            continue
+        admission.connections += 1
+        admission.handshaking += 1
+        tg.start_soon(_serve_one, stream, server, admission)
 
 
-async def _serve_one(raw: SocketStream, server: _Server) -> None:
+async def _refuse_busy(stream: SocketStream, admission: _Admission) -> None:
+    """Answer 503 without reading the request, then close (briefly reading what comes)."""
+    logger.info("too many connections; refused %s with 503", peer_address(stream))
+    try:
+        await _answer_and_close(
+            stream, _BUSY_RESPONSE, seconds=_BUSY_LINGER_SECONDS, most=_BUSY_LINGER_BYTES
+        )
+    finally:
+        admission.refusing -= 1
+
+
+async def _serve_one(raw: SocketStream, server: _Server, admission: _Admission) -> None:
     remote = peer_address(raw)
     try:
         conn = None
@@ -375,6 +455,7 @@ async def _serve_one(raw: SocketStream, server: _Server) -> None:
             if scope.cancelled_caught:
                 logger.info("opening handshake with %s timed out", remote)
         finally:
+            admission.handshaking -= 1
             if conn is None:
                 await anyio.aclose_forcefully(raw)
         if conn is None:
@@ -389,6 +470,8 @@ async def _serve_one(raw: SocketStream, server: _Server) -> None:
     except Exception:
         # Anything else is a bug in the handler (or in astral): log it, keep serving.
         logger.exception("WebSocket connection from %s failed", remote)
+    finally:
+        admission.connections -= 1
 
 
 async def _open(
@@ -448,7 +531,13 @@ async def _open(
     )
 
 
-async def _answer_and_close(stream: ByteStream, response: bytes) -> None:
+async def _answer_and_close(
+    stream: ByteStream,
+    response: bytes,
+    *,
+    seconds: float = _LINGER_SECONDS,
+    most: int = _LINGER_BYTES,
+) -> None:
     """Send a refusal, then read until the client hangs up so it can read the answer.
 
     Closing with unread request bytes would make the kernel send a reset, which
@@ -460,9 +549,9 @@ async def _answer_and_close(stream: ByteStream, response: bytes) -> None:
             await stream.send_eof()
         except NotImplementedError:  # TLS streams cannot half-close
             pass
-        with anyio.move_on_after(_LINGER_SECONDS):
+        with anyio.move_on_after(seconds):
             drained = 0
-            while drained < _LINGER_BYTES:
+            while drained < most:
                 drained += len(await stream.receive(READ_SIZE))
     except STREAM_ERRORS:
         pass

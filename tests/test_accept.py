@@ -16,6 +16,7 @@ from astral import (
     RemoteError,
     Result,
     Yield,
+    _peer,
     accept,
     current_peer,
     decode,
@@ -211,7 +212,8 @@ async def test_bad_input_through_receive_is_ignored_or_answered() -> None:
         assert not peer.closed
 
 
-async def test_a_flood_through_receive_closes_the_peer() -> None:
+async def test_a_flood_through_receive_closes_the_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_peer, "FLOOD_GRACE", 0.2)
     replies: list[str] = []
     blocked = anyio.Event()
     never = anyio.Event()

@@ -24,6 +24,7 @@ from astral import (
     Stream,
     StreamOverrun,
     Yield,
+    _peer,
     current_peer,
     decode,
     encode,
@@ -1194,7 +1195,10 @@ async def test_a_malformed_yield_fails_that_stream_after_its_items() -> None:
         await assert_settled(peer)
 
 
-async def test_a_flood_of_refused_calls_closes_the_connection() -> None:
+async def test_a_flood_of_refused_calls_closes_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_peer, "FLOOD_GRACE", 0.2)
     ours, theirs = memory_transport_pair()
     limit = 8
     async with theirs, Peer(ours, timeout=None, max_inbound_calls=limit) as peer:
@@ -1203,21 +1207,22 @@ async def test_a_flood_of_refused_calls_closes_the_connection() -> None:
             out.start("pending", lambda: peer.call("anything"))
             assert isinstance(decode(await theirs.receive()), Call)
             # The remote never reads again; every call it sends is refused.
+            # Once `limit` answers wait, the peer stops reading it; once it
+            # has taken none of them for FLOOD_GRACE, it is cut off, and the
+            # remote's send in progress fails.
             sent = 0
-            while not peer.closed:
-                await theirs.send(encode(Call(str(sent), "unknown")))
-                sent += 1
-                assert sent < 10_000, "the peer never cut the flood off"
-            # Once cut off, the connection is closed: the remote cannot go on.
             with pytest.raises(anyio.BrokenResourceError):
-                await send_many(theirs, 1000)
+                while True:
+                    await theirs.send(encode(Call(str(sent), "unknown")))
+                    sent += 1
+                    assert sent < 10_000, "the peer never stopped reading the flood"
             reason = await peer.wait_closed()
             assert reason.code == 1008
             await out.done["pending"].wait()
             assert isinstance(out.results["pending"], ConnectionClosed)
             assert out.results["pending"].code == 1008
             # Memory stayed bounded: at most the limit of queued answers, plus
-            # what the transport itself buffers.
+            # what the transport itself buffers both ways.
             assert sent <= limit + 64 + 2 + 64
         # What was queued is still readable, then the end.
         answers: list[Any] = []
@@ -1226,6 +1231,22 @@ async def test_a_flood_of_refused_calls_closes_the_connection() -> None:
         assert all(isinstance(decode(text), Result) for text in answers)
         assert {decode(text).error for text in answers} == {"unknown capability"}  # type: ignore[union-attr]
         await assert_settled(peer)
+
+
+async def test_a_burst_of_refused_calls_from_a_reader_is_answered_in_full() -> None:
+    # The remote sends many more refused calls than max_inbound_calls at once,
+    # but reads its answers: it is paused, never cut off, and gets every answer.
+    ours, theirs = memory_transport_pair(buffer=math.inf)
+    limit = 8
+    burst = 20 * limit
+    async with theirs, Peer(ours, timeout=None, max_inbound_calls=limit) as peer:
+        for i in range(burst):
+            await theirs.send(encode(Call(str(i), "unknown")))
+        answers = [decode(await theirs.receive()) for _ in range(burst)]
+        assert {a.id for a in answers} == {str(i) for i in range(burst)}  # type: ignore[union-attr]
+        assert not peer.closed
+        await theirs.send(encode(Call("last", "unknown")))
+        assert decode(await theirs.receive()) == Result("last", error="unknown capability")
 
 
 async def test_an_unresponsive_remote_is_not_cut_off_for_running_calls() -> None:

@@ -121,6 +121,17 @@ def test_read_size_never_exceeds_the_head_limit() -> None:
     assert handshake.read_size == 101 - 16
 
 
+def test_read_size_grows_with_what_arrived() -> None:
+    # A stalled client holds what it sent, not a read buffer sized in advance.
+    handshake = _ServerHandshake(max_header_size=1 << 20)
+    assert handshake.read_size == 4096
+    line = b"GET /" + b"a" * 4999 + b" HTTP/1.1\r\n"
+    handshake.receive_data(line)
+    assert handshake.read_size == len(line)
+    handshake.receive_data(b"x-pad: " + b"b" * 100_000 + b"\r\n")
+    assert handshake.read_size == 65536  # and never beyond READ_SIZE
+
+
 def test_rejection_response() -> None:
     handshake = _ServerHandshake(max_header_size=4096)
     handshake.receive_data(request())
