@@ -68,8 +68,14 @@ METRICS: list[tuple[str, str, str, str, bool, int]] = [
     ("A", "calls_per_s", "sequential calls", "/s", False, 0),
     ("A", "p50_us", "sequential p50 latency", "µs", True, 0),
     ("A", "p99_us", "sequential p99 latency", "µs", True, 0),
+    ("A", "client_cpu", "sequential: client CPU", "cores", False, 2),
+    ("A", "server_cpu", "sequential: server CPU", "cores", False, 2),
     ("B", "calls_per_s", "calls, 100 in flight", "/s", False, 0),
+    ("B", "client_cpu", "100 in flight: client CPU", "cores", False, 2),
+    ("B", "server_cpu", "100 in flight: server CPU", "cores", False, 2),
     ("C", "items_per_s", "streamed items, one call", "/s", False, 0),
+    ("C", "client_cpu", "streaming: client CPU", "cores", False, 2),
+    ("C", "server_cpu", "streaming: server CPU", "cores", False, 2),
     ("D", "kib_per_conn", "server memory per idle connection", "KiB", True, 1),
     ("E", "cancel_ms", "cancel -> remote finally", "ms", True, 2),
     ("E", "rtt_ms", "round trip (same connection)", "ms", True, 2),
@@ -295,7 +301,9 @@ def run_calls(
     bound = sum(params[w]["seconds"] for w in workloads) + 60
     with server(row, "calls", deadline=bound + 120, timeout=bound) as (srv, port):
         spec = client_spec(row, "calls", port, deadline=bound + 60, timeout=bound)
-        spec |= {"workloads": list(workloads), "params": {w: params[w] for w in workloads}}
+        # The client reads the server's CPU counters around each timed window.
+        pid = {"server_pid": srv.proc.pid}
+        spec |= {"workloads": list(workloads), "params": {w: params[w] | pid for w in workloads}}
         with spawn(f"{row.label} client", spec) as client:
             for workload in workloads:
                 raw = client.expect_json("RESULT", bound)
@@ -310,7 +318,7 @@ def run_calls(
                     metrics, raw = cancellation_metrics(raw, records)
                 else:
                     keys = [k for w, k, *_ in METRICS if w == workload]
-                    metrics = {k: raw[k] for k in keys}
+                    metrics = {k: raw[k] for k in keys if k in raw}
                 samples.append({"workload": workload, "metrics": metrics, "raw": raw})
 
 
@@ -627,8 +635,12 @@ def summarize(samples: list[dict[str, Any]], rows: list[Row]) -> list[dict[str, 
     return out
 
 
+#: Figures that describe a run rather than rank it: shown, never divided.
+NO_RATIO = {"client_cpu", "server_cpu"}
+
+
 def _ratio(entry: dict[str, Any], summary: list[dict[str, Any]], reference: str | None) -> str:
-    if reference is None or "median" not in entry:
+    if reference is None or "median" not in entry or entry["metric"] in NO_RATIO:
         return "n/a"
     for other in summary:
         if (
@@ -676,6 +688,8 @@ def table_rows(summary: list[dict[str, Any]], reference: str | None) -> list[lis
         d = decimals[(entry["workload"], entry["metric"])]
         arrow = "lower" if entry["lower_is_better"] else "higher"
         figure = f"{entry['workload']} {entry['label']} ({entry['unit']}, {arrow} is better)"
+        if entry["metric"] in NO_RATIO:
+            figure = f"{entry['workload']} {entry['label']} (fraction of a core)"
         if "median" in entry:
             median = _fmt(entry["median"], d)
             spread = f"{_fmt(entry['min'], d)} - {_fmt(entry['max'], d)}"
@@ -727,8 +741,14 @@ SHORT = {
     ("A", "calls_per_s"): "A calls/s",
     ("A", "p50_us"): "A p50 µs",
     ("A", "p99_us"): "A p99 µs",
+    ("A", "client_cpu"): "A CPU cli",
+    ("A", "server_cpu"): "A CPU srv",
     ("B", "calls_per_s"): "B calls/s",
+    ("B", "client_cpu"): "B CPU cli",
+    ("B", "server_cpu"): "B CPU srv",
     ("C", "items_per_s"): "C items/s",
+    ("C", "client_cpu"): "C CPU cli",
+    ("C", "server_cpu"): "C CPU srv",
     ("D", "kib_per_conn"): "D KiB/conn",
     ("E", "cancel_ms"): "E cancel ms",
     ("E", "rtt_ms"): "E RTT ms",

@@ -9,6 +9,7 @@ them (memory, fan-out time) when the harness asks through its control pipe.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,41 @@ def _check(reply: Any) -> None:
         raise AssertionError(f"echo returned {reply!r}")
 
 
+def _server_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) the server process has used, from /proc."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # not Linux, or the server is gone
+        return None
+    # Fields 14 and 15 of stat(5) are utime and stime; ``fields`` starts at 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Fraction of a core each process used over one timed window.
+
+    The client measures itself (``time.process_time``) and reads the server's
+    counters from /proc, so both cover exactly the timed part of a workload.
+    A process that spends its time waiting for the other shows a low figure:
+    that is how latency bubbles show up in the table.
+    """
+
+    def __init__(self, p: Params) -> None:
+        self._pid: int | None = p.get("server_pid")
+        self._client = time.process_time()
+        self._server = _server_cpu_s(self._pid)
+
+    def read(self, elapsed_s: float) -> dict[str, float]:
+        out = {"client_cpu": (time.process_time() - self._client) / elapsed_s}
+        server = _server_cpu_s(self._pid)
+        if server is not None and self._server is not None:
+            out["server_cpu"] = (server - self._server) / elapsed_s
+        return out
+
+
 def _percentile(sorted_ns: list[int], q: float) -> float:
     """Nearest-rank percentile, in microseconds."""
     index = min(len(sorted_ns) - 1, max(0, round(q * len(sorted_ns)) - 1))
@@ -41,6 +77,7 @@ async def sequential(system: System, port: int, p: Params) -> dict[str, Any]:
         for _ in range(p["warmup"]):
             _check(await conn.call())
         latencies: list[int] = []
+        cpu = CpuMeter(p)
         start = time.perf_counter_ns()
         deadline = start + int(p["seconds"] * 1e9)
         now = start
@@ -50,6 +87,7 @@ async def sequential(system: System, port: int, p: Params) -> dict[str, Any]:
             latencies.append(after - now)
             now = after
         elapsed = (now - start) / 1e9
+        usage = cpu.read(elapsed)
     latencies.sort()
     return {
         "calls": len(latencies),
@@ -58,6 +96,7 @@ async def sequential(system: System, port: int, p: Params) -> dict[str, Any]:
         "calls_per_s": len(latencies) / elapsed,
         "p50_us": _percentile(latencies, 0.50),
         "p99_us": _percentile(latencies, 0.99),
+        **usage,
     }
 
 
@@ -84,15 +123,18 @@ async def concurrent(system: System, port: int, p: Params) -> dict[str, Any]:
         assert conn is not None
         _check(await conn.call())
         await _concurrent(conn, p["warmup"], p["in_flight"], time.perf_counter_ns() + 10**10)
+        cpu = CpuMeter(p)
         start = time.perf_counter_ns()
         done = await _concurrent(conn, p["count"], p["in_flight"], start + int(p["seconds"] * 1e9))
         elapsed = (time.perf_counter_ns() - start) / 1e9
+        usage = cpu.read(elapsed)
     return {
         "calls": done,
         "in_flight": p["in_flight"],
         "elapsed_s": elapsed,
         "truncated": done < p["count"],
         "calls_per_s": done / elapsed,
+        **usage,
     }
 
 
@@ -104,17 +146,20 @@ async def streaming(system: System, port: int, p: Params) -> dict[str, Any]:
             async for _ in items:
                 pass
         received = 0
+        cpu = CpuMeter(p)
         start = time.perf_counter_ns()
         with anyio.move_on_after(p["seconds"]):
             async with conn.stream(p["count"]) as items:
                 async for _ in items:
                     received += 1
         elapsed = (time.perf_counter_ns() - start) / 1e9
+        usage = cpu.read(elapsed)
     return {
         "items": received,
         "elapsed_s": elapsed,
         "truncated": received < p["count"],
         "items_per_s": received / elapsed,
+        **usage,
     }
 
 
