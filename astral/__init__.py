@@ -20,6 +20,7 @@ from ._exceptions import AstralError as AstralError
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import CallError as CallError
 from ._exceptions import CallTimeout as CallTimeout
+from ._exceptions import ClusterError as ClusterError
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import ConnectionClosed as ConnectionClosed
 from ._exceptions import ConnectTimeout as ConnectTimeout
@@ -43,6 +44,8 @@ from ._peer import Stream as Stream
 from ._peer import accept as accept
 from ._peer import current_peer as current_peer
 from ._principal import PeerRegistry as PeerRegistry
+from ._principal import Registry as Registry
+from ._principal import Worker as Worker
 from ._server import serve as serve
 from ._transport import Transport as Transport
 
@@ -57,6 +60,7 @@ __all__ = [
     "CallTimeout",
     "Callable",
     "Cancel",
+    "ClusterError",
     "ConnectError",
     "ConnectTimeout",
     "ConnectionClosed",
@@ -67,6 +71,7 @@ __all__ = [
     "Peer",
     "PeerRegistry",
     "ProtocolError",
+    "Registry",
     "RemoteError",
     "Result",
     "Stream",
@@ -75,6 +80,7 @@ __all__ = [
     "Transport",
     "Unauthorized",
     "Verifier",
+    "Worker",
     "Yield",
     "accept",
     "connect",

@@ -8,13 +8,19 @@ under the token's subject, run ``on_connect``, and close with the right code
 
 This module knows no WebSocket library: each server hands it a transport and
 a way to close that transport with a code.
+
+:class:`Registry` and :class:`Worker` are the shape every registry has, the
+in-process :class:`PeerRegistry` and the cluster-wide
+:class:`astral.redis.RedisRegistry` alike, so code written against one runs
+on the other; the servers only use :meth:`Registry.hosting`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -23,13 +29,75 @@ from ._peer import Peer
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from types import EllipsisType
 
     from ._dispatch import Capabilities
     from ._transport import Transport
 
-__all__ = ["PeerRegistry", "host_worker", "token_from"]
+__all__ = ["PeerRegistry", "Registry", "Worker", "host_worker", "token_from"]
 
 logger = logging.getLogger("astral.server")
+
+
+class Worker(Protocol):
+    """A connected worker as a registry hands it out: what code may rely on.
+
+    A :class:`~astral.Peer` is one (for a worker connected to this process);
+    :class:`astral.redis.RemoteWorker` is another (for a worker connected to
+    another principal process). Both raise the same exceptions.
+    """
+
+    @property
+    def subject(self) -> str | None:
+        """The ``sub`` claim of the worker's token."""
+        ...
+
+    @property
+    def claims(self) -> Mapping[str, Any]:
+        """The worker's verified token claims (read-only)."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """Whether this worker is known to be gone."""
+        ...
+
+    async def call(
+        self, capability: str, input: Any = None, *, timeout: float | EllipsisType | None = ...
+    ) -> Any:
+        """Call a capability of the worker; see :meth:`astral.Peer.call`."""
+        ...
+
+    def stream(
+        self, capability: str, input: Any = None, *, timeout: float | EllipsisType | None = ...
+    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
+        """Call a capability and iterate over its items; see :meth:`astral.Peer.stream`."""
+        ...
+
+
+class Registry(Protocol):
+    """Where a principal lists its connected workers, keyed by token subject.
+
+    :func:`astral.serve` and :class:`astral.asgi.App` accept anything of this
+    shape: :class:`PeerRegistry` (one process) or
+    :class:`astral.redis.RedisRegistry` (every process sharing one Redis).
+    """
+
+    async def wait_for(self, subject: str) -> Worker:
+        """Return the worker of ``subject``, waiting until it connects."""
+        ...
+
+    async def lookup(self, subject: str) -> Worker | None:
+        """Return the worker of ``subject`` if it is connected now, else ``None``."""
+        ...
+
+    async def subjects(self) -> list[str]:
+        """The subjects of every connected worker, sorted."""
+        ...
+
+    def hosting(self, subject: str, peer: Peer) -> AbstractAsyncContextManager[None]:
+        """List ``peer`` under ``subject`` for the duration of the block (servers use it)."""
+        ...
 
 
 class PeerRegistry(Mapping[str, Peer]):
@@ -74,6 +142,32 @@ class PeerRegistry(Mapping[str, Peer]):
                 event = self._waiters[subject] = anyio.Event()
             await event.wait()
 
+    async def lookup(self, subject: str) -> Peer | None:
+        """Return the peer of ``subject`` if it is connected now, else ``None``.
+
+        Never waits (it is ``async`` to share :class:`Registry`'s shape).
+        """
+        peer = self._peers.get(subject)
+        return peer if peer is not None and not peer.closed else None
+
+    async def subjects(self) -> list[str]:
+        """The subjects of the connected workers, sorted."""
+        return sorted(subject for subject, peer in self._peers.items() if not peer.closed)
+
+    @asynccontextmanager
+    async def hosting(self, subject: str, peer: Peer) -> AsyncIterator[None]:
+        """List ``peer`` under ``subject`` while the block runs (used by the servers).
+
+        Args:
+            subject: The worker's token subject.
+            peer: Its running peer; it replaces any peer listed under ``subject``.
+        """
+        self._add(subject, peer)
+        try:
+            yield
+        finally:
+            self._remove(subject, peer)
+
     def _add(self, subject: str, peer: Peer) -> None:
         self._peers[subject] = peer
         event = self._waiters.pop(subject, None)
@@ -106,7 +200,7 @@ async def host_worker(
     claims: Mapping[str, Any],
     *,
     capabilities: Capabilities | None,
-    registry: PeerRegistry | None,
+    registry: Registry | None,
     on_connect: Callable[[Peer], Awaitable[None]] | None,
     where: str,
     **peer_options: Any,
@@ -127,10 +221,10 @@ async def host_worker(
     sub = claims.get("sub")
     # Connections whose token has no string subject are served, not listed.
     subject = sub if isinstance(sub, str) and registry is not None else None
-    async with Peer(transport, capabilities=capabilities, claims=claims, **peer_options) as peer:
-        if subject is not None:
-            assert registry is not None
-            registry._add(subject, peer)
+    async with (
+        Peer(transport, capabilities=capabilities, claims=claims, **peer_options) as peer,
+        _listed(registry, subject, peer),
+    ):
         try:
             if on_connect is not None:
                 try:
@@ -147,7 +241,14 @@ async def host_worker(
             with anyio.CancelScope(shield=True):
                 await close(1001, "server shutting down")
             raise
-        finally:
-            if subject is not None:
-                assert registry is not None
-                registry._remove(subject, peer)
+
+
+@asynccontextmanager
+async def _listed(
+    registry: Registry | None, subject: str | None, peer: Peer
+) -> AsyncIterator[None]:
+    if registry is None or subject is None:
+        yield
+    else:
+        async with registry.hosting(subject, peer):
+            yield

@@ -26,7 +26,7 @@ from ._peer import (
     Peer,
     check_limits,
 )
-from ._principal import PeerRegistry, host_worker, token_from
+from ._principal import Registry, host_worker, token_from
 from ._websocket import HandshakeRequest, Rejection, WebSocketConnection, serve_websocket
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ async def serve(
     ssl: _ssl.SSLContext | None = None,
     path: str | None = None,
     on_connect: Callable[[Peer], Awaitable[None]] | None = None,
-    registry: PeerRegistry | None = None,
+    registry: Registry | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
     open_timeout: float | None = 10.0,
     ping_interval: float | None = 20.0,

@@ -63,7 +63,7 @@ from ._principal import host_worker, token_from
 
 if TYPE_CHECKING:
     from ._dispatch import Capabilities
-    from ._principal import PeerRegistry
+    from ._principal import Registry
 
 __all__ = ["App"]
 
@@ -125,7 +125,7 @@ class App:
         *,
         verifier: Verifier,
         capabilities: Capabilities | None = None,
-        registry: PeerRegistry | None = None,
+        registry: Registry | None = None,
         on_connect: Callable[[Peer], Awaitable[None]] | None = None,
         path: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
