@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from types import EllipsisType, MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -263,7 +264,7 @@ class RemoteStream:
             :class:`astral.ClusterError` when Redis went away.
     """
 
-    __slots__ = ("_call", "_done", "_first", "_router", "_taken", "_timeout")
+    __slots__ = ("_call", "_done", "_first", "_router", "_taken", "_thread", "_timeout")
 
     def __init__(
         self, router: Router, call: RemoteCall, first: list[Any] | None, timeout: float | None
@@ -274,6 +275,16 @@ class RemoteStream:
         self._timeout = timeout
         self._done = False
         self._taken = 0
+        self._thread = threading.get_ident()
+
+    def __del__(self) -> None:
+        # Dropped without aclose(): the worker must not wait for credit, and
+        # the buffer must be closed. Only on the event loop's own thread.
+        if not self._done and threading.get_ident() == self._thread:
+            try:
+                self._close()
+            except Exception:  # noqa: BLE001, S110 - never raise from a finalizer
+                pass
 
     @property
     def capability(self) -> str:

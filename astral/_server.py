@@ -96,7 +96,9 @@ async def serve(
         on_connect: Awaited with each connected peer; the connection stays
             open after it returns, until the worker leaves. If it raises,
             that connection is closed (1011) and the error logged.
-        registry: Filled with connected peers, keyed by token subject.
+        registry: Filled with connected peers, keyed by token subject: a
+            :class:`PeerRegistry`, an :class:`astral.redis.RedisRegistry` (shared
+            by every principal process on one Redis), or any :class:`Registry`.
         timeout: Default seconds a call to a worker waits for its first frame.
         open_timeout: Seconds a client has for TLS and the upgrade request.
         ping_interval: Seconds between keepalive pings; ``None`` disables.

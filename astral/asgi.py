@@ -102,8 +102,9 @@ class App:
             ``verify(token) -> claims`` callable, sync or async. Required:
             there is no unauthenticated mode.
         capabilities: What workers may call on the principal.
-        registry: Filled with connected peers, keyed by their token's ``sub``
-            (see :class:`astral.PeerRegistry`).
+        registry: Filled with connected peers, keyed by their token's ``sub``:
+            a :class:`astral.PeerRegistry`, or an :class:`astral.redis.RedisRegistry`
+            shared by every process (``uvicorn --workers``).
         on_connect: Awaited with each connected peer; the connection stays
             open after it returns, until the worker leaves. If it raises, that
             connection is closed (1011) and the error logged.

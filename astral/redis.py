@@ -380,14 +380,21 @@ class RedisRegistry:
         try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._op_timeout):
                 await self._leave()
-        finally:
-            closed = ConnectionClosed("the cluster registry is closed", code=1001)
-            for call in list(self._calls.values()):
-                call.done = True
-                call.fail(closed)
-            self._calls.clear()
-            self._tasks.cancel_scope.cancel()
-            return await self._exit.__aexit__(exc_type, exc, tb)  # noqa: B012
+        except BaseException as error:
+            self._stop()
+            await self._exit.__aexit__(type(error), error, error.__traceback__)
+            raise
+        self._stop()
+        return await self._exit.__aexit__(exc_type, exc, tb)
+
+    def _stop(self) -> None:
+        assert self._tasks is not None
+        closed = ConnectionClosed("the cluster registry is closed", code=1001)
+        for call in list(self._calls.values()):
+            call.done = True
+            call.fail(closed)
+        self._calls.clear()
+        self._tasks.cancel_scope.cancel()
 
     async def _leave(self) -> None:
         for (node, call_id), served in list(self._served.items()):

@@ -312,9 +312,9 @@ def measure(backend: str, *, quick: bool, repeat: int) -> dict[str, Any]:
     workers_f = 400 if quick else 10_000
     figures: dict[str, Any] = {"backend": backend}
     with ExitStack() as stack:
+        redis_url = _redis(stack)  # stopped last: the children leave first
         children = _Children()
         stack.callback(children.close)
-        redis_url = _redis(stack)
         # A, B, C: Y holds the worker, X does not.
         _, ready_x = children.start("principal", redis_url, backend)
         _, ready_y = children.start("principal", redis_url, backend)
@@ -348,9 +348,9 @@ def measure(backend: str, *, quick: bool, repeat: int) -> dict[str, Any]:
                 figures[f"{letter} cluster"]["rate"] / figures[f"{letter} direct"]["rate"]
             )
     with ExitStack() as stack:
+        redis_url = _redis(stack)  # stopped last: the children leave first
         children = _Children()
         stack.callback(children.close)
-        redis_url = _redis(stack)
         urls = []
         for _ in range(4):
             _, ready = children.start("principal", redis_url, backend)

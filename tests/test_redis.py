@@ -8,6 +8,7 @@ real multi-process runs are in test_redis_cluster.py.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -503,17 +504,31 @@ async def test_rediss_with_a_private_ca() -> None:
 
 @pytest.mark.time_limit(30)
 async def test_a_redis_outage_fails_fast_keeps_local_workers_and_heals(namespace: str) -> None:
+    work = Worker()
     server = RedisServer()
     server.start()
     try:
         async with (
             node(server.url, namespace, presence_ttl=1.5, connect_timeout=1) as a,
             node(server.url, namespace, presence_ttl=1.5, connect_timeout=1) as b,
-            astral.connect(b.url, token=token("w1"), capabilities=Worker().capabilities()),
+            astral.connect(b.url, token=token("w1"), capabilities=work.capabilities()),
         ):
             there = await a.registry.wait_for("w1")
             assert await there.call("echo", 1) == 1
-            server.stop()
+            pending: list[BaseException] = []
+
+            async def in_flight() -> None:
+                try:
+                    await there.call("sleepy", timeout=None)
+                except astral.ClusterError as exc:
+                    pending.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(in_flight)
+                await work.started.wait()
+                server.stop()
+            # The call in flight failed as soon as the link broke, naming Redis.
+            assert "Redis" in str(pending[0])
             # Callable here, from the process holding it.
             local = await b.registry.wait_for("w1")
             assert await local.call("echo", 2) == 2
@@ -539,3 +554,101 @@ async def test_a_redis_outage_fails_fast_keeps_local_workers_and_heals(namespace
             assert await a.registry.subjects() == ["w1"]
     finally:
         server.cleanup()
+
+
+async def test_a_dropped_stream_stops_the_worker(shared_redis: RedisServer, namespace: str) -> None:
+    work = Worker()
+    caps = work.capabilities()
+
+    async def ticking(_: Any) -> AsyncIterator[int]:
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            work.stopped.set()
+
+    caps["ticking"] = ticking
+    async with (
+        node(shared_redis.url, namespace) as a,
+        node(shared_redis.url, namespace) as b,
+        astral.connect(b.url, token=token("w1"), capabilities=caps),
+    ):
+        there = await a.registry.wait_for("w1")
+        stream = await there.call("ticking")
+        assert isinstance(stream, redis.RemoteStream)
+        del stream
+        gc.collect()
+        await work.stopped.wait()
+
+
+async def code_written_for_any_registry(registry: astral.Registry) -> list[Any]:
+    with anyio.fail_after(5):
+        worker = await registry.wait_for("w1")
+    async with worker.stream("count", 3) as items:
+        streamed = [item async for item in items]
+    found = await registry.lookup("w1")
+    assert found is not None
+    return [
+        worker.subject,
+        worker.claims["sub"],
+        await worker.call("echo", "x"),
+        streamed,
+        await registry.subjects(),
+        await registry.lookup("nobody"),
+    ]
+
+
+async def test_one_shape_for_one_process_and_for_many(
+    shared_redis: RedisServer, namespace: str
+) -> None:
+    expected = ["w1", "w1", "x", [0, 1, 2], ["w1"], None]
+    async with (
+        node(shared_redis.url, namespace) as a,
+        node(shared_redis.url, namespace) as b,
+        astral.connect(b.url, token=token("w1"), capabilities=Worker().capabilities()),
+    ):
+        assert await code_written_for_any_registry(a.registry) == expected  # remote
+        assert await code_written_for_any_registry(b.registry) == expected  # local
+    local = astral.PeerRegistry()
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(
+            functools.partial(
+                astral.serve,
+                verifier=astral.JWTVerifier(SECRET, algorithms=["HS256"]),
+                registry=local,
+            )
+        )
+        async with astral.connect(
+            f"ws://127.0.0.1:{port}/", token=token("w1"), capabilities=Worker().capabilities()
+        ):
+            assert await code_written_for_any_registry(local) == expected
+        tg.cancel_scope.cancel()
+
+
+async def test_a_process_shutting_down_fails_the_calls_it_serves(
+    shared_redis: RedisServer, namespace: str
+) -> None:
+    work = Worker()
+    async with node(shared_redis.url, namespace) as a, anyio.create_task_group() as tg:
+        b_ready, b_stop = anyio.Event(), anyio.Event()
+
+        async def run_b() -> None:
+            async with (
+                node(shared_redis.url, namespace) as b,
+                astral.connect(b.url, token=token("w1"), capabilities=work.capabilities()),
+            ):
+                b_ready.set()
+                await b_stop.wait()
+
+        async def stop_b_once_called() -> None:
+            await work.started.wait()
+            b_stop.set()
+
+        tg.start_soon(run_b)
+        await b_ready.wait()
+        there = await a.registry.wait_for("w1")
+        tg.start_soon(stop_b_once_called)
+        with pytest.raises(astral.ConnectionClosed):
+            await there.call("sleepy", timeout=None)
