@@ -100,12 +100,13 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 1
 """
-# Where a subject is, if its process is alive and still holds it.
+# Where a subject is, if its process is alive, listening, and still holds it.
 _LOOKUP = """
 local where = redis.call('HGET', KEYS[1], ARGV[1])
 if not where then return false end
 local node = string.match(where, '^(%S+)')
 if redis.call('EXISTS', ARGV[2] .. ':alive:' .. node) == 0 then return false end
+if redis.call('PUBSUB', 'NUMSUB', ARGV[2] .. ':node:' .. node)[2] == 0 then return false end
 local claims = redis.call('HGET', ARGV[2] .. ':subjects:' .. node, ARGV[1])
 if not claims then return false end
 return {where, claims}
@@ -119,9 +120,14 @@ for i = 1, #all, 2 do
   local ok = alive[node]
   if ok == nil then
     ok = redis.call('EXISTS', ARGV[1] .. ':alive:' .. node) == 1
+    if ok and redis.call('PUBSUB', 'NUMSUB', ARGV[1] .. ':node:' .. node)[2] == 0 then
+      ok = 'deaf'
+    end
     alive[node] = ok
   end
-  if not ok then
+  if ok == 'deaf' then
+    -- alive a moment ago, not listening now: killed, or reconnecting; not listed
+  elseif not ok then
     redis.call('HDEL', KEYS[1], all[i])
   elseif redis.call('HEXISTS', ARGV[1] .. ':subjects:' .. node, all[i]) == 1 then
     out[#out + 1] = all[i]
