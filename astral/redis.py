@@ -84,6 +84,8 @@ logger = logging.getLogger("astral.redis")
 
 #: Largest pub/sub payload a batch grows to before another one starts.
 MAX_BATCH_BYTES = 256 * 1024
+#: Announcements sent in one pipeline (each pipeline has its own deadline).
+ANNOUNCE_CHUNK = 256
 
 # Announce a subject held here: newest generation wins, everyone is told.
 _ANNOUNCE = """
@@ -450,8 +452,7 @@ class RedisRegistry:
                         ignore_subscribe_messages=True,
                         subscription_timeout=self._op_timeout,
                     ) as pubsub:
-                        with anyio.fail_after(self._op_timeout):
-                            await self._rejoin()
+                        await self._rejoin()  # each Redis round trip has a deadline
                         self._up = True
                         delay = 0.05
                         if started:
@@ -493,14 +494,23 @@ class RedisRegistry:
         """(Re)announce this process and every worker it holds."""
         async with self._presence_lock:
             self._ops.clear()
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.set(self._k_alive, "1", px=self._ttl_ms)
-                pipe.delete([self._k_subjects])
+            with anyio.fail_after(self._op_timeout):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.set(self._k_alive, "1", px=self._ttl_ms)
+                    pipe.delete([self._k_subjects])
             await self._announce(list(self._local.values()), [])
 
     async def _announce(self, adds: list[_Local], removes: list[_Local]) -> None:
-        if not adds and not removes:
-            return
+        # In chunks, each with its own deadline: thousands of workers
+        # connecting at once must not make one pipeline look like an outage.
+        for start in range(0, len(removes), ANNOUNCE_CHUNK):
+            with anyio.fail_after(self._op_timeout):
+                await self._announce_chunk([], removes[start : start + ANNOUNCE_CHUNK])
+        for start in range(0, len(adds), ANNOUNCE_CHUNK):
+            with anyio.fail_after(self._op_timeout):
+                await self._announce_chunk(adds[start : start + ANNOUNCE_CHUNK], [])
+
+    async def _announce_chunk(self, adds: list[_Local], removes: list[_Local]) -> None:
         announce, withdraw = self._scripts["announce"], self._scripts["withdraw"]
         keys = [self._k_where, self._k_subjects, self._k_gen]
         async with self._client.pipeline(transaction=False) as pipe:
@@ -572,8 +582,7 @@ class RedisRegistry:
                 removes = [e for op, e in ops if op == "remove" and e.gen]
                 adds = [e for e in adds if id(e) not in removed]
                 try:
-                    with anyio.fail_after(self._op_timeout):
-                        await self._announce(adds, removes)
+                    await self._announce(adds, removes)
                 except Exception as exc:
                     if not _is_redis_failure(exc):
                         raise
@@ -618,7 +627,14 @@ class RedisRegistry:
             if self._up:
                 try:
                     with anyio.fail_after(self._op_timeout):
-                        await self._beat()
+                        forgotten = await self._beat()
+                    if forgotten:
+                        # Redis forgot this process (restarted, flushed, or a
+                        # stall beyond the TTL): say everything again.
+                        logger.warning(
+                            "Redis at %s had forgotten this process; announcing again", self.where
+                        )
+                        await self._rejoin()
                 except Exception as exc:
                     if not _is_redis_failure(exc):
                         raise
@@ -626,7 +642,7 @@ class RedisRegistry:
             # Announcements lost in an outage must not leave a waiter waiting.
             self._wake_all()
 
-    async def _beat(self) -> None:
+    async def _beat(self) -> bool:
         nodes = sorted({c.node for c in self._calls.values()} | {n for n, _ in self._served})
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.set(self._k_alive, "1", px=self._ttl_ms, get=True)
@@ -634,15 +650,12 @@ class RedisRegistry:
             if nodes:
                 pipe.pubsub_numsub(*[self._node_channel(n) for n in nodes])
         results: tuple[Any, ...] = tuple(pipe.results or ())
-        if results and results[0] is None:
-            # Redis forgot this process (restarted, or a stall beyond the TTL).
-            logger.warning("Redis at %s had forgotten this process; announcing again", self.where)
-            await self._rejoin()
         if nodes and len(results) > 2:
             listeners = {_text(k): int(v) for k, v in dict(results[2]).items()}
             for node in nodes:
                 if not listeners.get(self._node_channel(node)):
                     self._node_left(node)
+        return bool(results) and results[0] is None
 
     def _node_left(self, node: str) -> None:
         self._gone.add(node)
