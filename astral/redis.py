@@ -675,7 +675,12 @@ class RedisRegistry:
 
     # -- lookups -------------------------------------------------------------
 
+    def _check_entered(self) -> None:
+        if self._exit is None:
+            raise RuntimeError("use the RedisRegistry inside 'async with' first")
+
     def _check_up(self, subject: str) -> None:
+        self._check_entered()
         if not self._up:
             raise ClusterError(
                 f"Redis at {self.where} is unreachable, and worker {subject!r} "
@@ -750,6 +755,7 @@ class RedisRegistry:
         Raises:
             ClusterError: Redis is unreachable.
         """
+        self._check_entered()
         if not self._up:
             raise ClusterError(f"Redis at {self.where} is unreachable")
         try:

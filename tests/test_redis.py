@@ -441,6 +441,14 @@ async def test_starting_without_redis_is_a_clear_error() -> None:
     assert isinstance(caught.value, astral.ConnectError)
 
 
+async def test_a_registry_not_entered_says_so() -> None:
+    registry = redis.RedisRegistry("redis://127.0.0.1:1/0")
+    with pytest.raises(RuntimeError, match="async with"):
+        await registry.lookup("w1")
+    with pytest.raises(RuntimeError, match="async with"):
+        await registry.subjects()
+
+
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="redis://"):
         redis.RedisRegistry("http://127.0.0.1")
