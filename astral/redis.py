@@ -251,8 +251,12 @@ class RedisRegistry:
             for its first frame; ``None`` waits forever.
         window: Items of one streaming call that may be on their way between
             two processes before the sender waits for credit.
-        connect_timeout: Seconds to connect to Redis, and the longest any one
-            Redis command may take before Redis counts as unreachable.
+        connect_timeout: Seconds to connect (and subscribe) to Redis.
+        command_timeout: The longest any one Redis command may take before
+            Redis counts as unreachable. A Redis that is down fails at once
+            (the connection is refused or reset); this only catches one that
+            hangs, so it is generous: a busy event loop must not look like an
+            outage.
         ssl_context: TLS settings for ``rediss://`` (for example a private
             CA); by default the system's trust store.
 
@@ -270,13 +274,16 @@ class RedisRegistry:
         timeout: float | None = DEFAULT_TIMEOUT,
         window: int = 1024,
         connect_timeout: float = 5.0,
+        command_timeout: float = 15.0,
         ssl_context: _ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
             raise ValueError("url must start with redis:// or rediss://")
-        if not presence_ttl > 0 or window < 1 or not connect_timeout > 0:
-            raise ValueError("presence_ttl, window and connect_timeout must be positive")
+        if not presence_ttl > 0 or window < 1 or not min(connect_timeout, command_timeout) > 0:
+            raise ValueError(
+                "presence_ttl, window, connect_timeout and command_timeout must be positive"
+            )
         if timeout is not None and not timeout > 0:
             raise ValueError("timeout must be a positive number of seconds, or None")
         self._url = url
@@ -289,7 +296,8 @@ class RedisRegistry:
         self.window = window
         self._ttl_ms = max(1, round(presence_ttl * 1000))
         self._heartbeat = presence_ttl / 3
-        self._op_timeout = connect_timeout
+        self._connect_timeout = connect_timeout
+        self._op_timeout = command_timeout
         ns = namespace
         self._k_where = f"{ns}:where"
         self._k_gen = f"{ns}:gen"
@@ -334,7 +342,7 @@ class RedisRegistry:
         await stack.__aenter__()
         try:
             options: dict[str, Any] = {
-                "connect_timeout": self._op_timeout,
+                "connect_timeout": self._connect_timeout,
                 "retry_policy": coredis.retry.NoRetryPolicy(),
             }
             if self._ssl_context is not None:
@@ -386,7 +394,7 @@ class RedisRegistry:
         assert self._tasks is not None
         self._closing = True
         try:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self._op_timeout):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._connect_timeout):
                 await self._leave()
         except BaseException as error:
             self._stop()
@@ -450,7 +458,7 @@ class RedisRegistry:
                         channels=[self._channel, self._presence],
                         retry_policy=None,
                         ignore_subscribe_messages=True,
-                        subscription_timeout=self._op_timeout,
+                        subscription_timeout=self._connect_timeout,
                     ) as pubsub:
                         await self._rejoin()  # each Redis round trip has a deadline
                         self._up = True
