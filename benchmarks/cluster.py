@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -416,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         backend, prefix, count, *urls = argv[1:]
         anyio.run(_workers, urls, prefix, int(count), backend=backend)
         return 0
+    # SIGTERM runs the cleanup too: children and redis-server are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cluster")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=None)
