@@ -904,7 +904,12 @@ class RedisRegistry:
 
     def _on_call(self, sender: str, msg: list[Any]) -> None:
         key = (sender, msg[1])
-        if key in self._served or self._tasks is None or self._closing:
+        if key in self._served or self._tasks is None:
+            return
+        if self._closing:
+            self._post_quiet(
+                sender, dump(["fail", msg[1], "closed", "principal process shutting down", 1001])
+            )
             return
         served = self._served[key] = _Served(msg[5])
         self._tasks.start_soon(self._serve, sender, msg, served)
