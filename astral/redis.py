@@ -113,7 +113,7 @@ local claims = redis.call('HGET', ARGV[2] .. ':subjects:' .. node, ARGV[1])
 if not claims then return false end
 return {where, claims}
 """
-# Every subject whose process is alive; entries of dead processes are cleared.
+# Every subject whose process is alive and listening; stale entries are cleared.
 _SUBJECTS = """
 local all = redis.call('HGETALL', KEYS[1])
 local out, alive = {}, {}
@@ -127,13 +127,14 @@ for i = 1, #all, 2 do
     end
     alive[node] = ok
   end
-  if ok == 'deaf' then
-    -- alive a moment ago, not listening now: killed, or reconnecting; not listed
-  elseif not ok then
-    redis.call('HDEL', KEYS[1], all[i])
-  elseif redis.call('HEXISTS', ARGV[1] .. ':subjects:' .. node, all[i]) == 1 then
+  local held = redis.call('HEXISTS', ARGV[1] .. ':subjects:' .. node, all[i]) == 1
+  if ok == true and held then
     out[#out + 1] = all[i]
+  elseif not held then
+    -- its process's listing is gone (expired: the process died) or moved on
+    redis.call('HDEL', KEYS[1], all[i])
   end
+  -- else: listed, but its process is late or not listening now: not shown
 end
 return out
 """
@@ -295,6 +296,9 @@ class RedisRegistry:
         self.timeout = timeout
         self.window = window
         self._ttl_ms = max(1, round(presence_ttl * 1000))
+        # The listing outlives the presence key, so a late heartbeat does not
+        # make a live process announce everything again.
+        self._listing_ttl_ms = 3 * self._ttl_ms
         self._heartbeat = presence_ttl / 3
         self._connect_timeout = connect_timeout
         self._op_timeout = command_timeout
@@ -535,7 +539,7 @@ class RedisRegistry:
                         entry.subject,
                         self.node,
                         dump(dict(entry.peer.claims)),
-                        self._ttl_ms,
+                        self._listing_ttl_ms,
                         self._presence,
                     ],
                     client=pipe,
@@ -651,10 +655,11 @@ class RedisRegistry:
             self._wake_all()
 
     async def _beat(self) -> bool:
+        """Refresh this process's presence; True if Redis lost its workers' listing."""
         nodes = sorted({c.node for c in self._calls.values()} | {n for n, _ in self._served})
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.set(self._k_alive, "1", px=self._ttl_ms, get=True)
-            pipe.pexpire(self._k_subjects, self._ttl_ms)
+            pipe.set(self._k_alive, "1", px=self._ttl_ms)
+            pipe.pexpire(self._k_subjects, self._listing_ttl_ms)
             if nodes:
                 pipe.pubsub_numsub(*[self._node_channel(n) for n in nodes])
         results: tuple[Any, ...] = tuple(pipe.results or ())
@@ -663,7 +668,12 @@ class RedisRegistry:
             for node in nodes:
                 if not listeners.get(self._node_channel(node)):
                     self._node_left(node)
-        return bool(results) and results[0] is None
+        # A heartbeat late beyond the TTL (a starved event loop) only hid this
+        # process for a moment: the SET above brings it back. Only a listing
+        # that is gone (Redis restarted or flushed, a stall beyond three TTLs)
+        # needs everything announced again.
+        announced = any(entry.gen for entry in self._local.values())
+        return announced and len(results) > 1 and not results[1]
 
     def _node_left(self, node: str) -> None:
         self._gone.add(node)
