@@ -12,7 +12,8 @@ a way to close that transport with a code.
 :class:`Registry` and :class:`Worker` are the shape every registry has, the
 in-process :class:`PeerRegistry` and the cluster-wide
 :class:`astral.redis.RedisRegistry` alike, so code written against one runs
-on the other; the servers only use :meth:`Registry.hosting`.
+on the other. The servers only use ``_add`` and ``_remove``, the seam a
+registry offers them (``hosting`` wraps the two for your own servers).
 """
 
 from __future__ import annotations
@@ -95,8 +96,12 @@ class Registry(Protocol):
         """The subjects of every connected worker, sorted."""
         ...
 
-    def hosting(self, subject: str, peer: Peer) -> AbstractAsyncContextManager[None]:
-        """List ``peer`` under ``subject`` for the duration of the block (servers use it)."""
+    def _add(self, subject: str, peer: Peer) -> None:
+        """List ``peer`` under ``subject`` (the servers call it once connected)."""
+        ...
+
+    def _remove(self, subject: str, peer: Peer) -> None:
+        """Unlist ``peer`` if it is still the one listed (the servers call it at the end)."""
         ...
 
 
@@ -156,7 +161,7 @@ class PeerRegistry(Mapping[str, Peer]):
 
     @asynccontextmanager
     async def hosting(self, subject: str, peer: Peer) -> AsyncIterator[None]:
-        """List ``peer`` under ``subject`` while the block runs (used by the servers).
+        """List ``peer`` under ``subject`` while the block runs (for your own servers).
 
         Args:
             subject: The worker's token subject.
@@ -221,10 +226,10 @@ async def host_worker(
     sub = claims.get("sub")
     # Connections whose token has no string subject are served, not listed.
     subject = sub if isinstance(sub, str) and registry is not None else None
-    async with (
-        Peer(transport, capabilities=capabilities, claims=claims, **peer_options) as peer,
-        _listed(registry, subject, peer),
-    ):
+    async with Peer(transport, capabilities=capabilities, claims=claims, **peer_options) as peer:
+        if subject is not None:
+            assert registry is not None
+            registry._add(subject, peer)
         try:
             if on_connect is not None:
                 try:
@@ -241,14 +246,7 @@ async def host_worker(
             with anyio.CancelScope(shield=True):
                 await close(1001, "server shutting down")
             raise
-
-
-@asynccontextmanager
-async def _listed(
-    registry: Registry | None, subject: str | None, peer: Peer
-) -> AsyncIterator[None]:
-    if registry is None or subject is None:
-        yield
-    else:
-        async with registry.hosting(subject, peer):
-            yield
+        finally:
+            if subject is not None:
+                assert registry is not None
+                registry._remove(subject, peer)

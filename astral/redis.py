@@ -556,26 +556,35 @@ class RedisRegistry:
     async def hosting(self, subject: str, peer: Peer) -> AsyncIterator[None]:
         """List ``peer`` under ``subject``, here and in Redis, while the block runs.
 
-        The servers call it for each connected worker; it never waits for
-        Redis (the announcement goes out in the background, and again after
-        Redis comes back).
+        For your own servers (``astral.serve`` and ``astral.asgi.App`` do it
+        for theirs). It never waits for Redis: the announcement goes out in
+        the background, and again after Redis comes back.
 
         Args:
             subject: The worker's token subject.
             peer: Its running peer; the newest connection of a subject wins.
         """
+        self._add(subject, peer)
+        try:
+            yield
+        finally:
+            self._remove(subject, peer)
+
+    def _add(self, subject: str, peer: Peer) -> None:
+        # The servers' seam (see astral.Registry): list now, announce soon.
         entry = _Local(subject, peer)
         self._local[subject] = entry
         self._wake(subject)
         self._queue("add", entry)
-        try:
-            yield
-        finally:
-            if self._local.get(subject) is entry:
-                del self._local[subject]
-                self._queue("remove", entry)
-            if self._unlisted.get(subject) is entry:
-                del self._unlisted[subject]
+
+    def _remove(self, subject: str, peer: Peer) -> None:
+        entry = self._local.get(subject)
+        if entry is not None and entry.peer is peer:
+            del self._local[subject]
+            self._queue("remove", entry)
+        unlisted = self._unlisted.get(subject)
+        if unlisted is not None and unlisted.peer is peer:
+            del self._unlisted[subject]
 
     def _queue(self, op: str, entry: _Local) -> None:
         self._ops.append((op, entry))
