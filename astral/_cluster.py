@@ -56,6 +56,8 @@ __all__ = ["RemoteStream", "RemoteWorker", "Router"]
 
 #: Exception kinds a ``fail`` message carries, and the exception each becomes.
 KINDS = ("remote", "closed", "timeout", "overrun", "protocol", "cluster")
+#: Attributes of a RemoteError, besides its message, that cross the hop.
+_REMOTE_EXTRAS = ("code", "data")
 
 
 def dump(value: Any) -> bytes:
@@ -131,7 +133,7 @@ def _well_formed(message: Any) -> bool:
         )
     if kind == "fail":
         return (
-            n == 5
+            (n == 5 or (n == 6 and isinstance(message[5], dict)))
             and message[2] in KINDS
             and isinstance(message[3], str)
             and (message[4] is None or type(message[4]) is int)
@@ -139,10 +141,20 @@ def _well_formed(message: Any) -> bool:
     return False
 
 
-def failure(kind: str, message: str, code: int | None) -> BaseException:
-    """The exception a ``fail`` message stands for, as the local peer raised it."""
+def failure(
+    kind: str, message: str, code: int | None, extra: dict[str, Any] | None = None
+) -> BaseException:
+    """The exception a ``fail`` message stands for, as the local peer raised it.
+
+    ``extra`` carries a :class:`RemoteError`'s other attributes (its error
+    ``code`` and ``data``, where the peer sets them), so they cross too.
+    """
     if kind == "remote":
-        return RemoteError(message)
+        error = RemoteError(message)
+        for name, value in (extra or {}).items():
+            if name in _REMOTE_EXTRAS:
+                setattr(error, name, value)
+        return error
     if kind == "timeout":
         return CallTimeout(message)
     if kind == "overrun":
@@ -154,21 +166,26 @@ def failure(kind: str, message: str, code: int | None) -> BaseException:
     return ConnectionClosed(message, code=code)
 
 
-def describe(error: BaseException) -> tuple[str, str, int | None]:
-    """The ``fail`` fields (kind, message, code) of an exception a local call raised."""
+def describe(error: BaseException) -> tuple[str, str, int | None, dict[str, Any] | None]:
+    """The ``fail`` fields (kind, message, close code, extras) of a local call's exception."""
     if isinstance(error, RemoteError):
-        return "remote", error.message, None
+        extra = {
+            name: value
+            for name in _REMOTE_EXTRAS
+            if (value := getattr(error, name, None)) is not None
+        }
+        return "remote", error.message, None, extra or None
     if isinstance(error, CallTimeout):
-        return "timeout", str(error), None
+        return "timeout", str(error), None, None
     if isinstance(error, StreamOverrun):
-        return "overrun", str(error), None
+        return "overrun", str(error), None, None
     if isinstance(error, ProtocolError):
-        return "protocol", str(error), None
+        return "protocol", str(error), None, None
     if isinstance(error, ClusterError):
-        return "cluster", error.reason, None
+        return "cluster", error.reason, None, None
     if isinstance(error, ConnectionClosed):
-        return "closed", error.reason, error.code
-    return "remote", "internal error", None
+        return "closed", error.reason, error.code, None
+    return "remote", "internal error", None, None
 
 
 class Router(Protocol):
@@ -312,7 +329,7 @@ class RemoteStream:
             return message[2]
         self._close()
         if kind == "fail":
-            raise failure(*message[2:5])
+            raise failure(*message[2:])
         if kind == "done" and message[2] is not None:
             return message[2]
         raise StopAsyncIteration
@@ -433,7 +450,7 @@ class RemoteWorker:
             return RemoteStream(self._router, call, message, None)
         self._router.forget(call, cancel=False)
         if kind == "fail":
-            raise failure(*message[2:5])
+            raise failure(*message[2:])
         if kind == "done":
             return message[2]
         return None  # an empty stream, as a local peer returns it

@@ -957,10 +957,11 @@ class RedisRegistry:
                     else:
                         post(sender, dump(["done", call_id, output]))
                 except (ConnectionClosed, ProtocolError, Exception) as exc:
-                    kind, text, code = describe(exc)
+                    kind, text, code, extra = describe(exc)
                     if kind == "remote" and text == "internal error":
                         logger.exception("serving %s for %s failed", capability, sender)
-                    post(sender, dump(["fail", call_id, kind, text, code]))
+                    fail = ["fail", call_id, kind, text, code]
+                    post(sender, dump([*fail, extra] if extra else fail))
         finally:
             self._served.pop(key, None)
 

@@ -71,9 +71,23 @@ def test_each_exception_crosses_the_hop_as_itself(error: astral.AstralError) -> 
         assert again.code == error.code
 
 
+def test_a_remote_errors_code_and_data_cross_too() -> None:
+    error = astral.RemoteError("no such user")
+    error.code = "not_found"  # type: ignore[attr-defined]  # set by peers that send codes
+    error.data = {"id": 7}  # type: ignore[attr-defined]
+    kind, message, code, extra = describe(error)
+    _, messages, dropped = parse(batch("n", [dump(["fail", 1, kind, message, code, extra])]))
+    assert dropped == 0
+    again = failure(*messages[0][2:])
+    assert isinstance(again, astral.RemoteError)
+    assert again.message == "no such user"
+    assert again.code == "not_found"  # type: ignore[attr-defined]
+    assert again.data == {"id": 7}  # type: ignore[attr-defined]
+    assert describe(astral.RemoteError("plain"))[3] is None
+
+
 def test_an_unexpected_error_crosses_as_internal_error() -> None:
-    kind, message, code = describe(KeyError("secret path"))
-    assert (kind, message, code) == ("remote", "internal error", None)
+    assert describe(KeyError("secret path")) == ("remote", "internal error", None, None)
 
 
 def test_unencodable_input_is_a_protocol_error() -> None:
