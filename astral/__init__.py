@@ -21,6 +21,7 @@ from ._exceptions import AstralError as AstralError
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import CallError as CallError
 from ._exceptions import CallTimeout as CallTimeout
+from ._exceptions import ClusterError as ClusterError
 from ._exceptions import ConnectError as ConnectError
 from ._exceptions import ConnectionClosed as ConnectionClosed
 from ._exceptions import ConnectTimeout as ConnectTimeout
@@ -48,6 +49,8 @@ from ._peer import Stream as Stream
 from ._peer import accept as accept
 from ._peer import current_peer as current_peer
 from ._principal import PeerRegistry as PeerRegistry
+from ._principal import Registry as Registry
+from ._principal import Worker as Worker
 from ._ref import Ref as Ref
 from ._ref import ref as ref
 from ._server import serve as serve
@@ -69,6 +72,7 @@ __all__ = [
     "Callable",
     "Cancel",
     "Capability",
+    "ClusterError",
     "ConnectError",
     "ConnectTimeout",
     "ConnectionClosed",
@@ -82,6 +86,7 @@ __all__ = [
     "PeerRegistry",
     "ProtocolError",
     "Ref",
+    "Registry",
     "RemoteError",
     "Result",
     "Stream",
@@ -91,6 +96,7 @@ __all__ = [
     "Unauthorized",
     "ValidationError",
     "Verifier",
+    "Worker",
     "Yield",
     "accept",
     "connect",

@@ -14,6 +14,8 @@ originals stay visible as ``__cause__``::
     │   └── HandshakeError       ... because the WebSocket upgrade was refused
     │       └── Unauthorized     ... with HTTP 401 (also an AuthenticationError)
     ├── ConnectionClosed         the connection is gone; pending calls fail with it
+    │   └── ClusterError         ... because Redis, behind a cluster registry, is
+    │                            unreachable (also a ConnectError)
     ├── Failure                  raised by a capability to fail on purpose, with a code
     └── CallError                one call failed; the connection lives on
         ├── RemoteError          the remote capability reported an error
@@ -34,6 +36,7 @@ __all__ = [
     "AuthenticationError",
     "CallError",
     "CallTimeout",
+    "ClusterError",
     "ConnectError",
     "ConnectTimeout",
     "ConnectionClosed",
@@ -177,6 +180,24 @@ class Failure(AstralError):
         self.message = message
         self.code = code
         self.data = data
+
+
+class ClusterError(ConnectError, ConnectionClosed):
+    """The Redis behind an :class:`astral.redis.RedisRegistry` cannot be reached.
+
+    Raised when a registry starts and cannot reach Redis, by a call to a
+    worker held by another process while Redis is unreachable (at once, never
+    after a timeout), and to every such call in flight when the link to Redis
+    is lost. The message names Redis and its address, never its password.
+    Workers connected to this process stay callable meanwhile.
+
+    It is a :class:`ConnectionClosed` (the route to the worker is gone, as
+    when a local worker leaves) and a :class:`ConnectError` (the route could
+    not be opened), so code written against a local registry catches it.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
 
 
 class CallError(AstralError):

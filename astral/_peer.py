@@ -623,6 +623,12 @@ class Peer:
         """The remote's verified token claims (read-only; empty if none)."""
         return self._claims
 
+    @property
+    def subject(self) -> str | None:
+        """The ``sub`` claim of the remote's token, if it is a string, else ``None``."""
+        sub = self._claims.get("sub")
+        return sub if isinstance(sub, str) else None
+
     def _shutdown(self, error: ConnectionClosed) -> None:
         if self._close_error is not None:
             return

@@ -9,6 +9,12 @@ draining; :data:`TOKEN_EXPIRED_CODE` when the worker's token expires).
 
 This module knows no WebSocket library: each server hands it a transport and
 a way to close that transport with a code.
+
+:class:`Registry` and :class:`Worker` are the shape every registry has, the
+in-process :class:`PeerRegistry` and the cluster-wide
+:class:`astral.redis.RedisRegistry` alike, so code written against one runs
+on the other. The servers only use ``_add`` and ``_remove``, the seam a
+registry offers them (``hosting`` wraps the two for your own servers).
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -28,6 +35,7 @@ from ._peer import Peer
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from types import EllipsisType
 
     from ._dispatch import Capabilities
     from ._transport import AnyTransport
@@ -36,6 +44,8 @@ __all__ = [
     "TOKEN_EXPIRED",
     "TOKEN_EXPIRED_CODE",
     "PeerRegistry",
+    "Registry",
+    "Worker",
     "expiry_leeway",
     "host_worker",
     "token_from",
@@ -47,6 +57,71 @@ logger = logging.getLogger("astral.server")
 #: (an application code; 4401 mirrors HTTP 401, as graphql-ws does).
 TOKEN_EXPIRED_CODE = 4401
 TOKEN_EXPIRED = "token expired"  # noqa: S105 - a close reason
+
+
+class Worker(Protocol):
+    """A connected worker as a registry hands it out: what code may rely on.
+
+    A :class:`~astral.Peer` is one (for a worker connected to this process);
+    :class:`astral.redis.RemoteWorker` is another (for a worker connected to
+    another principal process). Both raise the same exceptions.
+    """
+
+    @property
+    def subject(self) -> str | None:
+        """The ``sub`` claim of the worker's token."""
+        ...
+
+    @property
+    def claims(self) -> Mapping[str, Any]:
+        """The worker's verified token claims (read-only)."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """Whether this worker is known to be gone."""
+        ...
+
+    async def call(
+        self, capability: str, input: Any = None, *, timeout: float | EllipsisType | None = ...
+    ) -> Any:
+        """Call a capability of the worker; see :meth:`astral.Peer.call`."""
+        ...
+
+    def stream(
+        self, capability: str, input: Any = None, *, timeout: float | EllipsisType | None = ...
+    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
+        """Call a capability and iterate over its items; see :meth:`astral.Peer.stream`."""
+        ...
+
+
+class Registry(Protocol):
+    """Where a principal lists its connected workers, keyed by token subject.
+
+    :func:`astral.serve` and :class:`astral.asgi.App` accept anything of this
+    shape: :class:`PeerRegistry` (one process) or
+    :class:`astral.redis.RedisRegistry` (every process sharing one Redis).
+    """
+
+    async def wait_for(self, subject: str) -> Worker:
+        """Return the worker of ``subject``, waiting until it connects."""
+        ...
+
+    async def lookup(self, subject: str) -> Worker | None:
+        """Return the worker of ``subject`` if it is connected now, else ``None``."""
+        ...
+
+    async def subjects(self) -> list[str]:
+        """The subjects of every connected worker, sorted."""
+        ...
+
+    def _add(self, subject: str, peer: Peer) -> None:
+        """List ``peer`` under ``subject`` (the servers call it once connected)."""
+        ...
+
+    def _remove(self, subject: str, peer: Peer) -> None:
+        """Unlist ``peer`` if it is still the one listed (the servers call it at the end)."""
+        ...
 
 
 class PeerRegistry(Mapping[str, Peer]):
@@ -91,6 +166,32 @@ class PeerRegistry(Mapping[str, Peer]):
                 event = self._waiters[subject] = anyio.Event()
             await event.wait()
 
+    async def lookup(self, subject: str) -> Peer | None:
+        """Return the peer of ``subject`` if it is connected now, else ``None``.
+
+        Never waits (it is ``async`` to share :class:`Registry`'s shape).
+        """
+        peer = self._peers.get(subject)
+        return peer if peer is not None and not peer.closed else None
+
+    async def subjects(self) -> list[str]:
+        """The subjects of the connected workers, sorted."""
+        return sorted(subject for subject, peer in self._peers.items() if not peer.closed)
+
+    @asynccontextmanager
+    async def hosting(self, subject: str, peer: Peer) -> AsyncIterator[None]:
+        """List ``peer`` under ``subject`` while the block runs (for your own servers).
+
+        Args:
+            subject: The worker's token subject.
+            peer: Its running peer; it replaces any peer listed under ``subject``.
+        """
+        self._add(subject, peer)
+        try:
+            yield
+        finally:
+            self._remove(subject, peer)
+
     def _add(self, subject: str, peer: Peer) -> None:
         self._peers[subject] = peer
         event = self._waiters.pop(subject, None)
@@ -123,7 +224,7 @@ async def host_worker(
     claims: Mapping[str, Any],
     *,
     capabilities: Capabilities | None,
-    registry: PeerRegistry | None,
+    registry: Registry | None,
     on_connect: Callable[[Peer], Awaitable[None]] | None,
     where: str,
     grace: float = 0.0,
@@ -184,7 +285,7 @@ async def _host(
     closing: ClosingLog,
     *,
     capabilities: Capabilities | None,
-    registry: PeerRegistry | None,
+    registry: Registry | None,
     subject: str | None,
     on_connect: Callable[[Peer], Awaitable[None]] | None,
     where: str,

@@ -27,7 +27,7 @@ from ._peer import (
     Peer,
     check_limits,
 )
-from ._principal import PeerRegistry, expiry_leeway, host_worker, token_from
+from ._principal import Registry, expiry_leeway, host_worker, token_from
 from ._websocket import HandshakeRequest, Rejection, WebSocketConnection, serve_websocket
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ async def serve(
     ssl: _ssl.SSLContext | None = None,
     path: str | None = None,
     on_connect: Callable[[Peer], Awaitable[None]] | None = None,
-    registry: PeerRegistry | None = None,
+    registry: Registry | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
     open_timeout: float | None = 10.0,
     ping_interval: float | None = 20.0,
@@ -112,7 +112,9 @@ async def serve(
         on_connect: Awaited with each connected peer; the connection stays
             open after it returns, until the worker leaves. If it raises,
             that connection is closed (1011) and the error logged.
-        registry: Filled with connected peers, keyed by token subject.
+        registry: Filled with connected peers, keyed by token subject: a
+            :class:`PeerRegistry`, an :class:`astral.redis.RedisRegistry` (shared
+            by every principal process on one Redis), or any :class:`Registry`.
         timeout: Default seconds a call to a worker waits for its first frame.
         open_timeout: Seconds a client has for TLS and the upgrade request.
         ping_interval: Seconds between keepalive pings; ``None`` disables.

@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from ._dispatch import Capabilities
     from ._frames import JsonDefault
     from ._middleware import Middleware
-    from ._principal import PeerRegistry
+    from ._principal import Registry
 
 __all__ = ["App"]
 
@@ -108,8 +108,9 @@ class App:
             ``verify(token) -> claims`` callable, sync or async. Required:
             there is no unauthenticated mode.
         capabilities: What workers may call on the principal.
-        registry: Filled with connected peers, keyed by their token's ``sub``
-            (see :class:`astral.PeerRegistry`).
+        registry: Filled with connected peers, keyed by their token's ``sub``:
+            a :class:`astral.PeerRegistry`, or an :class:`astral.redis.RedisRegistry`
+            shared by every process (``uvicorn --workers``).
         on_connect: Awaited with each connected peer; the connection stays
             open after it returns, until the worker leaves. If it raises, that
             connection is closed (1011) and the error logged.
@@ -151,7 +152,7 @@ class App:
         *,
         verifier: Verifier,
         capabilities: Capabilities | None = None,
-        registry: PeerRegistry | None = None,
+        registry: Registry | None = None,
         on_connect: Callable[[Peer], Awaitable[None]] | None = None,
         path: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,

@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-codec", action="store_true", help="skip the codec micro-benchmark")
     parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run the cluster workloads instead (calls through Redis; see benchmarks/cluster.py)",
+    )
+    parser.add_argument(
         "--render",
         type=Path,
         default=None,
@@ -96,6 +101,18 @@ def main(argv: list[str] | None = None) -> int:
         help="list the systems and whether they can run here, then exit",
     )
     args = parser.parse_args(argv)
+
+    if args.cluster:
+        from . import cluster  # noqa: PLC0415 - only this mode needs it
+
+        cluster_argv = ["--quick"] if args.quick else []
+        if args.repeat is not None:
+            cluster_argv += ["--repeat", str(args.repeat)]
+        if args.backends:
+            cluster_argv += ["--backends", ",".join(args.backends)]
+        if args.json is not None:
+            cluster_argv += ["--json", str(args.json)]
+        return cluster.main(cluster_argv)
 
     if args.list:
         for name in REGISTRY:

@@ -84,7 +84,7 @@ def test_version() -> None:
 def test_import_astral_does_not_import_optional_integrations() -> None:
     code = (
         "import sys, astral\n"
-        "loaded = sorted(m for m in ('trio', 'trio_websocket', 'uvicorn', 'hypercorn') "
+        "loaded = sorted(m for m in ('trio', 'trio_websocket', 'uvicorn', 'hypercorn', 'coredis') "
         "if m in sys.modules)\n"
         "print(','.join(loaded))\n"
     )

@@ -1,0 +1,510 @@
+"""The hop between principal processes: its messages and the caller's side of a call.
+
+Theory of operation. Principal processes ("nodes") that share a Redis talk
+over Redis pub/sub: each node listens on its own channel. A call from node X
+to a worker held by node Y goes X -> Redis -> Y -> worker and back:
+
+* X sends ``["call", id, subject, capability, input, window]`` to Y. ``id``
+  is X's own counter; Y knows the call as ``(X, id)``.
+* Y calls its local :class:`~astral.Peer` and answers with
+  ``["done", id, output]`` (a single result), or ``["item", id, output]``
+  per streamed item and then ``["end", id]``, or ``["fail", id, kind,
+  message, code]`` (``kind`` names the exception: see :data:`KINDS`).
+* X sends ``["cancel", id]`` when its caller gives up (cancelled, timed out,
+  left a stream early) and ``["credit", id, n]`` as its consumer takes items.
+  Y sends an item only while it holds credit, and pulls the next item from
+  its local stream only then: a slow consumer on X paces the worker, and at
+  most ``window`` items of a call are ever between them (on Y, in Redis, on
+  X).
+
+Messages travel in batches: one pub/sub message is ``{"f": sender, "m":
+[message, ...]}``, so a burst of frames to one node costs one publish. One
+task per node publishes, in order, so the frames of a call arrive in order.
+Anything that does not parse is dropped with a log line.
+
+This module holds the message codec and the caller's objects
+(:class:`RemoteWorker`, :class:`RemoteStream`); it knows no Redis client. The
+:class:`Router` it talks to is :class:`astral.redis.RedisRegistry`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from types import EllipsisType, MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+import anyio
+import orjson
+
+from ._exceptions import (
+    CallTimeout,
+    ClusterError,
+    ConnectionClosed,
+    ProtocolError,
+    RemoteError,
+    StreamOverrun,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+__all__ = ["RemoteStream", "RemoteWorker", "Router"]
+
+#: Exception kinds a ``fail`` message carries, and the exception each becomes.
+KINDS = ("remote", "closed", "timeout", "overrun", "protocol", "cluster")
+#: Attributes of a RemoteError, besides its message, that cross the hop.
+_REMOTE_EXTRAS = ("code", "data")
+
+
+def dump(value: Any) -> bytes:
+    """Encode one message as JSON bytes.
+
+    Raises:
+        ProtocolError: The value cannot be written as JSON.
+    """
+    try:
+        return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        pass
+    try:
+        # orjson stops at 64-bit integers; the worker's own codec decides
+        # what it accepts, so wider ones are carried as they are.
+        return json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"value is not JSON-serializable: {exc}") from None
+
+
+def load(data: bytes) -> Any:
+    """Decode JSON bytes (any integer width)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)  # integers beyond 64 bits; raises ValueError otherwise
+
+
+def batch(sender: str, parts: list[bytes]) -> bytes:
+    """One pub/sub payload carrying already encoded messages, in order."""
+    return b'{"f":' + orjson.dumps(sender) + b',"m":[' + b",".join(parts) + b"]}"
+
+
+def parse(data: bytes | str) -> tuple[str, list[list[Any]], int]:
+    """Read one pub/sub payload: its sender, its well-formed messages, how many were not.
+
+    Raises:
+        ValueError: The payload is not a batch at all (not JSON, wrong shape);
+            a malformed message inside a good batch is left out instead, so
+            what is well-formed still gets through.
+    """
+    if isinstance(data, str):
+        data = data.encode()
+    obj = load(data)
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")  # noqa: TRY004 - one error for bad data
+    sender, messages = obj.get("f"), obj.get("m")
+    if not isinstance(sender, str) or not isinstance(messages, list):
+        raise ValueError("no sender or message list")  # noqa: TRY004
+    good = [m for m in messages if _well_formed(m)]
+    return sender, good, len(messages) - len(good)
+
+
+def _well_formed(message: Any) -> bool:
+    if not isinstance(message, list) or len(message) < 2:
+        return False
+    kind, call_id, n = message[0], message[1], len(message)
+    if type(call_id) is not int:
+        return False
+    if kind in {"item", "done"}:
+        return n == 3
+    if kind in {"end", "cancel"}:
+        return n == 2
+    if kind == "credit":
+        return n == 3 and type(message[2]) is int and message[2] > 0
+    if kind == "call":
+        return (
+            n == 6
+            and isinstance(message[2], str)
+            and isinstance(message[3], str)
+            and type(message[5]) is int
+            and message[5] > 0
+        )
+    if kind == "fail":
+        return (
+            (n == 5 or (n == 6 and isinstance(message[5], dict)))
+            and message[2] in KINDS
+            and isinstance(message[3], str)
+            and (message[4] is None or type(message[4]) is int)
+        )
+    return False
+
+
+def failure(
+    kind: str, message: str, code: int | None, extra: dict[str, Any] | None = None
+) -> BaseException:
+    """The exception a ``fail`` message stands for, as the local peer raised it.
+
+    ``extra`` carries a :class:`RemoteError`'s other attributes (its error
+    ``code`` and ``data``, where the peer sets them), so they cross too.
+    """
+    if kind == "remote":
+        error = RemoteError(message)
+        for name, value in (extra or {}).items():
+            if name in _REMOTE_EXTRAS:
+                setattr(error, name, value)
+        return error
+    if kind == "timeout":
+        return CallTimeout(message)
+    if kind == "overrun":
+        return StreamOverrun(message)
+    if kind == "protocol":
+        return ProtocolError(message)
+    if kind == "cluster":
+        return ClusterError(message)
+    return ConnectionClosed(message, code=code)
+
+
+def describe(error: BaseException) -> tuple[str, str, int | None, dict[str, Any] | None]:
+    """The ``fail`` fields (kind, message, close code, extras) of a local call's exception."""
+    if isinstance(error, RemoteError):
+        extra = {
+            name: value
+            for name in _REMOTE_EXTRAS
+            if (value := getattr(error, name, None)) is not None
+        }
+        return "remote", error.message, None, extra or None
+    if isinstance(error, CallTimeout):
+        return "timeout", str(error), None, None
+    if isinstance(error, StreamOverrun):
+        return "overrun", str(error), None, None
+    if isinstance(error, ProtocolError):
+        return "protocol", str(error), None, None
+    if isinstance(error, ClusterError):
+        return "cluster", error.reason, None, None
+    if isinstance(error, ConnectionClosed):
+        return "closed", error.reason, error.code, None
+    return "remote", "internal error", None, None
+
+
+class Router(Protocol):
+    """What the caller's objects need from the registry that carries them."""
+
+    window: int
+    timeout: float | None
+
+    def open_call(self, node: str, capability: str) -> RemoteCall:
+        """Register a new outgoing call to ``node``."""
+        ...
+
+    def post(self, node: str, part: bytes) -> None:
+        """Queue one encoded message for ``node``; raise ClusterError if Redis is down."""
+        ...
+
+    def forget(self, call: RemoteCall, *, cancel: bool) -> None:
+        """Route nothing more to ``call``; with ``cancel``, tell its node to stop it."""
+        ...
+
+    def node_gone(self, node: str) -> bool:
+        """Whether ``node`` is known to have left."""
+        ...
+
+
+class RemoteCall:
+    """One outgoing call's inbox: what its node sent, and how it ended."""
+
+    __slots__ = ("capability", "done", "error", "id", "node", "receive", "send")
+
+    def __init__(self, call_id: int, node: str, capability: str, window: int) -> None:
+        self.id = call_id
+        self.node = node
+        self.capability = capability
+        self.error: BaseException | None = None
+        self.done = False  # the node sent its terminal message, or the call was forgotten
+        self.send: MemoryObjectSendStream[list[Any]]
+        self.receive: MemoryObjectReceiveStream[list[Any]]
+        # A window of items, then the terminal message.
+        self.send, self.receive = anyio.create_memory_object_stream[list[Any]](window + 1)
+
+    def deliver(self, message: list[Any]) -> bool:
+        """Hand over one message without waiting; False if the call must end."""
+        try:
+            self.send.send_nowait(message)
+        except anyio.WouldBlock:
+            # The node ignored flow control: fail this call, not the link.
+            self.fail(StreamOverrun(f"call {self.capability}: node sent beyond its credit"))
+            return False
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return False
+        return True
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self.send.close()
+
+    async def next(self, timeout: float | None) -> list[Any]:
+        try:
+            try:
+                return self.receive.receive_nowait()
+            except anyio.WouldBlock:
+                pass
+            with anyio.move_on_after(math.inf if timeout is None else timeout):
+                return await self.receive.receive()
+            self.fail(CallTimeout(f"call {self.capability} timed out"))
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            pass
+        error = self.error
+        if isinstance(error, ClusterError):
+            raise ClusterError(error.reason) from error
+        if isinstance(error, ConnectionClosed):
+            raise ConnectionClosed(error.reason, code=error.code) from error
+        raise error or ConnectionClosed("call abandoned")
+
+
+def _resolve(router: Router, timeout: float | EllipsisType | None) -> float | None:
+    return router.timeout if timeout is ... else timeout
+
+
+class RemoteStream:
+    """The items of a streaming call to a worker on another process.
+
+    Behaves as :class:`astral.Stream`: ``async for`` yields each item in
+    order; leaving early (through ``async with``, :meth:`aclose`, or
+    cancellation) tells the worker to stop.
+
+    Raises (from iteration):
+        RemoteError: The worker's stream failed.
+        CallTimeout: No first item arrived within the call's timeout.
+        ConnectionClosed: The worker, or the process holding it, left;
+            :class:`astral.ClusterError` when Redis went away.
+    """
+
+    __slots__ = ("_call", "_done", "_first", "_router", "_taken", "_thread", "_timeout")
+
+    def __init__(
+        self, router: Router, call: RemoteCall, first: list[Any] | None, timeout: float | None
+    ) -> None:
+        self._router = router
+        self._call = call
+        self._first = first
+        self._timeout = timeout
+        self._done = False
+        self._taken = 0
+        self._thread = threading.get_ident()
+
+    def __del__(self) -> None:
+        # Dropped without aclose(): the worker must not wait for credit, and
+        # the buffer must be closed. Only on the event loop's own thread.
+        if not self._done and threading.get_ident() == self._thread:
+            try:
+                self._close()
+            except Exception:  # noqa: BLE001, S110 - never raise from a finalizer
+                pass
+
+    @property
+    def capability(self) -> str:
+        """The name of the remote capability this stream comes from."""
+        return self._call.capability
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._first is not None:
+            message, self._first = self._first, None
+        elif self._done:
+            raise StopAsyncIteration
+        else:
+            try:
+                message = await self._call.next(self._timeout)
+            except BaseException:
+                self._close()
+                raise
+        self._timeout = None  # only the first frame is timed
+        kind = message[0]
+        if kind == "item":
+            self._took()
+            return message[2]
+        self._close()
+        if kind == "fail":
+            raise failure(*message[2:])
+        if kind == "done" and message[2] is not None:
+            return message[2]
+        raise StopAsyncIteration
+
+    def _took(self) -> None:
+        self._taken += 1
+        if self._taken >= max(1, self._router.window // 2) and not self._call.done:
+            try:
+                self._router.post(self._call.node, dump(["credit", self._call.id, self._taken]))
+            except ClusterError:
+                return  # the link is down: the call fails on its own
+            self._taken = 0
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._router.forget(self._call, cancel=True)
+
+    async def aclose(self) -> None:
+        """Stop the stream; if it still runs, the worker is told to stop. Never raises."""
+        self._close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close()
+
+
+class RemoteWorker:
+    """A worker connected to another principal process, reached through Redis.
+
+    :meth:`astral.redis.RedisRegistry.wait_for` and ``lookup`` return one for
+    a worker held elsewhere (and the :class:`~astral.Peer` itself for one held
+    here); both have the shape of :class:`astral.Worker`, with the same
+    exceptions.
+
+    Attributes:
+        node: The id of the principal process holding the worker.
+    """
+
+    __slots__ = ("_claims", "_router", "_subject", "node")
+
+    def __init__(self, router: Router, subject: str, node: str, claims: Mapping[str, Any]) -> None:
+        self._router = router
+        self._subject = subject
+        self._claims: Mapping[str, Any] = MappingProxyType(dict(claims))
+        self.node = node
+
+    def __repr__(self) -> str:
+        return f"<RemoteWorker {self._subject!r} on {self.node}>"
+
+    @property
+    def subject(self) -> str:
+        """The ``sub`` claim of the worker's token."""
+        return self._subject
+
+    @property
+    def claims(self) -> Mapping[str, Any]:
+        """The worker's verified token claims, as its principal process saw them."""
+        return self._claims
+
+    @property
+    def closed(self) -> bool:
+        """Whether the process holding the worker is known to have left."""
+        return self._router.node_gone(self.node)
+
+    async def _open(
+        self, capability: str, input: Any, timeout: float | EllipsisType | None
+    ) -> tuple[RemoteCall, float | None]:
+        router = self._router
+        # Encoded before anything is registered: a bad input leaves no trace.
+        rest = b",".join((b"", dump(self._subject), dump(capability), dump(input)))
+        rest += b"," + str(router.window).encode() + b"]"
+        call = router.open_call(self.node, capability)
+        try:
+            router.post(self.node, b'["call",' + str(call.id).encode() + rest)
+        except BaseException:
+            router.forget(call, cancel=False)
+            raise
+        return call, _resolve(router, timeout)
+
+    async def call(
+        self, capability: str, input: Any = None, *, timeout: float | EllipsisType | None = ...
+    ) -> Any:
+        """Call a capability of the worker, through the process that holds it.
+
+        Args:
+            capability: The registered name on the worker.
+            input: Any JSON value.
+            timeout: Seconds to wait for the first frame; ``None`` waits
+                forever; by default the registry's ``timeout``.
+
+        Returns:
+            The worker's output, or a :class:`RemoteStream` if it streams.
+
+        Raises:
+            RemoteError: The capability failed or is unknown (same message).
+            CallTimeout: Nothing arrived within ``timeout``; the worker was
+                told to stop.
+            ConnectionClosed: The worker or its process left before the answer.
+            ClusterError: Redis is unreachable (a :class:`ConnectionClosed`).
+            ProtocolError: ``input`` cannot be sent as JSON.
+        """
+        call, seconds = await self._open(capability, input, timeout)
+        try:
+            message = await call.next(seconds)
+        except BaseException:
+            self._router.forget(call, cancel=True)
+            raise
+        kind = message[0]
+        if kind == "item":
+            return RemoteStream(self._router, call, message, None)
+        self._router.forget(call, cancel=False)
+        if kind == "fail":
+            raise failure(*message[2:])
+        if kind == "done":
+            return message[2]
+        return None  # an empty stream, as a local peer returns it
+
+    def stream(
+        self, capability: str, input: Any = None, *, timeout: float | EllipsisType | None = ...
+    ) -> _StreamContext:
+        """Call a capability and iterate over what it streams.
+
+        ::
+
+            async with worker.stream("generate", {"prompt": "hi"}) as items:
+                async for item in items:
+                    print(item)
+
+        Args:
+            capability: The registered name on the worker.
+            input: Any JSON value.
+            timeout: Seconds to wait for the first item; see :meth:`call`.
+
+        Returns:
+            An async context manager giving a :class:`RemoteStream`.
+
+        Raises:
+            ClusterError: Redis is unreachable.
+            ProtocolError: ``input`` cannot be sent as JSON.
+        """
+        return _StreamContext(self, capability, input, timeout)
+
+
+class _StreamContext:
+    __slots__ = ("_args", "_stream", "_worker")
+
+    def __init__(
+        self,
+        worker: RemoteWorker,
+        capability: str,
+        input: Any,
+        timeout: float | EllipsisType | None,
+    ) -> None:
+        self._worker = worker
+        self._args = (capability, input, timeout)
+        self._stream: RemoteStream | None = None
+
+    async def __aenter__(self) -> RemoteStream:
+        call, seconds = await self._worker._open(*self._args)
+        self._stream = RemoteStream(self._worker._router, call, None, seconds)
+        return self._stream
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._stream is not None:
+            self._stream._close()
