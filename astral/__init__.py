@@ -43,9 +43,11 @@ from ._frames import encode as encode
 from ._middleware import CallInfo as CallInfo
 from ._middleware import Middleware as Middleware
 from ._peer import AcceptedPeer as AcceptedPeer
+from ._peer import CallContext as CallContext
 from ._peer import Peer as Peer
 from ._peer import Stream as Stream
 from ._peer import accept as accept
+from ._peer import current_call as current_call
 from ._peer import current_peer as current_peer
 from ._principal import PeerRegistry as PeerRegistry
 from ._ref import Ref as Ref
@@ -63,6 +65,7 @@ __all__ = [
     "AuthenticationError",
     "Backoff",
     "Call",
+    "CallContext",
     "CallError",
     "CallInfo",
     "CallTimeout",
@@ -94,6 +97,7 @@ __all__ = [
     "Yield",
     "accept",
     "connect",
+    "current_call",
     "current_peer",
     "decode",
     "encode",

@@ -8,6 +8,7 @@ original protocol, plus two extensions::
     {"type":"result","id":"7","output":{"x":1}}      # or "error":"message"
     {"type":"cancel","id":"7"}                         # astral extension
     {"type":"credit","id":"7","n":512}                 # astral extension
+    {"type":"call",...,"deadline":2500}                # astral extension (negotiated)
 
 :func:`encode` writes exactly what the original TypeScript peer writes
 (compact JSON, these key names, optional keys omitted when ``None``).
@@ -39,7 +40,7 @@ library's ``json`` that either carries the frame faithfully or names exactly
 what is wrong, with the frame's id whenever it can be read.
 
 The optional extension fields (a result's ``code`` and ``data``, a call's
-``window`` and ``trace``) are validated on receipt too; a malformed ``code``,
+``window``, ``deadline`` and ``trace``) are validated on receipt too; a malformed ``code``,
 ``data`` or ``trace`` is dropped field by field, with a rate-limited warning
 on the ``astral.protocol`` logger, and the frame is still delivered.
 
@@ -108,6 +109,10 @@ class Call:
             ``tracestate``...) as string keys and values, so the callee's
             span can be a child of the caller's; ``None`` when absent.
             Received junk is dropped with a warning (see :data:`MAX_TRACE_FIELDS`).
+        deadline: astral extension (feature ``deadline``): the caller's
+            remaining budget in whole milliseconds when it sent the call
+            (0 or more); the callee stops the capability once that much time
+            has passed on its own clock. ``None`` (absent) means no deadline.
     """
 
     id: str
@@ -115,6 +120,7 @@ class Call:
     input: Any = None
     window: int | None = None
     trace: Mapping[str, str] | None = None
+    deadline: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +274,8 @@ def encode(frame: Frame, *, json_default: JsonDefault | None = None) -> str:
             obj["window"] = frame.window
         if frame.trace:
             obj["trace"] = dict(frame.trace)
+        if frame.deadline is not None:
+            obj["deadline"] = frame.deadline
     elif type(frame) is Cancel:
         value = None
         obj = {"type": "cancel", "id": frame.id}
@@ -500,7 +508,16 @@ def decode(text: str | bytes) -> Frame:
         trace = obj.get("trace")
         if trace is not None:
             trace = _trace_context(trace, frame_id)
-        return Call(frame_id, capability, obj.get("input"), window, trace)
+        deadline = obj.get("deadline")
+        if deadline is not None and not (
+            type(deadline) is int and 0 <= deadline <= MAX_SAFE_INTEGER
+        ):
+            raise ProtocolError(
+                "call 'deadline' must be a whole number of milliseconds, 0 or more",
+                frame_id=frame_id,
+                frame_type=kind,
+            )
+        return Call(frame_id, capability, obj.get("input"), window, trace, deadline)
     if kind == "cancel":
         return Cancel(frame_id)
     if kind == "credit":

@@ -35,7 +35,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._deadlines import Deadlines
+from ._deadlines import Deadlines, Until
 from ._dispatch import INTERNAL, error_result, start, stream
 from ._exceptions import (
     CallTimeout,
@@ -45,10 +45,13 @@ from ._exceptions import (
     RemoteError,
     StreamOverrun,
 )
-from ._frames import Cancel, Result, Yield, encode
+from ._frames import MAX_SAFE_INTEGER, Cancel, Result, Yield, encode
+from ._handshake import agreed
 from ._middleware import CallInfo, Chain, log_refusal
 from ._protocol import (
     CANCELLED,
+    DEADLINE_EXCEEDED,
+    DEADLINE_EXCEEDED_CODE,
     CancelInbound,
     CreditInbound,
     Deliver,
@@ -65,6 +68,7 @@ if TYPE_CHECKING:
         AsyncIterator,
         Awaitable,
         Callable,
+        Iterable,
         Mapping,
         Sequence,
     )
@@ -77,12 +81,15 @@ if TYPE_CHECKING:
     from ._middleware import Middleware
     from ._ref import Ref, Signed
 
-__all__ = ["Peer", "Stream", "accept", "current_peer"]
+__all__ = ["CallContext", "Peer", "Stream", "accept", "current_call", "current_peer"]
 
 logger = logging.getLogger("astral.peer")
 capability_logger = logging.getLogger("astral.capability")
 
 _current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("astral.current_peer")
+# The inbound call whose capability runs in this context (its deadline is
+# inherited by the calls it makes, on any peer).
+_current_call: contextvars.ContextVar[_Inbound] = contextvars.ContextVar("astral.current_call")
 
 T = TypeVar("T")
 OutputT = TypeVar("OutputT")
@@ -142,13 +149,62 @@ def current_peer() -> Peer:
         raise RuntimeError("current_peer() called outside a capability run by a peer") from None
 
 
+class CallContext:
+    """The remote call a capability is serving: see :func:`current_call`.
+
+    Attributes:
+        id: The call's id, as the caller chose it.
+        capability: The name it was called by.
+        deadline: When the caller stops waiting, on :func:`anyio.current_time`'s
+            clock, or ``None`` if the call has no deadline. The capability is
+            cancelled then, and the calls it makes meanwhile inherit it.
+    """
+
+    __slots__ = ("capability", "deadline", "id")
+
+    def __init__(self, call_id: str, capability: str, deadline: float | None) -> None:
+        self.id = call_id
+        self.capability = capability
+        self.deadline = deadline
+
+    def time_remaining(self) -> float | None:
+        """Seconds left until :attr:`deadline` (0 once passed), or ``None`` if none."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - anyio.current_time())
+
+    def __repr__(self) -> str:
+        return f"CallContext(id={self.id!r:.60}, capability={self.capability!r:.60})"
+
+
+def current_call() -> CallContext:
+    """Return the remote call the running capability is serving.
+
+    ::
+
+        async def work(input):
+            left = astral.current_call().time_remaining()  # None: no deadline
+
+    Raises:
+        RuntimeError: If called outside a capability run by a peer.
+    """
+    try:
+        handle = _current_call.get()
+    except LookupError:
+        raise RuntimeError("current_call() called outside a capability run by a peer") from None
+    call = handle.call
+    assert call is not None
+    return CallContext(call.id, call.capability, handle.deadline)
+
+
 class _Channel:
     """The per-call memory object stream the reader feeds, and its fate."""
 
-    __slots__ = ("buffered", "call_id", "capability", "error", "receive", "send")
+    __slots__ = ("buffered", "call_id", "capability", "error", "receive", "send", "until")
 
     def __init__(self, capability: str, size: int) -> None:
         self.capability = capability
+        self.until: float | None = None  # the call's deadline, if any
         self.call_id = ""
         self.error: BaseException | None = None
         self.buffered = 0  # frames delivered and not yet taken
@@ -189,11 +245,14 @@ class _Channel:
 class _Inbound:
     """A remote call running here: its cancel scope, who cancelled it, its credit."""
 
-    __slots__ = ("by_remote", "credit", "more", "scope")
+    __slots__ = ("by_remote", "call", "credit", "deadline", "more", "scope")
 
     def __init__(self) -> None:
         self.scope = anyio.CancelScope()
         self.by_remote = False
+        self.call: Call | None = None
+        # When the caller's deadline passes, on this peer's clock.
+        self.deadline: float | None = None
         # Items it may still stream; None when the caller asked for no flow
         # control (the original never does).
         self.credit: int | None = None
@@ -288,7 +347,7 @@ class Stream(Generic[T]):
             return self._item(frame.output)
         self._close()
         if frame.error is not None:
-            error = RemoteError(frame.error, code=frame.code, data=frame.data)
+            error = _remote_error(frame, self._channel.capability)
             if self._chain is not None:
                 await self._leave(error)
             raise error
@@ -398,6 +457,12 @@ class Peer:
             the outputs its capabilities return, like
             ``json.dumps(default=...)``; ``None`` refuses them (see
             :func:`astral.encode`).
+        features: The protocol extensions the remote named in its
+            ``Astral-Features`` upgrade header, or ``None`` if it sent none
+            (the original TypeScript peer). What both sides support is
+            :attr:`features`. :func:`astral.connect`, :func:`astral.serve`
+            and the ASGI app set it from the upgrade; over your own server
+            (:func:`astral.accept`) pass what you negotiated.
 
     Raises:
         TypeError: If a capability is not async.
@@ -417,6 +482,7 @@ class Peer:
         hide_internal_errors: bool = False,
         remote_max_message_size: int | None = None,
         json_default: JsonDefault | None = None,
+        features: Iterable[str] | None = None,
     ) -> None:
         check_limits(timeout, max_inbound_calls, max_buffered_items)
         if remote_max_message_size is not None and remote_max_message_size < 1:
@@ -430,6 +496,9 @@ class Peer:
             json_default=json_default,
         )
         self._claims: Mapping[str, Any] = MappingProxyType(dict(claims or {}))
+        self._features = agreed(features)
+        # Whether calls carry their deadline to the remote.
+        self._send_deadline = "deadline" in self._features
         self._middleware = tuple(middleware)
         self._json_default = json_default
         self._hide_internal_errors = hide_internal_errors
@@ -454,6 +523,7 @@ class Peer:
         self._idle_workers = 0
         self._unstarted = 0  # calls handed to a worker that has not taken them yet
         self._deadlines: Deadlines[_Channel] = Deadlines()
+        self._until: Until[_Channel] = Until()  # deadlines of whole calls
         self._timer_target = math.inf
         self._timer_wake = anyio.Event()
         self._timer_started = False
@@ -619,6 +689,18 @@ class Peer:
         return self._close_error is not None
 
     @property
+    def features(self) -> frozenset[str]:
+        """The protocol extensions this connection uses (see ``docs/protocol.md``).
+
+        What both sides named in their ``Astral-Features`` upgrade header,
+        such as ``frozenset({"cancel", "credit", "deadline"})``; empty when
+        the remote sent no header (the original TypeScript peer, or an
+        astral from before the header). ``cancel`` and ``credit`` frames are
+        sent either way: peers that do not know them ignore them.
+        """
+        return self._features
+
+    @property
     def claims(self) -> Mapping[str, Any]:
         """The remote's verified token claims (read-only; empty if none)."""
         return self._claims
@@ -721,6 +803,8 @@ class Peer:
         channel.buffered += 1
         if type(frame) is Result:
             channel.send.close()
+            if channel.until is not None:
+                self._until.discard(channel)
             return False
         return channel.buffered > self._credit_batch
 
@@ -790,6 +874,11 @@ class Peer:
 
     def _start_inbound(self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound) -> None:
         handle.credit = call.window
+        handle.call = call
+        if call.deadline is not None:
+            # The budget runs from now, on our clock: the time the call took
+            # to get here is the caller's to spend (it is on its own clock).
+            handle.deadline = handle.scope.deadline = anyio.current_time() + call.deadline / 1000
         self._work_send.send_nowait((call, invoke, handle))
         self._unstarted += 1
         if self._idle_workers:
@@ -832,6 +921,7 @@ class Peer:
             return
         state, send = self._state, self._transport.send
         final: str | None = None
+        _current_call.set(handle)
         try:
             with handle.scope:
                 first = await start(invoke, call, self._on_error)
@@ -846,8 +936,11 @@ class Peer:
                                 break
                             await handle.spend()
                             await send(text)
-            if final is None and handle.by_remote:
-                final = encode(Result(call.id, error=CANCELLED))
+            if final is None:
+                if handle.by_remote:
+                    final = encode(Result(call.id, error=CANCELLED))
+                elif self._past_deadline(handle):
+                    final = encode(_deadline_exceeded(call))
             if final is not None:
                 # Outside the call's scope: once the capability has finished,
                 # a late cancel cannot interrupt its one terminal result.
@@ -869,6 +962,7 @@ class Peer:
         )
         chain = Chain(self._middleware, info)
         final: Result | None = None
+        _current_call.set(handle)
 
         def on_error(call: Call, exc: Exception) -> Result:
             info.end("error", error=exc)
@@ -908,6 +1002,8 @@ class Peer:
                 if final is None and handle.by_remote:
                     final = Result(call.id, error=CANCELLED)
                     info.end("cancelled")
+                elif final is None and self._past_deadline(handle):
+                    final = _deadline_exceeded(call)
                 if final is not None:
                     final, text = _encoded(final, self._json_default)
                     if not self._state.fits(text):
@@ -937,6 +1033,15 @@ class Peer:
             if self._idle is not None:
                 self._check_idle()
 
+    def _past_deadline(self, handle: _Inbound) -> bool:
+        """Whether an inbound call ended because its deadline passed (not the connection)."""
+        return (
+            handle.deadline is not None
+            and handle.scope.cancelled_caught
+            and self._close_error is None
+            and anyio.current_time() >= handle.deadline
+        )
+
     def _refused(
         self, info: CallInfo, call: Call, exc: Exception, *, logged: bool = False
     ) -> Result:
@@ -953,11 +1058,16 @@ class Peer:
         input: Any,
         timeout: float | EllipsisType | None,
         info: CallInfo | None = None,
+        deadline: float | None = None,
     ) -> _Channel:
         self._check_open()
         channel = _Channel(capability, self._max_buffered)
+        budget = None
         try:
-            if info is None:
+            inherited = _current_call.get(None)
+            if deadline is not None or (inherited is not None and inherited.deadline is not None):
+                budget, timeout = self._budget(channel, timeout, deadline, inherited)
+            if info is None and budget is None:
                 channel.call_id, text = self._state.start_call(
                     capability, input, channel, self._max_buffered
                 )
@@ -967,11 +1077,14 @@ class Peer:
                     input,
                     channel,
                     self._max_buffered,
-                    trace=info.trace,
-                    call_id=info.call_id,
+                    trace=None if info is None else info.trace,
+                    call_id=None if info is None else info.call_id,
+                    deadline=budget if self._send_deadline else None,
                 )
             self._arm(channel, timeout)
-        except ProtocolError:
+            if channel.until is not None:
+                self._arm_until(channel, channel.until)
+        except (ValueError, CallTimeout):  # ProtocolError included
             channel.send.close()  # nothing was registered or sent
             channel.receive.close()
             raise
@@ -990,6 +1103,40 @@ class Peer:
             raise
         return channel
 
+    def _budget(
+        self,
+        channel: _Channel,
+        timeout: float | EllipsisType | None,
+        deadline: float | None,
+        inherited: _Inbound | None,
+    ) -> tuple[int, float | EllipsisType | None]:
+        """The call's deadline: the remaining budget in ms, and the first-frame timeout.
+
+        An explicit ``deadline`` is the caller's to enforce (a timer, as for
+        timeouts) and replaces the default first-frame timeout. A deadline
+        inherited from the capability we run in is enforced by that
+        capability's own cancel scope, which ends at the same moment.
+
+        Raises:
+            ValueError: ``deadline`` is not a positive number.
+            CallTimeout: The inherited deadline has already passed.
+        """
+        now = anyio.current_time()
+        until = math.inf
+        if deadline is not None:
+            if not deadline > 0:
+                raise ValueError("deadline must be a positive number of seconds, or None")
+            until = now + deadline
+            channel.until = until
+            if timeout is ...:
+                timeout = None
+        if inherited is not None and inherited.deadline is not None and inherited.deadline < until:
+            until = inherited.deadline
+            channel.until = None
+            if until <= now:
+                raise CallTimeout(f"call {channel.capability} missed its deadline")
+        return min(MAX_SAFE_INTEGER, int((until - now) * 1000)), timeout
+
     def _grant(self, channel: _Channel, n: int) -> None:
         text = self._state.credit(channel.call_id, n)
         if text is not None:
@@ -997,6 +1144,8 @@ class Peer:
 
     def _forget(self, channel: _Channel) -> None:
         self._deadlines.discard(channel)
+        if channel.until is not None:
+            self._until.discard(channel)
         # Route nothing more to this call; if it is still running, tell the remote.
         text = self._state.abandon(channel.call_id)
         if text is not None:
@@ -1017,7 +1166,13 @@ class Peer:
             timeout = self._timeout
         if timeout is None:
             return
-        deadline = self._deadlines.add(channel, timeout, anyio.current_time())
+        self._wake_timer(self._deadlines.add(channel, timeout, anyio.current_time()))
+
+    def _arm_until(self, channel: _Channel, until: float) -> None:
+        self._until.add(channel, until)
+        self._wake_timer(until)
+
+    def _wake_timer(self, deadline: float) -> None:
         if not self._timer_started:
             self._timer_started = True
             assert self._tasks is not None
@@ -1026,15 +1181,19 @@ class Peer:
             self._timer_wake.set()
 
     async def _timer_loop(self) -> None:
-        deadlines = self._deadlines
+        deadlines, until = self._deadlines, self._until
         while self._close_error is None:
             self._timer_wake = anyio.Event()
-            self._timer_target = deadlines.earliest()
+            self._timer_target = min(deadlines.earliest(), until.earliest())
             with anyio.CancelScope(deadline=self._timer_target):
                 await self._timer_wake.wait()
-            for channel in deadlines.expired(anyio.current_time()):
+            now = anyio.current_time()
+            for channel in deadlines.expired(now):
                 channel.fail(CallTimeout(f"call {channel.capability} timed out"))
                 self._forget(channel)  # and tell the remote to stop
+            for channel in until.expired(now):
+                channel.fail(CallTimeout(f"call {channel.capability} missed its deadline"))
+                self._forget(channel)
 
     # A typed reference brings its own signature (input, then timeout): see
     # astral._ref.Signed for why it is a ParamSpec and not a TypeVar.
@@ -1050,6 +1209,7 @@ class Peer:
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
     ) -> Any: ...
 
     async def call(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
@@ -1058,6 +1218,7 @@ class Peer:
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
     ) -> Any:
         """Call a capability of the remote peer.
 
@@ -1069,7 +1230,14 @@ class Peer:
             timeout: Seconds to wait for the first frame (the result, or the
                 first item of a stream); ``None`` waits forever; by default
                 the peer's ``timeout``. Once a stream has started it has no
-                timeout.
+                timeout. With a ``deadline`` and no ``timeout``, there is no
+                first-frame timeout.
+            deadline: Seconds the whole call may take, stream included. When
+                the remote agreed to the ``deadline`` feature it learns the
+                budget and stops the capability at that time (see
+                :func:`current_call`); either way this peer stops waiting then.
+                Inside a capability, calls inherit what is left of its own
+                deadline (the earlier of the two counts).
 
         Returns:
             The remote's output, or a :class:`Stream` if the remote streams.
@@ -1077,19 +1245,20 @@ class Peer:
 
         Raises:
             RemoteError: The remote capability failed or is unknown.
-            CallTimeout: Nothing arrived within ``timeout``; the remote was
-                told to stop.
+            CallTimeout: Nothing arrived within ``timeout``, or the call
+                missed its deadline; the remote was told to stop.
             ConnectionClosed: The connection ended before the answer.
             ProtocolError: ``input`` cannot be sent (a type outside the value
                 rule, an integer JavaScript would change, nesting too deep),
                 or the call is larger than the remote accepts in one message.
+            ValueError: ``deadline`` is not a positive number.
             ValidationError: The output does not fit the reference's model
                 output type.
         """
         capability, input, convert = unref(capability, input)
         if self._middleware:
-            return await self._call_observed(capability, input, timeout, convert)
-        channel = await self._open(capability, input, timeout)
+            return await self._call_observed(capability, input, timeout, convert, deadline)
+        channel = await self._open(capability, input, timeout, None, deadline)
         try:
             frame = await channel.next()
         except BaseException:
@@ -1099,7 +1268,7 @@ class Peer:
             return Stream(self, channel, frame, convert=convert)
         channel.receive.close()
         if frame.error is not None:
-            raise RemoteError(frame.error, code=frame.code, data=frame.data)
+            raise _remote_error(frame, capability)
         if convert is not None:  # None too: no output does not fit a model type
             return convert(frame.output)
         return frame.output
@@ -1139,11 +1308,12 @@ class Peer:
         input: Any,
         timeout: float | EllipsisType | None,
         convert: Callable[[Any], Any] | None,
+        deadline: float | None,
     ) -> Any:
         chain = await self._enter_outbound(capability, input)
         info = chain.info
         try:
-            channel = await self._open(capability, input, timeout, info)
+            channel = await self._open(capability, input, timeout, info, deadline)
             try:
                 frame = await channel.next()
             except BaseException:
@@ -1156,9 +1326,9 @@ class Peer:
             info.streaming = True
             return Stream(self, channel, frame, chain=chain, convert=convert)
         channel.receive.close()
-        error = None
+        error: Exception | None = None
         if frame.error is not None:
-            error = RemoteError(frame.error, code=frame.code, data=frame.data)
+            error = _remote_error(frame, capability)
         else:
             info.output = frame.output
         failure = await self._leave_outbound(chain, error)
@@ -1182,6 +1352,7 @@ class Peer:
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
     ) -> AbstractAsyncContextManager[Stream[Any]]: ...
 
     def stream(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
@@ -1190,6 +1361,7 @@ class Peer:
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
     ) -> AbstractAsyncContextManager[Stream[Any]]:
         """Call a capability and iterate over what it streams.
 
@@ -1210,6 +1382,7 @@ class Peer:
             input: Any JSON value (of the reference's input type).
             timeout: Seconds to wait for the first item or the result; see
                 :meth:`call`.
+            deadline: Seconds the whole stream may take; see :meth:`call`.
 
         Returns:
             An async context manager yielding the :class:`Stream`.
@@ -1217,8 +1390,9 @@ class Peer:
         Raises:
             ConnectionClosed: The connection is closed.
             ProtocolError: ``input`` cannot be sent (see :meth:`call`).
+            ValueError: ``deadline`` is not a positive number.
         """
-        return self._stream(capability, input, timeout)
+        return self._stream(capability, input, timeout, deadline)
 
     @asynccontextmanager
     async def _stream(
@@ -1226,10 +1400,11 @@ class Peer:
         capability: str | Ref[Any, Any],
         input: Any,
         timeout: float | EllipsisType | None,
+        deadline: float | None,
     ) -> AsyncIterator[Stream[Any]]:
         capability, input, convert = unref(capability, input)
         if not self._middleware:
-            channel = await self._open(capability, input, timeout)
+            channel = await self._open(capability, input, timeout, None, deadline)
             stream: Stream[Any] = Stream(self, channel, None, convert=convert)
             try:
                 yield stream
@@ -1239,7 +1414,7 @@ class Peer:
         chain = await self._enter_outbound(capability, input)
         chain.info.streaming = True
         try:
-            channel = await self._open(capability, input, timeout, chain.info)
+            channel = await self._open(capability, input, timeout, chain.info, deadline)
         except BaseException as exc:
             await self._leave_outbound(chain, exc)
             raise
@@ -1248,6 +1423,18 @@ class Peer:
             yield stream
         finally:
             await stream.aclose()
+
+
+def _deadline_exceeded(call: Call) -> Result:
+    return Result(call.id, error=DEADLINE_EXCEEDED, code=DEADLINE_EXCEEDED_CODE)
+
+
+def _remote_error(frame: Result, capability: str) -> Exception:
+    """The exception a caller gets for an error result."""
+    if frame.code == DEADLINE_EXCEEDED_CODE:
+        # The callee stopped at our deadline before our own timer fired.
+        return CallTimeout(f"call {capability} missed its deadline")
+    return RemoteError(frame.error or "", code=frame.code, data=frame.data)
 
 
 def _encoded(result: Result, json_default: JsonDefault | None) -> tuple[Result, str]:

@@ -61,6 +61,9 @@ CANCELLED = "cancelled"
 DUPLICATE_ID = "duplicate call id"
 TOO_MANY_CALLS = "too many concurrent calls"
 SHUTTING_DOWN = "shutting down"
+#: The error string and code of a call stopped by its deadline (``deadline`` feature).
+DEADLINE_EXCEEDED = "deadline exceeded"
+DEADLINE_EXCEEDED_CODE = "deadline_exceeded"
 
 
 @dataclass(slots=True)
@@ -162,6 +165,7 @@ class PeerState(Generic[Out, In]):
         *,
         trace: Mapping[str, str] | None = None,
         call_id: str | None = None,
+        deadline: int | None = None,
     ) -> tuple[str, str]:
         """Register an outbound call; return its id and its ``call`` frame.
 
@@ -172,6 +176,8 @@ class PeerState(Generic[Out, In]):
             window: Items the callee may stream before it needs credit.
             trace: Trace context to carry in the frame.
             call_id: An id taken earlier from :meth:`next_id`, else a new one.
+            deadline: The caller's remaining budget in milliseconds, for
+                the callee (only when the remote agreed to ``deadline``).
 
         Raises:
             ProtocolError: If ``input`` cannot be encoded, or the frame is
@@ -180,7 +186,8 @@ class PeerState(Generic[Out, In]):
         if call_id is None:
             call_id = str(next(self._ids))
         text = encode(
-            Call(call_id, capability, input, window, trace), json_default=self._json_default
+            Call(call_id, capability, input, window, trace, deadline),
+            json_default=self._json_default,
         )
         if not self.fits(text):
             raise ProtocolError(

@@ -77,7 +77,12 @@ class Ref(Generic[InputT, OutputT]):
     if TYPE_CHECKING:
 
         def _signature(
-            self, input: InputT, /, *, timeout: float | EllipsisType | None = ...
+            self,
+            input: InputT,
+            /,
+            *,
+            timeout: float | EllipsisType | None = ...,
+            deadline: float | None = None,
         ) -> OutputT: ...
 
     def __setattr__(self, name: str, value: Any) -> None:

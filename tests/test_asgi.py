@@ -583,7 +583,10 @@ async def test_in_memory_peer_bytes_disconnect_and_close_codes(fake: FakeServer)
         await fake.to_app.send({"type": "websocket.connect"})
         assert await fake.from_app.receive() == {
             "type": "websocket.accept",
-            "headers": [(b"astral-max-message-size", b"1048576")],
+            "headers": [
+                (b"astral-max-message-size", b"1048576"),
+                (b"astral-features", b"cancel, credit, deadline"),
+            ],
         }
 
         call = {"type": "call", "id": "1", "capability": "echo", "input": "é"}
