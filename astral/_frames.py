@@ -9,6 +9,10 @@ original protocol, plus two extensions::
     {"type":"cancel","id":"7"}                         # astral extension
     {"type":"credit","id":"7","n":512}                 # astral extension
     {"type":"call",...,"deadline":2500}                # astral extension (negotiated)
+    {"type":"call",...,"input_stream":true}            # astral extension (negotiated)
+    {"type":"want","id":"7","n":64}                    # callee: send 64 more items
+    {"type":"item","id":"7","value":"chunk"}           # caller: one input item
+    {"type":"end","id":"7"}                            # caller: no more input items
 
 :func:`encode` writes exactly what the original TypeScript peer writes
 (compact JSON, these key names, optional keys omitted when ``None``).
@@ -73,8 +77,11 @@ __all__ = [
     "Call",
     "Cancel",
     "Credit",
+    "End",
     "Frame",
+    "Item",
     "Result",
+    "Want",
     "Yield",
     "decode",
     "encode",
@@ -113,6 +120,9 @@ class Call:
             remaining budget in whole milliseconds when it sent the call
             (0 or more); the callee stops the capability once that much time
             has passed on its own clock. ``None`` (absent) means no deadline.
+        input_stream: astral extension (feature ``input-stream``): the caller
+            streams input items to the capability (:class:`Item`,
+            :class:`End`), as the callee asks for them (:class:`Want`).
     """
 
     id: str
@@ -121,6 +131,7 @@ class Call:
     window: int | None = None
     trace: Mapping[str, str] | None = None
     deadline: int | None = None
+    input_stream: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +203,48 @@ class Credit:
     n: int
 
 
-Frame: TypeAlias = Call | Yield | Result | Cancel | Credit
+@dataclass(frozen=True, slots=True)
+class Want:
+    """astral extension (``input-stream``): the callee takes ``n`` more input items.
+
+    Sent by the callee of a call made with ``input_stream``, first when the
+    call starts (its window), then as the capability consumes items. The
+    caller never has more items in flight than it was granted.
+
+    Attributes:
+        id: The caller's call.
+        n: How many more items may be sent (at least 1).
+    """
+
+    id: str
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """astral extension (``input-stream``): one input item, caller to callee.
+
+    Attributes:
+        id: The call it belongs to.
+        value: The item, any JSON value.
+    """
+
+    id: str
+    value: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """astral extension (``input-stream``): the caller has no more input items.
+
+    Attributes:
+        id: The call whose input ends.
+    """
+
+    id: str
+
+
+Frame: TypeAlias = Call | Yield | Result | Cancel | Credit | Want | Item | End
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -276,12 +328,23 @@ def encode(frame: Frame, *, json_default: JsonDefault | None = None) -> str:
             obj["trace"] = dict(frame.trace)
         if frame.deadline is not None:
             obj["deadline"] = frame.deadline
+        if frame.input_stream:
+            obj["input_stream"] = True
     elif type(frame) is Cancel:
         value = None
         obj = {"type": "cancel", "id": frame.id}
     elif type(frame) is Credit:
         value = None
         obj = {"type": "credit", "id": frame.id, "n": frame.n}
+    elif type(frame) is Item:
+        value = frame.value
+        obj = {"type": "item", "id": frame.id, "value": value}
+    elif type(frame) is Want:
+        value = None
+        obj = {"type": "want", "id": frame.id, "n": frame.n}
+    elif type(frame) is End:
+        value = None
+        obj = {"type": "end", "id": frame.id}
     else:
         raise ProtocolError(f"not a frame: {type(frame).__name__}")
     try:
@@ -443,7 +506,8 @@ def decode(text: str | bytes) -> Frame:
 
     Returns:
         The frame: :class:`Call`, :class:`Yield`, :class:`Result`,
-        :class:`Cancel` or :class:`Credit`.
+        :class:`Cancel`, :class:`Credit`, :class:`Want`, :class:`Item` or
+        :class:`End`.
 
     Raises:
         ProtocolError: On anything malformed: not JSON, not an object,
@@ -517,7 +581,12 @@ def decode(text: str | bytes) -> Frame:
                 frame_id=frame_id,
                 frame_type=kind,
             )
-        return Call(frame_id, capability, obj.get("input"), window, trace, deadline)
+        input_stream = obj.get("input_stream", False)
+        if type(input_stream) is not bool:
+            raise ProtocolError(
+                "call 'input_stream' must be a boolean", frame_id=frame_id, frame_type=kind
+            )
+        return Call(frame_id, capability, obj.get("input"), window, trace, deadline, input_stream)
     if kind == "cancel":
         return Cancel(frame_id)
     if kind == "credit":
@@ -527,6 +596,17 @@ def decode(text: str | bytes) -> Frame:
                 "credit 'n' must be a positive integer", frame_id=frame_id, frame_type=kind
             )
         return Credit(frame_id, n)
+    if kind == "item":
+        return Item(frame_id, obj.get("value"))
+    if kind == "want":
+        n = obj.get("n")
+        if not _is_count(n):
+            raise ProtocolError(
+                "want 'n' must be a positive integer", frame_id=frame_id, frame_type=kind
+            )
+        return Want(frame_id, n)
+    if kind == "end":
+        return End(frame_id)
     if kind is None:
         raise ProtocolError("frame has no string 'type'", frame_id=frame_id)
     raise ProtocolError(f"unknown frame type {kind!r:.40}", frame_id=frame_id, frame_type=kind)

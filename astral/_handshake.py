@@ -9,7 +9,7 @@ versions) are added here and nowhere else. Today there are two:
   would have to close the connection over (1009): that call fails alone.
 * ``Astral-Features``: the protocol extensions the side that sends it
   understands, as a comma-separated list of tokens
-  (``cancel, credit, deadline``). What both sides name is what the
+  (``cancel, credit, deadline, input-stream``). What both sides name is what the
   connection uses (:attr:`astral.Peer.features`); tokens a side does not
   know are ignored, so new extensions are added by new tokens.
 
@@ -51,7 +51,7 @@ _MAX_DIGITS = 18  # anything longer is not a size anyone means
 
 FEATURES_HEADER = "Astral-Features"
 #: The protocol extensions this astral implements, in the order it names them.
-FEATURES: tuple[str, ...] = ("cancel", "credit", "deadline")
+FEATURES: tuple[str, ...] = ("cancel", "credit", "deadline", "input-stream")
 _KNOWN = frozenset(FEATURES)
 # A remote's list is read only this far: a header is not a place for a novel.
 _MAX_FEATURES_HEADER = 1024

@@ -36,7 +36,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._deadlines import Deadlines, Until
-from ._dispatch import INTERNAL, error_result, start, stream
+from ._dispatch import INTERNAL, error_result, input_items, start, stream
 from ._exceptions import (
     CallTimeout,
     ConnectionClosed,
@@ -45,8 +45,9 @@ from ._exceptions import (
     RemoteError,
     StreamOverrun,
 )
-from ._frames import MAX_SAFE_INTEGER, Cancel, Result, Yield, encode
+from ._frames import MAX_SAFE_INTEGER, Cancel, Item, Result, Yield, encode
 from ._handshake import agreed
+from ._logs import protocol_warnings
 from ._middleware import CallInfo, Chain, log_refusal
 from ._protocol import (
     CANCELLED,
@@ -56,15 +57,18 @@ from ._protocol import (
     CreditInbound,
     Deliver,
     Fail,
+    InputInbound,
     PeerState,
     Reply,
     StartInbound,
+    WantOutbound,
 )
 from ._ref import unref
 from ._transport import CLOSED_ERRORS, AnyTransport, close_transport
 
 if TYPE_CHECKING:
     from collections.abc import (
+        AsyncIterable,
         AsyncIterator,
         Awaitable,
         Callable,
@@ -77,7 +81,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from ._dispatch import Capabilities
-    from ._frames import Call, JsonDefault
+    from ._frames import Call, End, JsonDefault
     from ._middleware import Middleware
     from ._ref import Ref, Signed
 
@@ -99,6 +103,10 @@ ArgsT = ParamSpec("ArgsT")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_INBOUND_CALLS = 1000
 DEFAULT_MAX_BUFFERED_ITEMS = 1024
+#: The error a callee sends when its caller streams more input items than it asked for.
+INPUT_OVERRUN = "input stream overrun"
+#: The feature a call with an input stream needs.
+INPUT_STREAM = "input-stream"
 #: Seconds the reader waits, with ``max_inbound_calls`` answers queued, for the
 #: remote to take any of them before it is cut off as a flooder (1008).
 FLOOD_GRACE = 5.0
@@ -200,11 +208,12 @@ def current_call() -> CallContext:
 class _Channel:
     """The per-call memory object stream the reader feeds, and its fate."""
 
-    __slots__ = ("buffered", "call_id", "capability", "error", "receive", "send", "until")
+    __slots__ = ("buffered", "call_id", "capability", "error", "pump", "receive", "send", "until")
 
     def __init__(self, capability: str, size: int) -> None:
         self.capability = capability
         self.until: float | None = None  # the call's deadline, if any
+        self.pump: _Pump | None = None  # the call's input stream, if any
         self.call_id = ""
         self.error: BaseException | None = None
         self.buffered = 0  # frames delivered and not yet taken
@@ -242,10 +251,90 @@ class _Channel:
         raise error or ConnectionClosed("call abandoned")
 
 
+class _Pump:
+    """The input stream of one of our calls: what the callee wants, and its task's scope."""
+
+    __slots__ = ("credit", "more", "scope")
+
+    def __init__(self) -> None:
+        self.credit = 0  # items the callee has asked for and not yet received
+        self.more: anyio.Event | None = None
+        self.scope = anyio.CancelScope()
+
+    def grant(self, n: int) -> None:
+        self.credit += n
+        if self.more is not None:
+            self.more.set()
+
+    def stop(self) -> None:
+        """The call has ended: stop sending, at once."""
+        self.scope.cancel()
+
+    async def spend(self) -> None:
+        """Wait until the callee wants one more item, and take it."""
+        while self.credit <= 0:
+            self.more = anyio.Event()
+            await self.more.wait()
+        self.more = None
+        self.credit -= 1
+
+
+class _InputItems:
+    """What a capability iterates to read its caller's input stream.
+
+    The reader puts items in without waiting (at most the window it asked
+    for); each half window taken is asked for again with a ``want`` frame.
+    """
+
+    __slots__ = ("_batch", "_call_id", "_peer", "_receive", "_send", "_taken")
+
+    def __init__(self, peer: Peer, call_id: str, window: int) -> None:
+        self._peer = peer
+        self._call_id = call_id
+        self._batch = max(1, window // 2)
+        self._taken = 0
+        self._send, self._receive = anyio.create_memory_object_stream[Any](window)
+
+    def put(self, value: Any) -> bool:
+        """Hand over one item; False if the caller sent more than it was granted."""
+        try:
+            self._send.send_nowait(value)
+        except anyio.WouldBlock:
+            return False
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # ended, or the capability stopped reading: nothing to feed
+        return True
+
+    def end(self) -> None:
+        self._send.close()
+
+    def close(self) -> None:
+        self._send.close()
+        self._receive.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            try:
+                value = self._receive.receive_nowait()
+            except anyio.WouldBlock:
+                value = await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        self._taken += 1
+        if self._taken >= self._batch:
+            peer = self._peer
+            peer._send_control(peer._state.want(self._call_id, self._taken))
+            self._taken = 0
+        return value
+
+
 class _Inbound:
     """A remote call running here: its cancel scope, who cancelled it, its credit."""
 
-    __slots__ = ("by_remote", "call", "credit", "deadline", "more", "scope")
+    __slots__ = ("by_remote", "call", "credit", "deadline", "error", "items", "more", "scope")
 
     def __init__(self) -> None:
         self.scope = anyio.CancelScope()
@@ -253,6 +342,8 @@ class _Inbound:
         self.call: Call | None = None
         # When the caller's deadline passes, on this peer's clock.
         self.deadline: float | None = None
+        self.items: _InputItems | None = None  # its input stream, if the capability takes one
+        self.error: str | None = None  # why this side stopped it (the caller broke a rule)
         # Items it may still stream; None when the caller asked for no flow
         # control (the original never does).
         self.credit: int | None = None
@@ -712,6 +803,8 @@ class Peer:
         outbound, inbound = self._state.close()
         for channel in outbound:
             channel.fail(error)
+            if channel.pump is not None:
+                channel.pump.stop()
         for handle in inbound:
             handle.scope.cancel()
         # Both ends: queued replies and cancels have no one to go to any more.
@@ -754,12 +847,17 @@ class Peer:
                     elif self._idle is not None:
                         self._check_idle()  # draining: that may have been the last call
                 elif isinstance(event, StartInbound):
-                    self._start_inbound(event.call, event.invoke, event.handle)
+                    self._start_inbound(event.call, event.invoke, event.handle, event.items)
                 elif isinstance(event, CreditInbound):
                     event.handle.grant(event.n)
                 elif isinstance(event, CancelInbound):
                     event.handle.by_remote = True
                     event.handle.scope.cancel()
+                elif isinstance(event, InputInbound):
+                    self._input(event.handle, event.frame)
+                elif isinstance(event, WantOutbound):
+                    if event.handle.pump is not None:
+                        event.handle.pump.grant(event.n)
                 elif isinstance(event, Reply):
                     self._send_control(event.text)
                     if self._control_send.statistics().current_buffer_used >= limit:
@@ -780,6 +878,22 @@ class Peer:
             error.__cause__ = exc
         finally:
             self._shutdown(error)
+
+    def _input(self, handle: _Inbound, frame: Item | End) -> None:
+        """Feed an input item, or its end, to the inbound call under ``handle``."""
+        items = handle.items
+        if items is None:
+            return  # not a call with an input stream: ignored, like any stray frame
+        if type(frame) is not Item:
+            items.end()
+        elif not items.put(frame.value):
+            protocol_warnings.warning(
+                "call %.60r from %s: more input items than asked for; stopped",
+                frame.id,
+                self._state.remote,
+            )
+            handle.error = INPUT_OVERRUN
+            handle.scope.cancel()
 
     def _deliver(self, event: Deliver[_Channel]) -> bool:
         """Hand a frame to its call without waiting; True if the consumer lags."""
@@ -805,6 +919,8 @@ class Peer:
             channel.send.close()
             if channel.until is not None:
                 self._until.discard(channel)
+            if channel.pump is not None:
+                channel.pump.stop()  # the callee has ended: send no more input
             return False
         return channel.buffered > self._credit_batch
 
@@ -872,9 +988,17 @@ class Peer:
             await self._serve(call, invoke, handle)
             self._idle_workers += 1
 
-    def _start_inbound(self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound) -> None:
+    def _start_inbound(
+        self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound, items: bool
+    ) -> None:
         handle.credit = call.window
         handle.call = call
+        if items:
+            handle.items = _InputItems(self, call.id, self._max_buffered)
+            if call.input_stream:
+                self._send_control(self._state.want(call.id, self._max_buffered))
+            else:
+                handle.items.end()  # the caller streams nothing: an empty stream
         if call.deadline is not None:
             # The budget runs from now, on our clock: the time the call took
             # to get here is the caller's to spend (it is on its own clock).
@@ -889,6 +1013,16 @@ class Peer:
 
     def _on_error(self, call: Call, exc: Exception) -> Result:
         """Log a capability's failure here, and make its error result."""
+        if isinstance(exc, CallTimeout):
+            handle = _current_call.get(None)
+            if (
+                handle is not None
+                and handle.deadline is not None
+                and anyio.current_time() >= handle.deadline
+            ):
+                # A call it made ran out of the budget it inherited: this call
+                # missed its deadline too, which is no failure of the capability.
+                return _deadline_exceeded(call)
         extra = {
             "astral_capability": call.capability,
             "astral_call_id": call.id,
@@ -922,6 +1056,8 @@ class Peer:
         state, send = self._state, self._transport.send
         final: str | None = None
         _current_call.set(handle)
+        if handle.items is not None:
+            input_items.set(handle.items)
         try:
             with handle.scope:
                 first = await start(invoke, call, self._on_error)
@@ -939,6 +1075,8 @@ class Peer:
             if final is None:
                 if handle.by_remote:
                     final = encode(Result(call.id, error=CANCELLED))
+                elif handle.error is not None:
+                    final = encode(Result(call.id, error=handle.error))
                 elif self._past_deadline(handle):
                     final = encode(_deadline_exceeded(call))
             if final is not None:
@@ -949,6 +1087,8 @@ class Peer:
             pass  # the connection ended; the reader shuts the peer down
         finally:
             state.finished(call.id, handle)
+            if handle.items is not None:
+                handle.items.close()
             if self._idle is not None:
                 self._check_idle()
 
@@ -963,6 +1103,8 @@ class Peer:
         chain = Chain(self._middleware, info)
         final: Result | None = None
         _current_call.set(handle)
+        if handle.items is not None:
+            input_items.set(handle.items)
 
         def on_error(call: Call, exc: Exception) -> Result:
             info.end("error", error=exc)
@@ -1002,6 +1144,8 @@ class Peer:
                 if final is None and handle.by_remote:
                     final = Result(call.id, error=CANCELLED)
                     info.end("cancelled")
+                elif final is None and handle.error is not None:
+                    final = Result(call.id, error=handle.error)
                 elif final is None and self._past_deadline(handle):
                     final = _deadline_exceeded(call)
                 if final is not None:
@@ -1030,6 +1174,8 @@ class Peer:
             pass  # the connection ended; the reader shuts the peer down
         finally:
             self._state.finished(call.id, handle)
+            if handle.items is not None:
+                handle.items.close()
             if self._idle is not None:
                 self._check_idle()
 
@@ -1052,22 +1198,30 @@ class Peer:
 
     # -- calls we make -------------------------------------------------------
 
-    async def _open(
+    async def _open(  # noqa: PLR0917 - private, on the hot path
         self,
         capability: str,
         input: Any,
         timeout: float | EllipsisType | None,
         info: CallInfo | None = None,
         deadline: float | None = None,
+        input_stream: AsyncIterable[Any] | None = None,
     ) -> _Channel:
         self._check_open()
+        if input_stream is not None and INPUT_STREAM not in self._features:
+            raise ProtocolError(
+                f"call {capability}: the remote does not take input streams (it did not"
+                f" agree to the {INPUT_STREAM!r} feature)"
+            )
         channel = _Channel(capability, self._max_buffered)
         budget = None
+        if input_stream is not None:
+            channel.pump = _Pump()
         try:
             inherited = _current_call.get(None)
             if deadline is not None or (inherited is not None and inherited.deadline is not None):
                 budget, timeout = self._budget(channel, timeout, deadline, inherited)
-            if info is None and budget is None:
+            if info is None and budget is None and input_stream is None:
                 channel.call_id, text = self._state.start_call(
                     capability, input, channel, self._max_buffered
                 )
@@ -1080,6 +1234,7 @@ class Peer:
                     trace=None if info is None else info.trace,
                     call_id=None if info is None else info.call_id,
                     deadline=budget if self._send_deadline else None,
+                    input_stream=input_stream is not None,
                 )
             self._arm(channel, timeout)
             if channel.until is not None:
@@ -1101,7 +1256,48 @@ class Peer:
         except BaseException:
             self._abandon(channel)
             raise
+        if input_stream is not None:
+            assert self._tasks is not None
+            self._tasks.start_soon(self._pump_input, channel, input_stream)
         return channel
+
+    async def _pump_input(self, channel: _Channel, items: AsyncIterable[Any]) -> None:
+        """Send a call's input items as the callee asks for them, then ``end``.
+
+        Runs in the peer's task group, as long as the call does: when the
+        call ends (result, cancellation, timeout, the connection), the pump
+        stops at once and closes ``items``.
+        """
+        pump = channel.pump
+        assert pump is not None
+        send, state = self._transport.send, self._state
+        iterator = aiter(items)
+        try:
+            with pump.scope:
+                while True:
+                    await pump.spend()
+                    try:
+                        value = await anext(iterator)
+                    except StopAsyncIteration:
+                        text = state.end(channel.call_id)
+                        if text is not None:
+                            await send(text)
+                        return
+                    text = state.item(channel.call_id, value)
+                    if text is None:
+                        return
+                    await send(text)
+        except CLOSED_ERRORS:
+            pass  # the connection ended: the reader fails the call
+        except Exception as exc:  # noqa: BLE001 - the caller's items failed, or cannot be sent
+            # The call fails with it, and the remote is told to stop.
+            channel.fail(exc)
+            self._forget(channel)
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.move_on_after(1, shield=True):
+                    await aclose()
 
     def _budget(
         self,
@@ -1146,6 +1342,8 @@ class Peer:
         self._deadlines.discard(channel)
         if channel.until is not None:
             self._until.discard(channel)
+        if channel.pump is not None:
+            channel.pump.stop()
         # Route nothing more to this call; if it is still running, tell the remote.
         text = self._state.abandon(channel.call_id)
         if text is not None:
@@ -1210,6 +1408,7 @@ class Peer:
         *,
         timeout: float | EllipsisType | None = ...,
         deadline: float | None = None,
+        input_stream: AsyncIterable[Any] | None = None,
     ) -> Any: ...
 
     async def call(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
@@ -1219,6 +1418,7 @@ class Peer:
         *,
         timeout: float | EllipsisType | None = ...,
         deadline: float | None = None,
+        input_stream: AsyncIterable[Any] | None = None,
     ) -> Any:
         """Call a capability of the remote peer.
 
@@ -1238,6 +1438,14 @@ class Peer:
                 :func:`current_call`); either way this peer stops waiting then.
                 Inside a capability, calls inherit what is left of its own
                 deadline (the earlier of the two counts).
+            input_stream: Items to stream to the capability, which takes them
+                as its second parameter (feature ``input-stream``). Each is
+                sent when the callee asks for more (flow control), in order,
+                then the end of the input. When the call ends, sending stops
+                at once and ``input_stream`` is closed (``aclose``), so a
+                producer writing into it fails at once. If iterating it
+                raises, the call fails with that error and the remote is
+                told to stop.
 
         Returns:
             The remote's output, or a :class:`Stream` if the remote streams.
@@ -1250,15 +1458,19 @@ class Peer:
             ConnectionClosed: The connection ended before the answer.
             ProtocolError: ``input`` cannot be sent (a type outside the value
                 rule, an integer JavaScript would change, nesting too deep),
-                or the call is larger than the remote accepts in one message.
+                or the call is larger than the remote accepts in one message,
+                or ``input_stream`` is given and the remote did not agree to
+                ``input-stream`` (the original, for one).
             ValueError: ``deadline`` is not a positive number.
             ValidationError: The output does not fit the reference's model
                 output type.
         """
         capability, input, convert = unref(capability, input)
         if self._middleware:
-            return await self._call_observed(capability, input, timeout, convert, deadline)
-        channel = await self._open(capability, input, timeout, None, deadline)
+            return await self._call_observed(
+                capability, input, timeout, convert, deadline, input_stream
+            )
+        channel = await self._open(capability, input, timeout, None, deadline, input_stream)
         try:
             frame = await channel.next()
         except BaseException:
@@ -1302,18 +1514,19 @@ class Peer:
             info.end("result", output=info.output)
         return await chain.leave()
 
-    async def _call_observed(
+    async def _call_observed(  # noqa: PLR0917 - private
         self,
         capability: str,
         input: Any,
         timeout: float | EllipsisType | None,
         convert: Callable[[Any], Any] | None,
         deadline: float | None,
+        input_stream: AsyncIterable[Any] | None,
     ) -> Any:
         chain = await self._enter_outbound(capability, input)
         info = chain.info
         try:
-            channel = await self._open(capability, input, timeout, info, deadline)
+            channel = await self._open(capability, input, timeout, info, deadline, input_stream)
             try:
                 frame = await channel.next()
             except BaseException:
@@ -1353,6 +1566,7 @@ class Peer:
         *,
         timeout: float | EllipsisType | None = ...,
         deadline: float | None = None,
+        input_stream: AsyncIterable[Any] | None = None,
     ) -> AbstractAsyncContextManager[Stream[Any]]: ...
 
     def stream(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
@@ -1362,6 +1576,7 @@ class Peer:
         *,
         timeout: float | EllipsisType | None = ...,
         deadline: float | None = None,
+        input_stream: AsyncIterable[Any] | None = None,
     ) -> AbstractAsyncContextManager[Stream[Any]]:
         """Call a capability and iterate over what it streams.
 
@@ -1383,6 +1598,8 @@ class Peer:
             timeout: Seconds to wait for the first item or the result; see
                 :meth:`call`.
             deadline: Seconds the whole stream may take; see :meth:`call`.
+            input_stream: Items to stream to the capability while it streams
+                back (a two-way stream); see :meth:`call`.
 
         Returns:
             An async context manager yielding the :class:`Stream`.
@@ -1390,9 +1607,11 @@ class Peer:
         Raises:
             ConnectionClosed: The connection is closed.
             ProtocolError: ``input`` cannot be sent (see :meth:`call`).
+            ProtocolError: ``input_stream`` is given and the remote did not
+                agree to ``input-stream``.
             ValueError: ``deadline`` is not a positive number.
         """
-        return self._stream(capability, input, timeout, deadline)
+        return self._stream(capability, input, timeout, deadline, input_stream)
 
     @asynccontextmanager
     async def _stream(
@@ -1401,10 +1620,11 @@ class Peer:
         input: Any,
         timeout: float | EllipsisType | None,
         deadline: float | None,
+        input_stream: AsyncIterable[Any] | None,
     ) -> AsyncIterator[Stream[Any]]:
         capability, input, convert = unref(capability, input)
         if not self._middleware:
-            channel = await self._open(capability, input, timeout, None, deadline)
+            channel = await self._open(capability, input, timeout, None, deadline, input_stream)
             stream: Stream[Any] = Stream(self, channel, None, convert=convert)
             try:
                 yield stream
@@ -1414,7 +1634,9 @@ class Peer:
         chain = await self._enter_outbound(capability, input)
         chain.info.streaming = True
         try:
-            channel = await self._open(capability, input, timeout, chain.info, deadline)
+            channel = await self._open(
+                capability, input, timeout, chain.info, deadline, input_stream
+            )
         except BaseException as exc:
             await self._leave_outbound(chain, exc)
             raise

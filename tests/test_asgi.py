@@ -585,7 +585,7 @@ async def test_in_memory_peer_bytes_disconnect_and_close_codes(fake: FakeServer)
             "type": "websocket.accept",
             "headers": [
                 (b"astral-max-message-size", b"1048576"),
-                (b"astral-features", b"cancel, credit, deadline"),
+                (b"astral-features", b"cancel, credit, deadline, input-stream"),
             ],
         }
 

@@ -19,7 +19,7 @@ from astral._websocket import open_websocket, serve_websocket
 from astral.testing import connected_pair, memory_transport_pair
 from tests.helpers import running_principal, token
 
-ALL = frozenset({"cancel", "credit", "deadline"})
+ALL = frozenset({"cancel", "credit", "deadline", "input-stream"})
 
 # --- the header, sans-IO ----------------------------------------------------------------
 
@@ -30,7 +30,7 @@ ALL = frozenset({"cancel", "credit", "deadline"})
         ([], None),
         ([("Other", "x")], None),
         ([("Astral-Features", "")], frozenset()),
-        ([("astral-features", "cancel, credit, deadline")], ALL),
+        ([("astral-features", "cancel, credit, deadline, input-stream")], ALL),
         ([("ASTRAL-FEATURES", " Deadline ,,CANCEL ")], frozenset({"deadline", "cancel"})),
         # Repeated headers read as one list, as HTTP folds them.
         ([("Astral-Features", "cancel"), ("Astral-Features", "future-thing")],
@@ -99,7 +99,7 @@ async def test_astral_peers_agree_on_every_feature_over_a_websocket() -> None:
         async with open_websocket(
             principal.url, headers=[("Authorization", f"Bearer {token('w2')}")]
         ) as ws:
-            assert ("astral-features", "cancel, credit, deadline") in [
+            assert ("astral-features", "cancel, credit, deadline, input-stream") in [
                 (name.lower(), value) for name, value in ws.response_headers
             ]
 

@@ -483,7 +483,7 @@ async def test_the_asgi_app_takes_middleware_and_hide_internal_errors() -> None:
                 "type": "websocket.accept",
                 "headers": [
                     (b"astral-max-message-size", b"1048576"),
-                    (b"astral-features", b"cancel, credit, deadline"),
+                    (b"astral-features", b"cancel, credit, deadline, input-stream"),
                 ],
             }
             call = '{"type":"call","id":"1","capability":"divide"}'
