@@ -35,8 +35,11 @@ from ._exceptions import ValidationError as ValidationError
 from ._frames import Call as Call
 from ._frames import Cancel as Cancel
 from ._frames import Credit as Credit
+from ._frames import End as End
 from ._frames import Frame as Frame
+from ._frames import Item as Item
 from ._frames import Result as Result
+from ._frames import Want as Want
 from ._frames import Yield as Yield
 from ._frames import decode as decode
 from ._frames import encode as encode
@@ -76,9 +79,11 @@ __all__ = [
     "ConnectTimeout",
     "ConnectionClosed",
     "Credit",
+    "End",
     "Failure",
     "Frame",
     "HandshakeError",
+    "Item",
     "JWTVerifier",
     "Middleware",
     "Peer",
@@ -94,6 +99,7 @@ __all__ = [
     "Unauthorized",
     "ValidationError",
     "Verifier",
+    "Want",
     "Yield",
     "accept",
     "connect",

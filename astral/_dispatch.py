@@ -82,13 +82,17 @@ class _StreamingCallable(Protocol):
 
 #: What a ``capabilities`` mapping holds, for type checkers: an async
 #: function or async generator function of one argument (whatever its input
-#: type), or an object with an async ``call(input)``. A sync function, or a
+#: type) or of two (the input and an input stream), or an object with an
+#: async ``call(input)``. A sync function, or a
 #: lambda returning a plain value, is refused by mypy as it is at run time.
 Capability: TypeAlias = (
     Callable
     | _StreamingCallable
     | _Fn[[Never], Awaitable[object]]
     | _Fn[[Never], AsyncIterable[object]]
+    # (input, items): takes an input stream
+    | _Fn[[Never, Never], Awaitable[object]]
+    | _Fn[[Never, Never], AsyncIterable[object]]
 )
 Capabilities: TypeAlias = Mapping[str, Capability]
 #: A resolved capability: ``input -> awaitable output | async iterable``.
