@@ -291,3 +291,11 @@ async def test_two_hops_stop_by_the_deadline_alone_when_nobody_cancels() -> None
     assert remaining is not None
     assert remaining <= 0.3
     assert watch.cancelled_at - start >= 0.3 - 0.01
+
+
+def test_the_deadline_field_on_the_wire() -> None:
+    call = astral.Call("1", "f", None, deadline=2500)
+    text = astral.encode(call)
+    assert text == '{"type":"call","id":"1","capability":"f","deadline":2500}'
+    assert astral.decode(text) == call
+    assert astral.decode('{"type":"call","id":"1","capability":"f","deadline":0}').deadline == 0

@@ -186,3 +186,58 @@ async def test_an_original_like_principal_gets_the_original_protocol() -> None:
     assert frames[0]["type"] == "call"
     assert "deadline" not in frames[0]
     assert frames[1] == {"type": "cancel", "id": frames[0]["id"]}
+
+
+async def test_without_a_header_cancel_and_credit_still_work() -> None:
+    """An astral from before the header sends none: the older extensions go on."""
+    cancelled = anyio.Event()
+
+    async def items(n: int) -> Any:
+        for i in range(n):
+            yield i
+
+    async def forever(_: Any) -> Any:
+        i = 0
+        try:
+            while True:
+                yield i
+                i += 1
+        finally:  # closed where it waits at ``yield``: GeneratorExit, not Cancelled
+            cancelled.set()
+
+    async with connected_pair(
+        {"items": items, "forever": forever}, {}, features=None, max_buffered_items=4
+    ) as (_, b):
+        assert b.features == frozenset()
+        # 100 items through a window of 4: only credit lets the producer go on.
+        async with b.stream("items", 100) as stream:
+            assert [item async for item in stream] == list(range(100))
+        # Leaving a stream early sends cancel, which stops the capability.
+        async with b.stream("forever") as stream:
+            async for item in stream:
+                if item == 10:
+                    break
+        await cancelled.wait()
+
+
+async def test_an_input_stream_to_an_original_like_principal_fails_at_once() -> None:
+    received: list[str] = []
+
+    async def original(ws: Any) -> None:
+        while True:
+            received.append(await ws.receive())
+
+    async def numbers() -> Any:
+        yield 1  # pragma: no cover - never iterated
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(serve_websocket, original, "127.0.0.1", 0)
+        async with astral.connect(f"ws://127.0.0.1:{port}/", token=None) as worker:
+            with pytest.raises(astral.ProtocolError, match="does not take input streams"):
+                await worker.call("upload", None, input_stream=numbers())
+            assert worker._state.outbound == {}
+            # The connection is fine: a plain call is sent as ever.
+            with pytest.raises(astral.CallTimeout):
+                await worker.call("echo", 1, timeout=0.05)
+        tg.cancel_scope.cancel()
+    assert [json.loads(text)["capability"] for text in received if '"call"' in text] == ["echo"]

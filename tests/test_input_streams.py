@@ -17,6 +17,7 @@ import pytest
 
 import astral
 from astral._frames import End, Item, Want, decode, encode
+from astral._protocol import InputInbound, PeerState, StartInbound, WantOutbound
 from astral.testing import connected_pair, memory_transport_pair
 from tests.helpers import running_principal, token
 
@@ -202,9 +203,8 @@ async def test_a_caller_that_cancels_ends_both_directions() -> None:
             async for item in items:
                 started.set()
                 yield item
-        except anyio.get_cancelled_exc_class():
+        finally:  # cancelled inside ``items`` or closed at ``yield``
             cancelled.set()
-            raise
 
     async def endless() -> AsyncIterator[int]:
         try:
@@ -323,3 +323,27 @@ async def test_an_upload_and_a_two_way_stream_over_a_websocket() -> None:
             assert await worker.call("collect", None, input_stream=numbers(300)) == list(range(300))
             async with worker.stream("doubles", input_stream=numbers(100)) as out:
                 assert [item async for item in out] == [2 * i for i in range(100)]
+
+
+def test_the_state_routes_input_frames_by_direction() -> None:
+    """item/end name the remote's calls (inbound), want names ours (outbound)."""
+    state: PeerState[str, object] = PeerState({"collect": collect}, object, max_inbound_calls=5)
+    call_id, text = state.start_call("collect", None, "mine", input_stream=True)
+    assert '"input_stream":true' in text
+    started = state.receive('{"type":"call","id":"1","capability":"collect","input_stream":true}')
+    assert isinstance(started, StartInbound)
+    assert started.items is True
+    # The same id both ways: want goes to our call, item and end to theirs.
+    want = state.receive(f'{{"type":"want","id":"{call_id}","n":3}}')
+    assert isinstance(want, WantOutbound)
+    assert (want.handle, want.n) == ("mine", 3)
+    item = state.receive('{"type":"item","id":"1","value":5}')
+    assert isinstance(item, InputInbound)
+    assert item.frame == Item("1", 5)
+    assert isinstance(state.receive('{"type":"end","id":"1"}'), InputInbound)
+    assert state.receive('{"type":"item","id":"nobody","value":5}') is None
+    assert state.receive('{"type":"want","id":"nobody","n":1}') is None
+    assert state.item(call_id, [1]) == f'{{"type":"item","id":"{call_id}","value":[1]}}'
+    assert state.end(call_id) == f'{{"type":"end","id":"{call_id}"}}'
+    assert state.item("gone", 1) is None
+    assert state.end("gone") is None
