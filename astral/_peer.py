@@ -1741,8 +1741,10 @@ async def accept(
         input_buffer: Messages buffered between ``receive`` and the reader.
         **options: Passed on to :class:`Peer` (``timeout``,
             ``max_inbound_calls``, ``max_buffered_items``, ``middleware``,
-            ``hide_internal_errors``,
-            ``json_default``).
+            ``hide_internal_errors``, ``json_default``, and ``features``:
+            the tokens the remote sent in its ``Astral-Features`` upgrade
+            header, if your server sent its own; without it the connection
+            uses the original protocol).
 
     Yields:
         The running peer.
