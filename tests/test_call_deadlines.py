@@ -186,10 +186,12 @@ async def test_a_call_made_after_the_inherited_deadline_fails_at_once() -> None:
                 outcome.append(exc)
             sent.set()
 
-    async with connected_pair({"late": late}, {}) as (_, b):
+    async with connected_pair({"late": late}, {}) as (a, b):
         with pytest.raises(astral.CallTimeout):
             await b.call("late", deadline=0.1)
         await sent.wait()
+        # Never sent: nothing registered, and b never saw a call.
+        assert a._state.outbound == {}
         assert b._state.inbound == {}
     assert [str(exc) for exc in outcome] == ["call anything missed its deadline"]
 
