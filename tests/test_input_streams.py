@@ -347,3 +347,33 @@ def test_the_state_routes_input_frames_by_direction() -> None:
     assert state.end(call_id) == f'{{"type":"end","id":"{call_id}"}}'
     assert state.item("gone", 1) is None
     assert state.end("gone") is None
+
+
+async def test_a_callee_stopped_by_its_deadline_ends_the_upload() -> None:
+    """Cancelled on the callee's side (its deadline): the caller's input stops too."""
+    closed = anyio.Event()
+    ended = anyio.Event()
+
+    async def endless() -> AsyncIterator[int]:
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+                await anyio.sleep(0.005)  # a steady producer
+        finally:
+            closed.set()
+
+    async def reads_forever(_: Any, items: AsyncIterator[int]) -> None:
+        try:
+            async for _item in items:
+                pass
+        finally:
+            ended.set()
+
+    async with connected_pair({"reads": reads_forever}, {}) as (_, b):
+        with pytest.raises(astral.CallTimeout):
+            await b.call("reads", None, deadline=0.2, input_stream=endless())
+        await ended.wait()
+        await closed.wait()
+        assert b._state.outbound == {}
