@@ -7,6 +7,7 @@ the caller within the callee's window, ``item`` and ``end`` carry the input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -377,3 +378,20 @@ async def test_a_callee_stopped_by_its_deadline_ends_the_upload() -> None:
         await ended.wait()
         await closed.wait()
         assert b._state.outbound == {}
+
+
+@dataclasses.dataclass
+class Options:
+    lang: str
+
+
+async def annotated(options: Options, items: AsyncIterator[int]) -> str:
+    return f"{options.lang}:{sum([item async for item in items])}"
+
+
+async def test_a_validated_input_beside_an_input_stream() -> None:
+    async with connected_pair({"annotated": annotated}, {}) as (_, b):
+        assert await b.call("annotated", {"lang": "en"}, input_stream=numbers(4)) == "en:6"
+        with pytest.raises(astral.RemoteError) as refused:
+            await b.call("annotated", {"lang": 1}, input_stream=numbers(4))
+        assert refused.value.code == "invalid_input"
