@@ -36,17 +36,22 @@ from ._exceptions import ValidationError as ValidationError
 from ._frames import Call as Call
 from ._frames import Cancel as Cancel
 from ._frames import Credit as Credit
+from ._frames import End as End
 from ._frames import Frame as Frame
+from ._frames import Item as Item
 from ._frames import Result as Result
+from ._frames import Want as Want
 from ._frames import Yield as Yield
 from ._frames import decode as decode
 from ._frames import encode as encode
 from ._middleware import CallInfo as CallInfo
 from ._middleware import Middleware as Middleware
 from ._peer import AcceptedPeer as AcceptedPeer
+from ._peer import CallContext as CallContext
 from ._peer import Peer as Peer
 from ._peer import Stream as Stream
 from ._peer import accept as accept
+from ._peer import current_call as current_call
 from ._peer import current_peer as current_peer
 from ._principal import PeerRegistry as PeerRegistry
 from ._principal import Registry as Registry
@@ -66,6 +71,7 @@ __all__ = [
     "AuthenticationError",
     "Backoff",
     "Call",
+    "CallContext",
     "CallError",
     "CallInfo",
     "CallTimeout",
@@ -77,9 +83,11 @@ __all__ = [
     "ConnectTimeout",
     "ConnectionClosed",
     "Credit",
+    "End",
     "Failure",
     "Frame",
     "HandshakeError",
+    "Item",
     "JWTVerifier",
     "Middleware",
     "Peer",
@@ -96,10 +104,12 @@ __all__ = [
     "Unauthorized",
     "ValidationError",
     "Verifier",
+    "Want",
     "Worker",
     "Yield",
     "accept",
     "connect",
+    "current_call",
     "current_peer",
     "decode",
     "encode",

@@ -207,9 +207,7 @@ async def _running(
         ) as websocket,
         Peer(
             websocket,
-            remote_max_message_size=RemoteLimits.from_headers(
-                websocket.response_headers
-            ).max_message_size,
+            **RemoteLimits.from_headers(websocket.response_headers).peer_options(),
             **peer_options,
         ) as peer,
     ):

@@ -9,15 +9,20 @@ timeout value keeps an insertion-ordered ``dict`` (oldest first): adding and
 removing a call are O(1), and the earliest deadline is the first entry of
 one of a handful of groups.
 
+Deadlines that reach the callee (the ``deadline`` feature) are absolute
+times, all different: :class:`Until` keeps them in a heap.
+
 This module does no I/O.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from typing import Generic, TypeVar
 
-__all__ = ["Deadlines"]
+__all__ = ["Deadlines", "Until"]
 
 K = TypeVar("K")
 
@@ -70,4 +75,51 @@ class Deadlines(Generic[K]):
                 del self._timeout_of[key]
             if not group:
                 del self._groups[timeout]
+        return out
+
+
+class Until(Generic[K]):
+    """Absolute deadlines, earliest first.
+
+    Removal is lazy: a discarded key's heap entry stays until it comes to
+    the top, or until discarded entries outnumber live ones and the heap is
+    rebuilt, so memory stays proportional to the keys that wait.
+    """
+
+    def __init__(self) -> None:
+        self._at: dict[K, float] = {}
+        self._heap: list[tuple[float, int, K]] = []
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def add(self, key: K, deadline: float) -> None:
+        """Fail ``key`` at ``deadline``."""
+        self._at[key] = deadline
+        heapq.heappush(self._heap, (deadline, next(self._order), key))
+        if len(self._heap) > 2 * len(self._at) + 64:
+            self._heap = [(at, order, k) for at, order, k in self._heap if self._at.get(k) == at]
+            heapq.heapify(self._heap)
+
+    def discard(self, key: K) -> None:
+        """Forget ``key``; no-op if not there."""
+        self._at.pop(key, None)
+
+    def earliest(self) -> float:
+        """The earliest deadline, or ``math.inf`` when nothing waits."""
+        heap, at = self._heap, self._at
+        while heap and at.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else math.inf
+
+    def expired(self, now: float) -> list[K]:
+        """Remove and return every key whose deadline is at or before ``now``."""
+        out: list[K] = []
+        heap, at = self._heap, self._at
+        while heap and heap[0][0] <= now:
+            deadline, _, key = heapq.heappop(heap)
+            if at.get(key) == deadline:
+                del at[key]
+                out.append(key)
         return out

@@ -8,7 +8,10 @@ A capability is one of:
 * an async generator function ``async def f(input): yield ...`` (streams).
 
 A ``call`` (or function) that *returns* an async iterable streams too, as in
-the original. A capability whose input is annotated with a msgspec
+the original. A capability with a second positional parameter takes an *input stream*:
+it is called as ``f(input, items)``, ``items`` an async iterator of what the
+caller streams to it (feature ``input-stream``; empty when the caller
+streams nothing). A capability whose input is annotated with a msgspec
 ``Struct``, a pydantic model, a ``TypedDict`` or a dataclass has its input
 validated on the way in (see :mod:`astral._validation`). Capabilities are
 resolved once, when registered; at dispatch
@@ -20,6 +23,8 @@ This module does no I/O.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Mapping
 from collections.abc import Callable as _Fn
@@ -43,7 +48,14 @@ __all__ = [
     "error_result",
     "handle",
     "resolve",
+    "takes_items",
 ]
+
+# The input stream of the call being served in this context, for
+# capabilities that take one (set by the driver just before it runs them).
+input_items: contextvars.ContextVar[AsyncIterator[Any]] = contextvars.ContextVar(
+    "astral.input_items"
+)
 
 #: The error string for a name that is not registered (as in the original).
 UNKNOWN_CAPABILITY = "unknown capability"
@@ -70,13 +82,17 @@ class _StreamingCallable(Protocol):
 
 #: What a ``capabilities`` mapping holds, for type checkers: an async
 #: function or async generator function of one argument (whatever its input
-#: type), or an object with an async ``call(input)``. A sync function, or a
+#: type) or of two (the input and an input stream), or an object with an
+#: async ``call(input)``. A sync function, or a
 #: lambda returning a plain value, is refused by mypy as it is at run time.
 Capability: TypeAlias = (
     Callable
     | _StreamingCallable
     | _Fn[[Never], Awaitable[object]]
     | _Fn[[Never], AsyncIterable[object]]
+    # (input, items): takes an input stream
+    | _Fn[[Never, Never], Awaitable[object]]
+    | _Fn[[Never, Never], AsyncIterable[object]]
 )
 Capabilities: TypeAlias = Mapping[str, Capability]
 #: A resolved capability: ``input -> awaitable output | async iterable``.
@@ -134,11 +150,52 @@ def _invoker(name: str, capability: Any) -> _Invoke:
     )
 
 
-def _adapt(name: str, invoke: _Invoke) -> _Invoke:
+def takes_items(invoke: _Invoke) -> bool:
+    """Whether a resolved capability takes an input stream (a second parameter)."""
+    return getattr(invoke, "_astral_takes_items", False) is True
+
+
+def _wants_items(function: Any) -> bool:
+    """Whether ``function`` has a second positional parameter without a default.
+
+    Such a function could not be called with the input alone, so no
+    capability that worked before input streams changes meaning.
+    """
     try:
-        return adapt(invoke)
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in signature.parameters.values() if p.kind in kinds]
+    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
+
+
+async def _no_items() -> AsyncIterator[Any]:
+    return
+    yield  # an async generator that yields nothing
+
+
+def _with_items(function: Any) -> _Invoke:
+    """``function(input, items)`` as an invoker of one argument."""
+
+    @functools.wraps(function)  # validation reads the annotations through __wrapped__
+    def invoke(input: Any) -> Any:
+        return function(input, input_items.get(None) or _no_items())
+
+    invoke._astral_takes_items = True  # type: ignore[attr-defined]
+    return invoke
+
+
+def _adapt(name: str, invoke: _Invoke) -> _Invoke:
+    if _wants_items(invoke):
+        invoke = _with_items(invoke)
+    try:
+        adapted = adapt(invoke)
     except TypeError as exc:
         raise TypeError(f"capability {name!r}: {exc}") from None
+    if adapted is not invoke and takes_items(invoke):
+        adapted._astral_takes_items = True  # type: ignore[attr-defined]
+    return adapted
 
 
 def error_message(exc: BaseException) -> str:

@@ -8,6 +8,11 @@ original protocol, plus two extensions::
     {"type":"result","id":"7","output":{"x":1}}      # or "error":"message"
     {"type":"cancel","id":"7"}                         # astral extension
     {"type":"credit","id":"7","n":512}                 # astral extension
+    {"type":"call",...,"deadline":2500}                # astral extension (negotiated)
+    {"type":"call",...,"input_stream":true}            # astral extension (negotiated)
+    {"type":"want","id":"7","n":64}                    # callee: send 64 more items
+    {"type":"item","id":"7","value":"chunk"}           # caller: one input item
+    {"type":"end","id":"7"}                            # caller: no more input items
 
 :func:`encode` writes exactly what the original TypeScript peer writes
 (compact JSON, these key names, optional keys omitted when ``None``).
@@ -39,7 +44,7 @@ library's ``json`` that either carries the frame faithfully or names exactly
 what is wrong, with the frame's id whenever it can be read.
 
 The optional extension fields (a result's ``code`` and ``data``, a call's
-``window`` and ``trace``) are validated on receipt too; a malformed ``code``,
+``window``, ``deadline`` and ``trace``) are validated on receipt too; a malformed ``code``,
 ``data`` or ``trace`` is dropped field by field, with a rate-limited warning
 on the ``astral.protocol`` logger, and the frame is still delivered.
 
@@ -72,8 +77,11 @@ __all__ = [
     "Call",
     "Cancel",
     "Credit",
+    "End",
     "Frame",
+    "Item",
     "Result",
+    "Want",
     "Yield",
     "decode",
     "encode",
@@ -108,6 +116,13 @@ class Call:
             ``tracestate``...) as string keys and values, so the callee's
             span can be a child of the caller's; ``None`` when absent.
             Received junk is dropped with a warning (see :data:`MAX_TRACE_FIELDS`).
+        deadline: astral extension (feature ``deadline``): the caller's
+            remaining budget in whole milliseconds when it sent the call
+            (0 or more); the callee stops the capability once that much time
+            has passed on its own clock. ``None`` (absent) means no deadline.
+        input_stream: astral extension (feature ``input-stream``): the caller
+            streams input items to the capability (:class:`Item`,
+            :class:`End`), as the callee asks for them (:class:`Want`).
     """
 
     id: str
@@ -115,6 +130,8 @@ class Call:
     input: Any = None
     window: int | None = None
     trace: Mapping[str, str] | None = None
+    deadline: int | None = None
+    input_stream: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +203,48 @@ class Credit:
     n: int
 
 
-Frame: TypeAlias = Call | Yield | Result | Cancel | Credit
+@dataclass(frozen=True, slots=True)
+class Want:
+    """astral extension (``input-stream``): the callee takes ``n`` more input items.
+
+    Sent by the callee of a call made with ``input_stream``, first when the
+    call starts (its window), then as the capability consumes items. The
+    caller never has more items in flight than it was granted.
+
+    Attributes:
+        id: The caller's call.
+        n: How many more items may be sent (at least 1).
+    """
+
+    id: str
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """astral extension (``input-stream``): one input item, caller to callee.
+
+    Attributes:
+        id: The call it belongs to.
+        value: The item, any JSON value.
+    """
+
+    id: str
+    value: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """astral extension (``input-stream``): the caller has no more input items.
+
+    Attributes:
+        id: The call whose input ends.
+    """
+
+    id: str
+
+
+Frame: TypeAlias = Call | Yield | Result | Cancel | Credit | Want | Item | End
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -268,12 +326,25 @@ def encode(frame: Frame, *, json_default: JsonDefault | None = None) -> str:
             obj["window"] = frame.window
         if frame.trace:
             obj["trace"] = dict(frame.trace)
+        if frame.deadline is not None:
+            obj["deadline"] = frame.deadline
+        if frame.input_stream:
+            obj["input_stream"] = True
     elif type(frame) is Cancel:
         value = None
         obj = {"type": "cancel", "id": frame.id}
     elif type(frame) is Credit:
         value = None
         obj = {"type": "credit", "id": frame.id, "n": frame.n}
+    elif type(frame) is Item:
+        value = frame.value
+        obj = {"type": "item", "id": frame.id, "value": value}
+    elif type(frame) is Want:
+        value = None
+        obj = {"type": "want", "id": frame.id, "n": frame.n}
+    elif type(frame) is End:
+        value = None
+        obj = {"type": "end", "id": frame.id}
     else:
         raise ProtocolError(f"not a frame: {type(frame).__name__}")
     try:
@@ -435,7 +506,8 @@ def decode(text: str | bytes) -> Frame:
 
     Returns:
         The frame: :class:`Call`, :class:`Yield`, :class:`Result`,
-        :class:`Cancel` or :class:`Credit`.
+        :class:`Cancel`, :class:`Credit`, :class:`Want`, :class:`Item` or
+        :class:`End`.
 
     Raises:
         ProtocolError: On anything malformed: not JSON, not an object,
@@ -500,7 +572,21 @@ def decode(text: str | bytes) -> Frame:
         trace = obj.get("trace")
         if trace is not None:
             trace = _trace_context(trace, frame_id)
-        return Call(frame_id, capability, obj.get("input"), window, trace)
+        deadline = obj.get("deadline")
+        if deadline is not None and not (
+            type(deadline) is int and 0 <= deadline <= MAX_SAFE_INTEGER
+        ):
+            raise ProtocolError(
+                "call 'deadline' must be a whole number of milliseconds, 0 or more",
+                frame_id=frame_id,
+                frame_type=kind,
+            )
+        input_stream = obj.get("input_stream", False)
+        if type(input_stream) is not bool:
+            raise ProtocolError(
+                "call 'input_stream' must be a boolean", frame_id=frame_id, frame_type=kind
+            )
+        return Call(frame_id, capability, obj.get("input"), window, trace, deadline, input_stream)
     if kind == "cancel":
         return Cancel(frame_id)
     if kind == "credit":
@@ -510,6 +596,17 @@ def decode(text: str | bytes) -> Frame:
                 "credit 'n' must be a positive integer", frame_id=frame_id, frame_type=kind
             )
         return Credit(frame_id, n)
+    if kind == "item":
+        return Item(frame_id, obj.get("value"))
+    if kind == "want":
+        n = obj.get("n")
+        if not _is_count(n):
+            raise ProtocolError(
+                "want 'n' must be a positive integer", frame_id=frame_id, frame_type=kind
+            )
+        return Want(frame_id, n)
+    if kind == "end":
+        return End(frame_id)
     if kind is None:
         raise ProtocolError("frame has no string 'type'", frame_id=frame_id)
     raise ProtocolError(f"unknown frame type {kind!r:.40}", frame_id=frame_id, frame_type=kind)

@@ -35,8 +35,8 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._deadlines import Deadlines
-from ._dispatch import INTERNAL, error_result, start, stream
+from ._deadlines import Deadlines, Until
+from ._dispatch import INTERNAL, error_result, input_items, start, stream
 from ._exceptions import (
     CallTimeout,
     ConnectionClosed,
@@ -45,26 +45,34 @@ from ._exceptions import (
     RemoteError,
     StreamOverrun,
 )
-from ._frames import Cancel, Result, Yield, encode
+from ._frames import MAX_SAFE_INTEGER, Cancel, Item, Result, Yield, encode
+from ._handshake import agreed
+from ._logs import protocol_warnings
 from ._middleware import CallInfo, Chain, log_refusal
 from ._protocol import (
     CANCELLED,
+    DEADLINE_EXCEEDED,
+    DEADLINE_EXCEEDED_CODE,
     CancelInbound,
     CreditInbound,
     Deliver,
     Fail,
+    InputInbound,
     PeerState,
     Reply,
     StartInbound,
+    WantOutbound,
 )
 from ._ref import unref
 from ._transport import CLOSED_ERRORS, AnyTransport, close_transport
 
 if TYPE_CHECKING:
     from collections.abc import (
+        AsyncIterable,
         AsyncIterator,
         Awaitable,
         Callable,
+        Iterable,
         Mapping,
         Sequence,
     )
@@ -73,16 +81,19 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from ._dispatch import Capabilities
-    from ._frames import Call, JsonDefault
+    from ._frames import Call, End, JsonDefault
     from ._middleware import Middleware
     from ._ref import Ref, Signed
 
-__all__ = ["Peer", "Stream", "accept", "current_peer"]
+__all__ = ["CallContext", "Peer", "Stream", "accept", "current_call", "current_peer"]
 
 logger = logging.getLogger("astral.peer")
 capability_logger = logging.getLogger("astral.capability")
 
 _current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("astral.current_peer")
+# The inbound call whose capability runs in this context (its deadline is
+# inherited by the calls it makes, on any peer).
+_current_call: contextvars.ContextVar[_Inbound] = contextvars.ContextVar("astral.current_call")
 
 T = TypeVar("T")
 OutputT = TypeVar("OutputT")
@@ -92,6 +103,10 @@ ArgsT = ParamSpec("ArgsT")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_INBOUND_CALLS = 1000
 DEFAULT_MAX_BUFFERED_ITEMS = 1024
+#: The error a callee sends when its caller streams more input items than it asked for.
+INPUT_OVERRUN = "input stream overrun"
+#: The feature a call with an input stream needs.
+INPUT_STREAM = "input-stream"
 #: Seconds the reader waits, with ``max_inbound_calls`` answers queued, for the
 #: remote to take any of them before it is cut off as a flooder (1008).
 FLOOD_GRACE = 5.0
@@ -142,13 +157,63 @@ def current_peer() -> Peer:
         raise RuntimeError("current_peer() called outside a capability run by a peer") from None
 
 
+class CallContext:
+    """The remote call a capability is serving: see :func:`current_call`.
+
+    Attributes:
+        id: The call's id, as the caller chose it.
+        capability: The name it was called by.
+        deadline: When the caller stops waiting, on :func:`anyio.current_time`'s
+            clock, or ``None`` if the call has no deadline. The capability is
+            cancelled then, and the calls it makes meanwhile inherit it.
+    """
+
+    __slots__ = ("capability", "deadline", "id")
+
+    def __init__(self, call_id: str, capability: str, deadline: float | None) -> None:
+        self.id = call_id
+        self.capability = capability
+        self.deadline = deadline
+
+    def time_remaining(self) -> float | None:
+        """Seconds left until :attr:`deadline` (0 once passed), or ``None`` if none."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - anyio.current_time())
+
+    def __repr__(self) -> str:
+        return f"CallContext(id={self.id!r:.60}, capability={self.capability!r:.60})"
+
+
+def current_call() -> CallContext:
+    """Return the remote call the running capability is serving.
+
+    ::
+
+        async def work(input):
+            left = astral.current_call().time_remaining()  # None: no deadline
+
+    Raises:
+        RuntimeError: If called outside a capability run by a peer.
+    """
+    try:
+        handle = _current_call.get()
+    except LookupError:
+        raise RuntimeError("current_call() called outside a capability run by a peer") from None
+    call = handle.call
+    assert call is not None
+    return CallContext(call.id, call.capability, handle.deadline)
+
+
 class _Channel:
     """The per-call memory object stream the reader feeds, and its fate."""
 
-    __slots__ = ("buffered", "call_id", "capability", "error", "receive", "send")
+    __slots__ = ("buffered", "call_id", "capability", "error", "pump", "receive", "send", "until")
 
     def __init__(self, capability: str, size: int) -> None:
         self.capability = capability
+        self.until: float | None = None  # the call's deadline, if any
+        self.pump: _Pump | None = None  # the call's input stream, if any
         self.call_id = ""
         self.error: BaseException | None = None
         self.buffered = 0  # frames delivered and not yet taken
@@ -186,14 +251,99 @@ class _Channel:
         raise error or ConnectionClosed("call abandoned")
 
 
+class _Pump:
+    """The input stream of one of our calls: what the callee wants, and its task's scope."""
+
+    __slots__ = ("credit", "more", "scope")
+
+    def __init__(self) -> None:
+        self.credit = 0  # items the callee has asked for and not yet received
+        self.more: anyio.Event | None = None
+        self.scope = anyio.CancelScope()
+
+    def grant(self, n: int) -> None:
+        self.credit += n
+        if self.more is not None:
+            self.more.set()
+
+    def stop(self) -> None:
+        """The call has ended: stop sending, at once."""
+        self.scope.cancel()
+
+    async def spend(self) -> None:
+        """Wait until the callee wants one more item, and take it."""
+        while self.credit <= 0:
+            self.more = anyio.Event()
+            await self.more.wait()
+        self.more = None
+        self.credit -= 1
+
+
+class _InputItems:
+    """What a capability iterates to read its caller's input stream.
+
+    The reader puts items in without waiting (at most the window it asked
+    for); each half window taken is asked for again with a ``want`` frame.
+    """
+
+    __slots__ = ("_batch", "_call_id", "_peer", "_receive", "_send", "_taken")
+
+    def __init__(self, peer: Peer, call_id: str, window: int) -> None:
+        self._peer = peer
+        self._call_id = call_id
+        self._batch = max(1, window // 2)
+        self._taken = 0
+        self._send, self._receive = anyio.create_memory_object_stream[Any](window)
+
+    def put(self, value: Any) -> bool:
+        """Hand over one item; False if the caller sent more than it was granted."""
+        try:
+            self._send.send_nowait(value)
+        except anyio.WouldBlock:
+            return False
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # ended, or the capability stopped reading: nothing to feed
+        return True
+
+    def end(self) -> None:
+        self._send.close()
+
+    def close(self) -> None:
+        self._send.close()
+        self._receive.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            try:
+                value = self._receive.receive_nowait()
+            except anyio.WouldBlock:
+                value = await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        self._taken += 1
+        if self._taken >= self._batch:
+            peer = self._peer
+            peer._send_control(peer._state.want(self._call_id, self._taken))
+            self._taken = 0
+        return value
+
+
 class _Inbound:
     """A remote call running here: its cancel scope, who cancelled it, its credit."""
 
-    __slots__ = ("by_remote", "credit", "more", "scope")
+    __slots__ = ("by_remote", "call", "credit", "deadline", "error", "items", "more", "scope")
 
     def __init__(self) -> None:
         self.scope = anyio.CancelScope()
         self.by_remote = False
+        self.call: Call | None = None
+        # When the caller's deadline passes, on this peer's clock.
+        self.deadline: float | None = None
+        self.items: _InputItems | None = None  # its input stream, if the capability takes one
+        self.error: str | None = None  # why this side stopped it (the caller broke a rule)
         # Items it may still stream; None when the caller asked for no flow
         # control (the original never does).
         self.credit: int | None = None
@@ -288,7 +438,7 @@ class Stream(Generic[T]):
             return self._item(frame.output)
         self._close()
         if frame.error is not None:
-            error = RemoteError(frame.error, code=frame.code, data=frame.data)
+            error = _remote_error(frame, self._channel.capability)
             if self._chain is not None:
                 await self._leave(error)
             raise error
@@ -398,6 +548,12 @@ class Peer:
             the outputs its capabilities return, like
             ``json.dumps(default=...)``; ``None`` refuses them (see
             :func:`astral.encode`).
+        features: The protocol extensions the remote named in its
+            ``Astral-Features`` upgrade header, or ``None`` if it sent none
+            (the original TypeScript peer). What both sides support is
+            :attr:`features`. :func:`astral.connect`, :func:`astral.serve`
+            and the ASGI app set it from the upgrade; over your own server
+            (:func:`astral.accept`) pass what you negotiated.
 
     Raises:
         TypeError: If a capability is not async.
@@ -417,6 +573,7 @@ class Peer:
         hide_internal_errors: bool = False,
         remote_max_message_size: int | None = None,
         json_default: JsonDefault | None = None,
+        features: Iterable[str] | None = None,
     ) -> None:
         check_limits(timeout, max_inbound_calls, max_buffered_items)
         if remote_max_message_size is not None and remote_max_message_size < 1:
@@ -430,6 +587,9 @@ class Peer:
             json_default=json_default,
         )
         self._claims: Mapping[str, Any] = MappingProxyType(dict(claims or {}))
+        self._features = agreed(features)
+        # Whether calls carry their deadline to the remote.
+        self._send_deadline = "deadline" in self._features
         self._middleware = tuple(middleware)
         self._json_default = json_default
         self._hide_internal_errors = hide_internal_errors
@@ -454,6 +614,7 @@ class Peer:
         self._idle_workers = 0
         self._unstarted = 0  # calls handed to a worker that has not taken them yet
         self._deadlines: Deadlines[_Channel] = Deadlines()
+        self._until: Until[_Channel] = Until()  # deadlines of whole calls
         self._timer_target = math.inf
         self._timer_wake = anyio.Event()
         self._timer_started = False
@@ -619,6 +780,18 @@ class Peer:
         return self._close_error is not None
 
     @property
+    def features(self) -> frozenset[str]:
+        """The protocol extensions this connection uses (see ``docs/protocol.md``).
+
+        What both sides named in their ``Astral-Features`` upgrade header,
+        such as ``frozenset({"cancel", "credit", "deadline"})``; empty when
+        the remote sent no header (the original TypeScript peer, or an
+        astral from before the header). ``cancel`` and ``credit`` frames are
+        sent either way: peers that do not know them ignore them.
+        """
+        return self._features
+
+    @property
     def claims(self) -> Mapping[str, Any]:
         """The remote's verified token claims (read-only; empty if none)."""
         return self._claims
@@ -636,6 +809,8 @@ class Peer:
         outbound, inbound = self._state.close()
         for channel in outbound:
             channel.fail(error)
+            if channel.pump is not None:
+                channel.pump.stop()
         for handle in inbound:
             handle.scope.cancel()
         # Both ends: queued replies and cancels have no one to go to any more.
@@ -678,12 +853,17 @@ class Peer:
                     elif self._idle is not None:
                         self._check_idle()  # draining: that may have been the last call
                 elif isinstance(event, StartInbound):
-                    self._start_inbound(event.call, event.invoke, event.handle)
+                    self._start_inbound(event.call, event.invoke, event.handle, event.items)
                 elif isinstance(event, CreditInbound):
                     event.handle.grant(event.n)
                 elif isinstance(event, CancelInbound):
                     event.handle.by_remote = True
                     event.handle.scope.cancel()
+                elif isinstance(event, InputInbound):
+                    self._input(event.handle, event.frame)
+                elif isinstance(event, WantOutbound):
+                    if event.handle.pump is not None:
+                        event.handle.pump.grant(event.n)
                 elif isinstance(event, Reply):
                     self._send_control(event.text)
                     if self._control_send.statistics().current_buffer_used >= limit:
@@ -704,6 +884,22 @@ class Peer:
             error.__cause__ = exc
         finally:
             self._shutdown(error)
+
+    def _input(self, handle: _Inbound, frame: Item | End) -> None:
+        """Feed an input item, or its end, to the inbound call under ``handle``."""
+        items = handle.items
+        if items is None:
+            return  # not a call with an input stream: ignored, like any stray frame
+        if type(frame) is not Item:
+            items.end()
+        elif not items.put(frame.value):
+            protocol_warnings.warning(
+                "call %.60r from %s: more input items than asked for; stopped",
+                frame.id,
+                self._state.remote,
+            )
+            handle.error = INPUT_OVERRUN
+            handle.scope.cancel()
 
     def _deliver(self, event: Deliver[_Channel]) -> bool:
         """Hand a frame to its call without waiting; True if the consumer lags."""
@@ -727,6 +923,10 @@ class Peer:
         channel.buffered += 1
         if type(frame) is Result:
             channel.send.close()
+            if channel.until is not None:
+                self._until.discard(channel)
+            if channel.pump is not None:
+                channel.pump.stop()  # the callee has ended: send no more input
             return False
         return channel.buffered > self._credit_batch
 
@@ -794,8 +994,21 @@ class Peer:
             await self._serve(call, invoke, handle)
             self._idle_workers += 1
 
-    def _start_inbound(self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound) -> None:
+    def _start_inbound(
+        self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound, items: bool
+    ) -> None:
         handle.credit = call.window
+        handle.call = call
+        if items:
+            handle.items = _InputItems(self, call.id, self._max_buffered)
+            if call.input_stream:
+                self._send_control(self._state.want(call.id, self._max_buffered))
+            else:
+                handle.items.end()  # the caller streams nothing: an empty stream
+        if call.deadline is not None:
+            # The budget runs from now, on our clock: the time the call took
+            # to get here is the caller's to spend (it is on its own clock).
+            handle.deadline = handle.scope.deadline = anyio.current_time() + call.deadline / 1000
         self._work_send.send_nowait((call, invoke, handle))
         self._unstarted += 1
         if self._idle_workers:
@@ -806,6 +1019,16 @@ class Peer:
 
     def _on_error(self, call: Call, exc: Exception) -> Result:
         """Log a capability's failure here, and make its error result."""
+        if isinstance(exc, CallTimeout):
+            handle = _current_call.get(None)
+            if (
+                handle is not None
+                and handle.deadline is not None
+                and anyio.current_time() >= handle.deadline
+            ):
+                # A call it made ran out of the budget it inherited: this call
+                # missed its deadline too, which is no failure of the capability.
+                return _deadline_exceeded(call)
         extra = {
             "astral_capability": call.capability,
             "astral_call_id": call.id,
@@ -838,6 +1061,9 @@ class Peer:
             return
         state, send = self._state, self._transport.send
         final: str | None = None
+        _current_call.set(handle)
+        if handle.items is not None:
+            input_items.set(handle.items)
         try:
             with handle.scope:
                 first = await start(invoke, call, self._on_error)
@@ -852,8 +1078,13 @@ class Peer:
                                 break
                             await handle.spend()
                             await send(text)
-            if final is None and handle.by_remote:
-                final = encode(Result(call.id, error=CANCELLED))
+            if final is None:
+                if handle.by_remote:
+                    final = encode(Result(call.id, error=CANCELLED))
+                elif handle.error is not None:
+                    final = encode(Result(call.id, error=handle.error))
+                elif self._past_deadline(handle):
+                    final = encode(_deadline_exceeded(call))
             if final is not None:
                 # Outside the call's scope: once the capability has finished,
                 # a late cancel cannot interrupt its one terminal result.
@@ -862,6 +1093,8 @@ class Peer:
             pass  # the connection ended; the reader shuts the peer down
         finally:
             state.finished(call.id, handle)
+            if handle.items is not None:
+                handle.items.close()
             if self._idle is not None:
                 self._check_idle()
 
@@ -875,6 +1108,9 @@ class Peer:
         )
         chain = Chain(self._middleware, info)
         final: Result | None = None
+        _current_call.set(handle)
+        if handle.items is not None:
+            input_items.set(handle.items)
 
         def on_error(call: Call, exc: Exception) -> Result:
             info.end("error", error=exc)
@@ -914,6 +1150,10 @@ class Peer:
                 if final is None and handle.by_remote:
                     final = Result(call.id, error=CANCELLED)
                     info.end("cancelled")
+                elif final is None and handle.error is not None:
+                    final = Result(call.id, error=handle.error)
+                elif final is None and self._past_deadline(handle):
+                    final = _deadline_exceeded(call)
                 if final is not None:
                     final, text = _encoded(final, self._json_default)
                     if not self._state.fits(text):
@@ -940,8 +1180,19 @@ class Peer:
             pass  # the connection ended; the reader shuts the peer down
         finally:
             self._state.finished(call.id, handle)
+            if handle.items is not None:
+                handle.items.close()
             if self._idle is not None:
                 self._check_idle()
+
+    def _past_deadline(self, handle: _Inbound) -> bool:
+        """Whether an inbound call ended because its deadline passed (not the connection)."""
+        return (
+            handle.deadline is not None
+            and handle.scope.cancelled_caught
+            and self._close_error is None
+            and anyio.current_time() >= handle.deadline
+        )
 
     def _refused(
         self, info: CallInfo, call: Call, exc: Exception, *, logged: bool = False
@@ -953,17 +1204,30 @@ class Peer:
 
     # -- calls we make -------------------------------------------------------
 
-    async def _open(
+    async def _open(  # noqa: PLR0917 - private, on the hot path
         self,
         capability: str,
         input: Any,
         timeout: float | EllipsisType | None,
         info: CallInfo | None = None,
+        deadline: float | None = None,
+        input_stream: AsyncIterable[Any] | None = None,
     ) -> _Channel:
         self._check_open()
+        if input_stream is not None and INPUT_STREAM not in self._features:
+            raise ProtocolError(
+                f"call {capability}: the remote does not take input streams (it did not"
+                f" agree to the {INPUT_STREAM!r} feature)"
+            )
         channel = _Channel(capability, self._max_buffered)
+        budget = None
+        if input_stream is not None:
+            channel.pump = _Pump()
         try:
-            if info is None:
+            inherited = _current_call.get(None)
+            if deadline is not None or (inherited is not None and inherited.deadline is not None):
+                budget, timeout = self._budget(channel, timeout, deadline, inherited)
+            if info is None and budget is None and input_stream is None:
                 channel.call_id, text = self._state.start_call(
                     capability, input, channel, self._max_buffered
                 )
@@ -973,11 +1237,15 @@ class Peer:
                     input,
                     channel,
                     self._max_buffered,
-                    trace=info.trace,
-                    call_id=info.call_id,
+                    trace=None if info is None else info.trace,
+                    call_id=None if info is None else info.call_id,
+                    deadline=budget if self._send_deadline else None,
+                    input_stream=input_stream is not None,
                 )
             self._arm(channel, timeout)
-        except ProtocolError:
+            if channel.until is not None:
+                self._arm_until(channel, channel.until)
+        except (ValueError, CallTimeout):  # ProtocolError included
             channel.send.close()  # nothing was registered or sent
             channel.receive.close()
             raise
@@ -994,7 +1262,82 @@ class Peer:
         except BaseException:
             self._abandon(channel)
             raise
+        if input_stream is not None:
+            assert self._tasks is not None
+            self._tasks.start_soon(self._pump_input, channel, input_stream)
         return channel
+
+    async def _pump_input(self, channel: _Channel, items: AsyncIterable[Any]) -> None:
+        """Send a call's input items as the callee asks for them, then ``end``.
+
+        Runs in the peer's task group, as long as the call does: when the
+        call ends (result, cancellation, timeout, the connection), the pump
+        stops at once and closes ``items``.
+        """
+        pump = channel.pump
+        assert pump is not None
+        send, state = self._transport.send, self._state
+        iterator = aiter(items)
+        try:
+            with pump.scope:
+                while True:
+                    await pump.spend()
+                    try:
+                        value = await anext(iterator)
+                    except StopAsyncIteration:
+                        text = state.end(channel.call_id)
+                        if text is not None:
+                            await send(text)
+                        return
+                    text = state.item(channel.call_id, value)
+                    if text is None:
+                        return
+                    await send(text)
+        except CLOSED_ERRORS:
+            pass  # the connection ended: the reader fails the call
+        except Exception as exc:  # noqa: BLE001 - the caller's items failed, or cannot be sent
+            # The call fails with it, and the remote is told to stop.
+            channel.fail(exc)
+            self._forget(channel)
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.move_on_after(1, shield=True):
+                    await aclose()
+
+    def _budget(
+        self,
+        channel: _Channel,
+        timeout: float | EllipsisType | None,
+        deadline: float | None,
+        inherited: _Inbound | None,
+    ) -> tuple[int, float | EllipsisType | None]:
+        """The call's deadline: the remaining budget in ms, and the first-frame timeout.
+
+        An explicit ``deadline`` is the caller's to enforce (a timer, as for
+        timeouts) and replaces the default first-frame timeout. A deadline
+        inherited from the capability we run in is enforced by that
+        capability's own cancel scope, which ends at the same moment.
+
+        Raises:
+            ValueError: ``deadline`` is not a positive number.
+            CallTimeout: The inherited deadline has already passed.
+        """
+        now = anyio.current_time()
+        until = math.inf
+        if deadline is not None:
+            if not deadline > 0:
+                raise ValueError("deadline must be a positive number of seconds, or None")
+            until = now + deadline
+            channel.until = until
+            if timeout is ...:
+                timeout = None
+        if inherited is not None and inherited.deadline is not None and inherited.deadline < until:
+            until = inherited.deadline
+            channel.until = None
+            if until <= now:
+                raise CallTimeout(f"call {channel.capability} missed its deadline")
+        return min(MAX_SAFE_INTEGER, int((until - now) * 1000)), timeout
 
     def _grant(self, channel: _Channel, n: int) -> None:
         text = self._state.credit(channel.call_id, n)
@@ -1003,6 +1346,10 @@ class Peer:
 
     def _forget(self, channel: _Channel) -> None:
         self._deadlines.discard(channel)
+        if channel.until is not None:
+            self._until.discard(channel)
+        if channel.pump is not None:
+            channel.pump.stop()
         # Route nothing more to this call; if it is still running, tell the remote.
         text = self._state.abandon(channel.call_id)
         if text is not None:
@@ -1023,7 +1370,13 @@ class Peer:
             timeout = self._timeout
         if timeout is None:
             return
-        deadline = self._deadlines.add(channel, timeout, anyio.current_time())
+        self._wake_timer(self._deadlines.add(channel, timeout, anyio.current_time()))
+
+    def _arm_until(self, channel: _Channel, until: float) -> None:
+        self._until.add(channel, until)
+        self._wake_timer(until)
+
+    def _wake_timer(self, deadline: float) -> None:
         if not self._timer_started:
             self._timer_started = True
             assert self._tasks is not None
@@ -1032,15 +1385,19 @@ class Peer:
             self._timer_wake.set()
 
     async def _timer_loop(self) -> None:
-        deadlines = self._deadlines
+        deadlines, until = self._deadlines, self._until
         while self._close_error is None:
             self._timer_wake = anyio.Event()
-            self._timer_target = deadlines.earliest()
+            self._timer_target = min(deadlines.earliest(), until.earliest())
             with anyio.CancelScope(deadline=self._timer_target):
                 await self._timer_wake.wait()
-            for channel in deadlines.expired(anyio.current_time()):
+            now = anyio.current_time()
+            for channel in deadlines.expired(now):
                 channel.fail(CallTimeout(f"call {channel.capability} timed out"))
                 self._forget(channel)  # and tell the remote to stop
+            for channel in until.expired(now):
+                channel.fail(CallTimeout(f"call {channel.capability} missed its deadline"))
+                self._forget(channel)
 
     # A typed reference brings its own signature (input, then timeout): see
     # astral._ref.Signed for why it is a ParamSpec and not a TypeVar.
@@ -1056,6 +1413,8 @@ class Peer:
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
+        input_stream: AsyncIterable[Any] | None = None,
     ) -> Any: ...
 
     async def call(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
@@ -1064,6 +1423,8 @@ class Peer:
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
+        input_stream: AsyncIterable[Any] | None = None,
     ) -> Any:
         """Call a capability of the remote peer.
 
@@ -1075,7 +1436,22 @@ class Peer:
             timeout: Seconds to wait for the first frame (the result, or the
                 first item of a stream); ``None`` waits forever; by default
                 the peer's ``timeout``. Once a stream has started it has no
-                timeout.
+                timeout. With a ``deadline`` and no ``timeout``, there is no
+                first-frame timeout.
+            deadline: Seconds the whole call may take, stream included. When
+                the remote agreed to the ``deadline`` feature it learns the
+                budget and stops the capability at that time (see
+                :func:`current_call`); either way this peer stops waiting then.
+                Inside a capability, calls inherit what is left of its own
+                deadline (the earlier of the two counts).
+            input_stream: Items to stream to the capability, which takes them
+                as its second parameter (feature ``input-stream``). Each is
+                sent when the callee asks for more (flow control), in order,
+                then the end of the input. When the call ends, sending stops
+                at once and ``input_stream`` is closed (``aclose``), so a
+                producer writing into it fails at once. If iterating it
+                raises, the call fails with that error and the remote is
+                told to stop.
 
         Returns:
             The remote's output, or a :class:`Stream` if the remote streams.
@@ -1083,19 +1459,24 @@ class Peer:
 
         Raises:
             RemoteError: The remote capability failed or is unknown.
-            CallTimeout: Nothing arrived within ``timeout``; the remote was
-                told to stop.
+            CallTimeout: Nothing arrived within ``timeout``, or the call
+                missed its deadline; the remote was told to stop.
             ConnectionClosed: The connection ended before the answer.
             ProtocolError: ``input`` cannot be sent (a type outside the value
                 rule, an integer JavaScript would change, nesting too deep),
-                or the call is larger than the remote accepts in one message.
+                or the call is larger than the remote accepts in one message,
+                or ``input_stream`` is given and the remote did not agree to
+                ``input-stream`` (the original, for one).
+            ValueError: ``deadline`` is not a positive number.
             ValidationError: The output does not fit the reference's model
                 output type.
         """
         capability, input, convert = unref(capability, input)
         if self._middleware:
-            return await self._call_observed(capability, input, timeout, convert)
-        channel = await self._open(capability, input, timeout)
+            return await self._call_observed(
+                capability, input, timeout, convert, deadline, input_stream
+            )
+        channel = await self._open(capability, input, timeout, None, deadline, input_stream)
         try:
             frame = await channel.next()
         except BaseException:
@@ -1105,7 +1486,7 @@ class Peer:
             return Stream(self, channel, frame, convert=convert)
         channel.receive.close()
         if frame.error is not None:
-            raise RemoteError(frame.error, code=frame.code, data=frame.data)
+            raise _remote_error(frame, capability)
         if convert is not None:  # None too: no output does not fit a model type
             return convert(frame.output)
         return frame.output
@@ -1139,17 +1520,19 @@ class Peer:
             info.end("result", output=info.output)
         return await chain.leave()
 
-    async def _call_observed(
+    async def _call_observed(  # noqa: PLR0917 - private
         self,
         capability: str,
         input: Any,
         timeout: float | EllipsisType | None,
         convert: Callable[[Any], Any] | None,
+        deadline: float | None,
+        input_stream: AsyncIterable[Any] | None,
     ) -> Any:
         chain = await self._enter_outbound(capability, input)
         info = chain.info
         try:
-            channel = await self._open(capability, input, timeout, info)
+            channel = await self._open(capability, input, timeout, info, deadline, input_stream)
             try:
                 frame = await channel.next()
             except BaseException:
@@ -1162,9 +1545,9 @@ class Peer:
             info.streaming = True
             return Stream(self, channel, frame, chain=chain, convert=convert)
         channel.receive.close()
-        error = None
+        error: Exception | None = None
         if frame.error is not None:
-            error = RemoteError(frame.error, code=frame.code, data=frame.data)
+            error = _remote_error(frame, capability)
         else:
             info.output = frame.output
         failure = await self._leave_outbound(chain, error)
@@ -1188,6 +1571,8 @@ class Peer:
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
+        input_stream: AsyncIterable[Any] | None = None,
     ) -> AbstractAsyncContextManager[Stream[Any]]: ...
 
     def stream(  # type: ignore[misc]  # the ParamSpec overload stands for (input, timeout)
@@ -1196,6 +1581,8 @@ class Peer:
         input: Any = None,
         *,
         timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
+        input_stream: AsyncIterable[Any] | None = None,
     ) -> AbstractAsyncContextManager[Stream[Any]]:
         """Call a capability and iterate over what it streams.
 
@@ -1216,6 +1603,9 @@ class Peer:
             input: Any JSON value (of the reference's input type).
             timeout: Seconds to wait for the first item or the result; see
                 :meth:`call`.
+            deadline: Seconds the whole stream may take; see :meth:`call`.
+            input_stream: Items to stream to the capability while it streams
+                back (a two-way stream); see :meth:`call`.
 
         Returns:
             An async context manager yielding the :class:`Stream`.
@@ -1223,8 +1613,11 @@ class Peer:
         Raises:
             ConnectionClosed: The connection is closed.
             ProtocolError: ``input`` cannot be sent (see :meth:`call`).
+            ProtocolError: ``input_stream`` is given and the remote did not
+                agree to ``input-stream``.
+            ValueError: ``deadline`` is not a positive number.
         """
-        return self._stream(capability, input, timeout)
+        return self._stream(capability, input, timeout, deadline, input_stream)
 
     @asynccontextmanager
     async def _stream(
@@ -1232,10 +1625,12 @@ class Peer:
         capability: str | Ref[Any, Any],
         input: Any,
         timeout: float | EllipsisType | None,
+        deadline: float | None,
+        input_stream: AsyncIterable[Any] | None,
     ) -> AsyncIterator[Stream[Any]]:
         capability, input, convert = unref(capability, input)
         if not self._middleware:
-            channel = await self._open(capability, input, timeout)
+            channel = await self._open(capability, input, timeout, None, deadline, input_stream)
             stream: Stream[Any] = Stream(self, channel, None, convert=convert)
             try:
                 yield stream
@@ -1245,7 +1640,9 @@ class Peer:
         chain = await self._enter_outbound(capability, input)
         chain.info.streaming = True
         try:
-            channel = await self._open(capability, input, timeout, chain.info)
+            channel = await self._open(
+                capability, input, timeout, chain.info, deadline, input_stream
+            )
         except BaseException as exc:
             await self._leave_outbound(chain, exc)
             raise
@@ -1254,6 +1651,18 @@ class Peer:
             yield stream
         finally:
             await stream.aclose()
+
+
+def _deadline_exceeded(call: Call) -> Result:
+    return Result(call.id, error=DEADLINE_EXCEEDED, code=DEADLINE_EXCEEDED_CODE)
+
+
+def _remote_error(frame: Result, capability: str) -> Exception:
+    """The exception a caller gets for an error result."""
+    if frame.code == DEADLINE_EXCEEDED_CODE:
+        # The callee stopped at our deadline before our own timer fired.
+        return CallTimeout(f"call {capability} missed its deadline")
+    return RemoteError(frame.error or "", code=frame.code, data=frame.data)
 
 
 def _encoded(result: Result, json_default: JsonDefault | None) -> tuple[Result, str]:
@@ -1338,8 +1747,10 @@ async def accept(
         input_buffer: Messages buffered between ``receive`` and the reader.
         **options: Passed on to :class:`Peer` (``timeout``,
             ``max_inbound_calls``, ``max_buffered_items``, ``middleware``,
-            ``hide_internal_errors``,
-            ``json_default``).
+            ``hide_internal_errors``, ``json_default``, and ``features``:
+            the tokens the remote sent in its ``Astral-Features`` upgrade
+            header, if your server sent its own; without it the connection
+            uses the original protocol).
 
     Yields:
         The running peer.

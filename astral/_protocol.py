@@ -14,6 +14,10 @@ the calls it makes, so the two directions never share an id space:
 * ``inbound`` maps the id of every call the *remote* made that is running
   here to a handle the driver chose (a cancel scope). A ``cancel`` for it is
   handed to the driver; the driver reports the end with :meth:`finished`.
+* Input streams (feature ``input-stream``) reuse both maps: the ``item``
+  and ``end`` frames a caller sends name one of its calls, so they are
+  routed through ``inbound``; the ``want`` frames a callee sends name one
+  of ours, so they are routed through ``outbound``.
 
 :meth:`PeerState.receive` turns one text message into at most one event for
 the driver, and never raises: bad input is dropped, or answered, as the
@@ -31,9 +35,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._dispatch import INTERNAL, UNKNOWN_CAPABILITY, resolve
+from ._dispatch import INTERNAL, UNKNOWN_CAPABILITY, resolve, takes_items
 from ._exceptions import ProtocolError
-from ._frames import Call, Cancel, Credit, Result, Yield, decode, encode
+from ._frames import Call, Cancel, Credit, End, Item, Result, Want, Yield, decode, encode
 from ._logs import protocol_warnings
 
 if TYPE_CHECKING:
@@ -46,9 +50,11 @@ __all__ = [
     "CreditInbound",
     "Deliver",
     "Fail",
+    "InputInbound",
     "PeerState",
     "Reply",
     "StartInbound",
+    "WantOutbound",
 ]
 
 logger = logging.getLogger("astral.peer")
@@ -61,6 +67,12 @@ CANCELLED = "cancelled"
 DUPLICATE_ID = "duplicate call id"
 TOO_MANY_CALLS = "too many concurrent calls"
 SHUTTING_DOWN = "shutting down"
+#: The error string and code of a call stopped by its deadline (``deadline`` feature).
+DEADLINE_EXCEEDED = "deadline exceeded"
+DEADLINE_EXCEEDED_CODE = "deadline_exceeded"
+#: Sent for a call with an input stream to a capability that takes none.
+NO_INPUT_STREAM = "capability takes no input stream"
+INVALID_INPUT = "invalid_input"
 
 
 @dataclass(slots=True)
@@ -86,6 +98,8 @@ class StartInbound(Generic[In]):
     call: Call
     invoke: Callable[[Any], Any]
     handle: In
+    #: The capability takes an input stream (fed when ``call.input_stream``).
+    items: bool = False
 
 
 @dataclass(slots=True)
@@ -100,6 +114,22 @@ class CreditInbound(Generic[In]):
     """The remote took ``n`` more items of the inbound stream under ``handle``."""
 
     handle: In
+    n: int
+
+
+@dataclass(slots=True)
+class InputInbound(Generic[In]):
+    """An input item, or the end of the input, for the inbound call under ``handle``."""
+
+    handle: In
+    frame: Item | End
+
+
+@dataclass(slots=True)
+class WantOutbound(Generic[Out]):
+    """The callee of our call under ``handle`` takes ``n`` more input items."""
+
+    handle: Out
     n: int
 
 
@@ -162,6 +192,8 @@ class PeerState(Generic[Out, In]):
         *,
         trace: Mapping[str, str] | None = None,
         call_id: str | None = None,
+        deadline: int | None = None,
+        input_stream: bool = False,
     ) -> tuple[str, str]:
         """Register an outbound call; return its id and its ``call`` frame.
 
@@ -172,6 +204,9 @@ class PeerState(Generic[Out, In]):
             window: Items the callee may stream before it needs credit.
             trace: Trace context to carry in the frame.
             call_id: An id taken earlier from :meth:`next_id`, else a new one.
+            deadline: The caller's remaining budget in milliseconds, for
+                the callee (only when the remote agreed to ``deadline``).
+            input_stream: The caller will stream input items.
 
         Raises:
             ProtocolError: If ``input`` cannot be encoded, or the frame is
@@ -180,7 +215,8 @@ class PeerState(Generic[Out, In]):
         if call_id is None:
             call_id = str(next(self._ids))
         text = encode(
-            Call(call_id, capability, input, window, trace), json_default=self._json_default
+            Call(call_id, capability, input, window, trace, deadline, input_stream),
+            json_default=self._json_default,
         )
         if not self.fits(text):
             raise ProtocolError(
@@ -249,6 +285,37 @@ class PeerState(Generic[Out, In]):
             return None
         return encode(Credit(call_id, n))
 
+    def item(self, call_id: str, value: Any) -> str | None:
+        """Encode one input item of an outbound call.
+
+        Returns:
+            The ``item`` frame, or ``None`` if the call has ended.
+
+        Raises:
+            ProtocolError: ``value`` cannot be sent, or is larger than the
+                remote accepts in one message.
+        """
+        if call_id not in self.outbound:
+            return None
+        text = encode(Item(call_id, value), json_default=self._json_default)
+        if not self.fits(text):
+            raise ProtocolError(
+                f"input item larger than the {self._max_send} bytes the remote accepts",
+                frame_id=call_id,
+                frame_type="item",
+            )
+        return text
+
+    def end(self, call_id: str) -> str | None:
+        """The ``end`` frame of an outbound call's input, or ``None`` if it has ended."""
+        if call_id not in self.outbound:
+            return None
+        return encode(End(call_id))
+
+    def want(self, call_id: str, n: int) -> str:
+        """The ``want`` frame granting the caller of an inbound call ``n`` more items."""
+        return encode(Want(call_id, n))
+
     def finished(self, call_id: str, handle: In) -> None:
         """Forget an inbound call that has ended (its result is sent or moot)."""
         if self.inbound.get(call_id) is handle:
@@ -271,6 +338,8 @@ class PeerState(Generic[Out, In]):
         | StartInbound[In]
         | CancelInbound[In]
         | CreditInbound[In]
+        | InputInbound[In]
+        | WantOutbound[Out]
         | Reply
         | None
     ):
@@ -290,6 +359,12 @@ class PeerState(Generic[Out, In]):
             handle = self.outbound.get(frame.id)
         elif kind is Call:
             return self._receive_call(frame)  # type: ignore[arg-type]
+        elif kind is Want:
+            handle = self.outbound.get(frame.id)
+            if handle is None:
+                logger.debug("ignored want for unknown call id %r", frame.id)
+                return None
+            return WantOutbound(handle, frame.n)  # type: ignore[union-attr]
         else:
             inbound = self.inbound.get(frame.id)
             if inbound is None:
@@ -297,6 +372,8 @@ class PeerState(Generic[Out, In]):
                 return None
             if kind is Credit:
                 return CreditInbound(inbound, frame.n)  # type: ignore[union-attr]
+            if kind is Item or kind is End:
+                return InputInbound(inbound, frame)  # type: ignore[arg-type]
             return CancelInbound(inbound)
         if handle is None:
             logger.debug("ignored %s for unknown call id %r", kind.__name__.lower(), frame.id)
@@ -338,9 +415,13 @@ class PeerState(Generic[Out, In]):
         if invoke is None:
             logger.debug("refused call %r: unknown capability %.60r", call.id, call.capability)
             return Reply(encode(Result(call.id, error=UNKNOWN_CAPABILITY)))
+        items = takes_items(invoke)
+        if call.input_stream and not items:
+            logger.debug("refused call %r: %.60r takes no input stream", call.id, call.capability)
+            return Reply(encode(Result(call.id, error=NO_INPUT_STREAM, code=INVALID_INPUT)))
         if len(self.inbound) >= self._max_inbound:
             logger.debug("refused call %r: %d calls running", call.id, len(self.inbound))
             return Reply(encode(Result(call.id, error=TOO_MANY_CALLS)))
         handle = self._new_inbound()
         self.inbound[call.id] = handle
-        return StartInbound(call, invoke, handle)
+        return StartInbound(call, invoke, handle, items)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, fi
 from ._validation import adapter, invalid_output
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterable, Callable
     from types import EllipsisType
 
 __all__ = ["Ref", "Signed", "ref", "unref"]
@@ -77,7 +77,13 @@ class Ref(Generic[InputT, OutputT]):
     if TYPE_CHECKING:
 
         def _signature(
-            self, input: InputT, /, *, timeout: float | EllipsisType | None = ...
+            self,
+            input: InputT,
+            /,
+            *,
+            timeout: float | EllipsisType | None = ...,
+            deadline: float | None = None,
+            input_stream: AsyncIterable[Any] | None = None,
         ) -> OutputT: ...
 
     def __setattr__(self, name: str, value: Any) -> None:

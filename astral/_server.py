@@ -179,9 +179,7 @@ async def serve(
             registry=registry,
             on_connect=on_connect,
             where=_address(websocket.request),
-            remote_max_message_size=RemoteLimits.from_headers(
-                websocket.request.headers
-            ).max_message_size,
+            **RemoteLimits.from_headers(websocket.request.headers).peer_options(),
             grace=grace,
             expiry_leeway=leeway,
             timeout=timeout,

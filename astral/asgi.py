@@ -248,7 +248,7 @@ class App:
             grace=self._grace,
             expiry_leeway=self._expiry_leeway,
             hosted=self._hosted,
-            remote_max_message_size=RemoteLimits.from_headers(_headers_of(scope)).max_message_size,
+            **RemoteLimits.from_headers(_headers_of(scope)).peer_options(),
             timeout=self._timeout,
             max_inbound_calls=self._max_inbound_calls,
             max_buffered_items=self._max_buffered_items,

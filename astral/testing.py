@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.stapled import StapledObjectStream
 
+from ._handshake import FEATURES
 from ._peer import Peer
 
 if TYPE_CHECKING:
@@ -58,11 +59,14 @@ async def connected_pair(
         b_capabilities: What peer ``b`` serves.
         **options: Passed to both :class:`astral.Peer` constructors
             (``timeout``, ``max_inbound_calls``, ``max_buffered_items``, ``json_default``,
-            ``claims``).
+            ``claims``). ``features`` defaults to every extension astral
+            implements, as two astral peers would agree over a WebSocket;
+            pass ``features=None`` for the original protocol.
 
     Yields:
         The peers ``(a, b)``.
     """
+    options.setdefault("features", FEATURES)
     a_transport, b_transport = memory_transport_pair()
     async with (
         a_transport,  # closed even if a Peer refuses its capabilities

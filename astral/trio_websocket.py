@@ -159,7 +159,10 @@ async def open_peer(
         **peer_options: Passed on to :class:`astral.Peer` (``capabilities``,
             ``claims``, ``timeout``, ``max_inbound_calls``,
             ``max_buffered_items``, ``middleware``, ``hide_internal_errors``,
-            ``json_default``).
+            ``json_default``, ``features``). The upgrade is yours here, so
+            no features are negotiated unless you pass ``features``: the
+            tokens the other side sent in its ``Astral-Features`` header,
+            when your side sent its own (see ``docs/protocol.md``).
 
     Yields:
         The running :class:`astral.Peer`.

@@ -34,7 +34,7 @@ SECRET = "astral-benchmark-secret-not-for-production"
 SLEEPY_SECONDS = 5.0
 
 #: Workloads, in the order the table shows them.
-WORKLOADS = "ABCDEF"
+WORKLOADS = "ABCUDEF"
 
 
 def rss_bytes() -> int:
@@ -61,6 +61,13 @@ class Conn(Protocol):
 
     async def sleepy(self, i: int) -> None:
         """Call ``sleepy`` with ``{"i": i}``; it only returns if not cancelled."""
+
+    async def upload(self, items: AsyncIterator[int]) -> int:
+        """One call streaming ``items`` to the server; returns how many it took.
+
+        Only systems whose ``workloads`` include ``U`` implement it.
+        """
+        ...
 
 
 class System(Protocol):

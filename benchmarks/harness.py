@@ -50,6 +50,7 @@ FULL: dict[str, dict[str, Any]] = {
     "A": {"warmup": 300, "count": 5_000, "seconds": 3.0},
     "B": {"warmup": 1_000, "count": 30_000, "in_flight": 100, "seconds": 4.0},
     "C": {"warmup": 100, "count": 100_000, "seconds": 30.0},
+    "U": {"warmup": 100, "count": 100_000, "seconds": 30.0},
     "E": {"rtt_count": 200, "count": 50, "delay": 0.010, "seconds": 10.0},
     "D": {"count": 1_000, "processes": 1, "concurrency": 32},
     "F": {"count": 10_000, "processes": 4, "concurrency": 32},
@@ -58,6 +59,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "A": {"warmup": 50, "count": 400, "seconds": 0.4},
     "B": {"warmup": 200, "count": 1_500, "in_flight": 100, "seconds": 0.8},
     "C": {"warmup": 100, "count": 3_000, "seconds": 2.0},
+    "U": {"warmup": 100, "count": 3_000, "seconds": 2.0},
     "E": {"rtt_count": 50, "count": 8, "delay": 0.010, "seconds": 2.0},
     "D": {"count": 100, "processes": 1, "concurrency": 32},
     "F": {"count": 200, "processes": 2, "concurrency": 32},
@@ -76,6 +78,9 @@ METRICS: list[tuple[str, str, str, str, bool, int]] = [
     ("C", "items_per_s", "streamed items, one call", "/s", False, 0),
     ("C", "client_cpu", "streaming: client CPU", "cores", False, 2),
     ("C", "server_cpu", "streaming: server CPU", "cores", False, 2),
+    ("U", "items_per_s", "uploaded items, one call", "/s", False, 0),
+    ("U", "client_cpu", "upload: client CPU", "cores", False, 2),
+    ("U", "server_cpu", "upload: server CPU", "cores", False, 2),
     ("D", "kib_per_conn", "server memory per idle connection", "KiB", True, 1),
     ("E", "cancel_ms", "cancel -> remote finally", "ms", True, 2),
     ("E", "rtt_ms", "round trip (same connection)", "ms", True, 2),
@@ -559,7 +564,15 @@ def _run(config: Config, sources: dict[str, Any]) -> int:
 
 
 #: Which session measures each workload: A, B, C and E share a server.
-SESSION_OF = {"A": "calls", "B": "calls", "C": "calls", "E": "calls", "D": "D", "F": "F"}
+SESSION_OF = {
+    "A": "calls",
+    "B": "calls",
+    "C": "calls",
+    "U": "calls",
+    "E": "calls",
+    "D": "D",
+    "F": "F",
+}
 
 
 def session_workloads(supported: str, selected: str) -> str:
@@ -749,6 +762,9 @@ SHORT = {
     ("C", "items_per_s"): "C items/s",
     ("C", "client_cpu"): "C CPU cli",
     ("C", "server_cpu"): "C CPU srv",
+    ("U", "items_per_s"): "U items/s",
+    ("U", "client_cpu"): "U CPU cli",
+    ("U", "server_cpu"): "U CPU srv",
     ("D", "kib_per_conn"): "D KiB/conn",
     ("E", "cancel_ms"): "E cancel ms",
     ("E", "rtt_ms"): "E RTT ms",

@@ -19,7 +19,7 @@ import anyio
 from .common import PAYLOAD, PAYLOAD_TEXT, Conn, System
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
 Params = dict[str, Any]
 
@@ -163,6 +163,32 @@ async def streaming(system: System, port: int, p: Params) -> dict[str, Any]:
     }
 
 
+async def upload(system: System, port: int, p: Params) -> dict[str, Any]:
+    """U: one call streaming ``count`` small items caller -> callee; items/s."""
+
+    async def numbers(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    async with system.connect(port) as conn:
+        assert conn is not None
+        await conn.upload(numbers(p["warmup"]))
+        cpu = CpuMeter(p)
+        start = time.perf_counter_ns()
+        received = 0
+        with anyio.move_on_after(p["seconds"]):
+            received = await conn.upload(numbers(p["count"]))
+        elapsed = (time.perf_counter_ns() - start) / 1e9
+        usage = cpu.read(elapsed)
+    return {
+        "items": received,
+        "elapsed_s": elapsed,
+        "truncated": received < p["count"],
+        "items_per_s": received / elapsed,
+        **usage,
+    }
+
+
 async def cancellation(system: System, port: int, p: Params) -> dict[str, Any]:
     """E: cancel a call in flight; the server records when its finally ran.
 
@@ -213,6 +239,7 @@ CLIENT_WORKLOADS: dict[str, Callable[[System, int, Params], Awaitable[dict[str, 
     "A": sequential,
     "B": concurrent,
     "C": streaming,
+    "U": upload,
     "E": cancellation,
 }
 

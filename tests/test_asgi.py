@@ -583,7 +583,10 @@ async def test_in_memory_peer_bytes_disconnect_and_close_codes(fake: FakeServer)
         await fake.to_app.send({"type": "websocket.connect"})
         assert await fake.from_app.receive() == {
             "type": "websocket.accept",
-            "headers": [(b"astral-max-message-size", b"1048576")],
+            "headers": [
+                (b"astral-max-message-size", b"1048576"),
+                (b"astral-features", b"cancel, credit, deadline, input-stream"),
+            ],
         }
 
         call = {"type": "call", "id": "1", "capability": "echo", "input": "é"}
@@ -593,6 +596,7 @@ async def test_in_memory_peer_bytes_disconnect_and_close_codes(fake: FakeServer)
         assert json.loads(reply["text"]) == {"type": "result", "id": "1", "output": "é"}
 
         principal_side = await principal.registry.wait_for("mem")
+        assert principal_side.features == frozenset()  # the worker sent no Astral-Features
         errors: list[astral.ConnectionClosed] = []
 
         async def pending() -> None:
@@ -608,6 +612,18 @@ async def test_in_memory_peer_bytes_disconnect_and_close_codes(fake: FakeServer)
     assert principal.sent_types == ["websocket.accept", "websocket.send", "websocket.send"]
     with pytest.raises(astral.ConnectionClosed):
         await principal_side.call("echo")
+
+
+async def test_in_memory_features_come_from_the_request(fake: FakeServer) -> None:
+    principal = Principal()
+    headers = [*bearer(token("feat")), (b"astral-features", b"deadline, input-stream, x")]
+    async with anyio.create_task_group() as tg:
+        await tg.start(fake.run, principal, fake.scope(headers=headers))
+        await fake.to_app.send({"type": "websocket.connect"})
+        assert (await fake.from_app.receive())["type"] == "websocket.accept"
+        principal_side = await principal.registry.wait_for("feat")
+        assert principal_side.features == frozenset({"deadline", "input-stream"})
+        await fake.to_app.send({"type": "websocket.disconnect", "code": 1000})
 
 
 async def test_in_memory_invalid_utf8_closes_with_1007(fake: FakeServer) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from astral._deadlines import Deadlines
+from astral._deadlines import Deadlines, Until
 
 
 def test_empty_table_has_no_deadline() -> None:
@@ -39,3 +39,30 @@ def test_discarded_calls_never_expire() -> None:
     table.discard("never added")
     assert table.earliest() == 1.5
     assert table.expired(10.0) == ["waiting"]
+
+
+def test_until_expires_in_deadline_order_and_forgets_discarded_keys() -> None:
+    until: Until[str] = Until()
+    assert until.earliest() == math.inf
+    until.add("c", 3.0)
+    until.add("a", 1.0)
+    until.add("b", 2.0)
+    until.discard("a")
+    until.discard("nothing")
+    assert len(until) == 2
+    assert until.earliest() == 2.0
+    assert until.expired(2.5) == ["b"]
+    assert until.expired(2.5) == []
+    assert until.expired(3.0) == ["c"]
+    assert len(until) == 0
+
+
+def test_until_keeps_memory_proportional_to_waiting_keys() -> None:
+    until: Until[int] = Until()
+    for key in range(10_000):
+        until.add(key, 100.0 + key)
+        until.discard(key)
+    assert len(until) == 0
+    assert len(until._heap) <= 64 + 2
+    until.add(-1, 5.0)
+    assert until.earliest() == 5.0

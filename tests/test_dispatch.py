@@ -265,11 +265,12 @@ async def test_raising_a_non_exception_value_becomes_an_error_result() -> None:
 
 
 async def test_a_capability_that_fails_before_awaiting() -> None:
-    async def two_arguments(a: int, b: int) -> int:  # pragma: no cover
-        return a + b
+    async def three_arguments(a: int, b: Any, c: int) -> int:  # pragma: no cover
+        return a + c
 
-    # Called with one argument, it raises before any coroutine exists.
-    dispatch = handle({"f": two_arguments})  # type: ignore[dict-item]
+    # Called with the input and an input stream (it has a second parameter),
+    # it raises before any coroutine exists.
+    dispatch = handle({"f": three_arguments})  # type: ignore[dict-item]
     [frame] = await collect(dispatch, Call("e", "f", 1))
     assert isinstance(frame, Result)
     assert frame.id == "e"

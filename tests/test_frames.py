@@ -202,7 +202,7 @@ def test_decode_round_trips(frame: astral.Frame) -> None:
 
 
 def test_decode_ignores_extra_fields() -> None:
-    frame = decode('{"type":"call","id":"1","capability":"f","input":2,"deadline":5,"x":{}}')
+    frame = decode('{"type":"call","id":"1","capability":"f","input":2,"x":{},"priority":5}')
     assert frame == Call("1", "f", 2)
     assert decode('{"id":"1","output":3,"type":"yield","window":8}') == Yield("1", 3)
     assert decode('{"type":"result","id":"1","output":3,"code":"E1"}') == Result("1", 3)

@@ -481,7 +481,10 @@ async def test_the_asgi_app_takes_middleware_and_hide_internal_errors() -> None:
             await fake.to_app.send({"type": "websocket.connect"})
             assert await fake.from_app.receive() == {
                 "type": "websocket.accept",
-                "headers": [(b"astral-max-message-size", b"1048576")],
+                "headers": [
+                    (b"astral-max-message-size", b"1048576"),
+                    (b"astral-features", b"cancel, credit, deadline, input-stream"),
+                ],
             }
             call = '{"type":"call","id":"1","capability":"divide"}'
             await fake.to_app.send({"type": "websocket.receive", "text": call})

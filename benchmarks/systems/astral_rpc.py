@@ -36,11 +36,23 @@ class AstralConn:
     async def sleepy(self, i: int) -> None:
         await self._peer.call("sleepy", {"i": i})
 
+    async def upload(self, items: AsyncIterator[int]) -> int:
+        taken: int = await self._peer.call("upload", None, input_stream=items)
+        return taken
+
+
+async def _upload(_: Any, items: AsyncIterator[int]) -> int:
+    """The callee of workload U: counts what the caller streams to it."""
+    taken = 0
+    async for _item in items:
+        taken += 1
+    return taken
+
 
 class _Astral:
     name: ClassVar[str]
     backends: ClassVar[tuple[str, ...]]
-    workloads: ClassVar[str] = "ABCDEF"
+    workloads: ClassVar[str] = "ABCUDEF"
 
     def unavailable(self) -> str | None:
         try:
@@ -67,7 +79,7 @@ class _Astral:
                     host="127.0.0.1",
                     port=0,
                     verifier=verifier,
-                    capabilities=app.capabilities(),
+                    capabilities={**app.capabilities(), "upload": _upload},
                     on_connect=on_connect,
                 )
             )
@@ -135,7 +147,7 @@ class AstralAsgiUvicorn(_Astral):
 
         asgi_app = astral.asgi.App(
             verifier=astral.JWTVerifier(SECRET, algorithms=["HS256"]),
-            capabilities=app.capabilities(),
+            capabilities={**app.capabilities(), "upload": _upload},
             on_connect=on_connect,
         )
         config = uvicorn.Config(asgi_app, lifespan="off", log_level="warning", access_log=False)
