@@ -599,3 +599,23 @@ def test_times_exactly_at_the_leeway_are_accepted(
     else:
         with pytest.raises(astral.AuthenticationError, match=r"not yet valid|in the future"):
             verifier().verify(signed)
+
+
+@pytest.mark.time_limit(5)
+async def test_every_task_waiting_for_a_subject_gets_its_peer() -> None:
+    registry = astral.PeerRegistry()
+    found: list[astral.Peer] = []
+    both = anyio.Event()
+
+    async def waiter(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        found.append(await registry.wait_for("w"))
+        if len(found) == 2:
+            both.set()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(waiter)
+        await tg.start(waiter)
+        async with hosted(registry, "w") as (peer, _, _):
+            await both.wait()
+    assert found == [peer, peer]
