@@ -211,7 +211,9 @@ async def test_registry_newest_connection_wins() -> None:
             assert not first.closed
 
 
-async def test_on_connect_failure_closes_only_that_connection() -> None:
+async def test_on_connect_failure_closes_only_that_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def on_connect(peer: astral.Peer) -> None:
         if peer.claims["sub"] == "bad":
             raise RuntimeError("handler bug")
@@ -219,7 +221,12 @@ async def test_on_connect_failure_closes_only_that_connection() -> None:
     async with running_principal(on_connect=on_connect) as principal:
         async with astral.connect(principal.url, token=token("bad")) as bad:
             error = await bad.wait_closed()
-            assert error.code == 1011
+            assert (error.code, error.reason) == (1011, "internal error")
+        # Logged with the worker's address and the traceback.
+        record = next(r for r in caplog.records if r.name == "astral.server")
+        assert record.getMessage().startswith("on_connect failed for 127.0.0.1:")
+        assert record.exc_info is not None
+        assert "handler bug" in caplog.text
         async with astral.connect(principal.url, token=token("good")) as good:
             assert await good.call("echo", 1) == 1
 
