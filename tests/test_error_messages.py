@@ -45,6 +45,12 @@ def test_a_frame_that_is_not_an_object_is_named_by_its_json_type(text: str, kind
         ({"algorithms": ["HS256", "none"]}, ValueError, "algorithm 'none' can never be allowed"),
         ({"algorithms": ["XS999"]}, ValueError, "unsupported algorithm 'XS999'"),
         ({"algorithms": []}, ValueError, "algorithms must name at least one algorithm"),
+        ({"max_token_size": 0}, ValueError, "max_token_size must be > 0"),
+        ({"required_claims": "exp"}, TypeError, "required_claims must be a sequence of names"),
+        ({"issuer": ""}, ValueError, "issuer must not be empty"),
+        ({"audience": ""}, ValueError, "audience must be a non-empty string or strings"),
+        ({"audience": []}, ValueError, "audience must be a non-empty string or strings"),
+        ({"algorithms": ["RS256"]}, ValueError, "the key fits none of the allowed algorithms"),
     ],
 )
 def test_verifier_arguments_are_refused_with_their_reason(
@@ -68,3 +74,9 @@ def test_current_peer_outside_a_capability_says_so() -> None:
         RuntimeError, match=re.escape("current_peer() called outside a capability run by a peer")
     ):
         astral.current_peer()
+
+
+def test_the_smallest_token_size_limit_is_one_byte() -> None:
+    verifier = astral.JWTVerifier(SECRET, algorithms=["HS256"], max_token_size=1)
+    with pytest.raises(astral.AuthenticationError):
+        verifier.verify(astral.mint_token(SECRET, subject="w"))
