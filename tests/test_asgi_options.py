@@ -109,3 +109,48 @@ async def test_max_buffered_items_is_the_window_the_principal_announces() -> Non
 def test_bad_limits_are_refused_at_construction(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="must be"):
         astral.asgi.App(verifier=astral.JWTVerifier(SECRET, algorithms=["HS256"]), **options)
+
+
+def app() -> astral.asgi.App:
+    return astral.asgi.App(verifier=astral.JWTVerifier(SECRET, algorithms=["HS256"]))
+
+
+async def messages_for(scope: dict[str, Any], *incoming: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run the app on one scope to its end; return every message it sent."""
+    sent: list[dict[str, Any]] = []
+    pending = list(incoming)
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app()(scope, receive, send)
+    return sent
+
+
+async def test_http_requests_get_a_plain_404() -> None:
+    sent = await messages_for({"type": "http", "path": "/", "headers": []})
+    assert sent == [
+        {
+            "type": "http.response.start",
+            "status": 404,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+        },
+        {"type": "http.response.body", "body": b"not found\n"},
+    ]
+
+
+async def test_without_the_denial_extension_a_refusal_is_close_1008() -> None:
+    scope = {"type": "websocket", "path": "/", "query_string": b"", "headers": []}
+    sent = await messages_for(scope, {"type": "websocket.connect"})
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+async def test_a_principal_closing_the_peer_closes_the_websocket_with_1000() -> None:
+    async with connected({}) as conn:
+        principal_side = await conn.registry.wait_for("worker-1")
+        await principal_side.aclose()
+        message = await conn.from_app.receive()
+        assert (message["type"], message["code"]) == ("websocket.close", 1000)
