@@ -231,6 +231,9 @@ async def test_a_fragmented_message_is_limited_by_its_reassembled_size(
         if accepted:
             whole = "".join(p if isinstance(p, str) else p.decode() for p in parts)
             assert seen == whole
+            # The count starts afresh: the same message again is accepted too.
+            await client.send_fragments(parts)
+            assert await reports.messages.receive() == whole
         else:
             assert seen == 1009
             assert await client.close_code() == 1009
