@@ -552,6 +552,7 @@ async def test_a_subjects_connections_may_close_in_either_order(first_to_leave: 
         assert registry["w"] is older
         async with hosted(registry, "w") as (newer, newer_done, newer_leave):
             assert registry["w"] is newer  # the newest connection wins
+            assert (list(registry), len(registry)) == (["w"], 1)
             if first_to_leave == "older":
                 await older_leave()
                 await older_done.wait()

@@ -9,6 +9,7 @@ effect from the other end of a real connection on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -147,3 +148,17 @@ async def test_open_timeout_drops_a_client_that_never_sends_its_request() -> Non
             # Nothing sent: the server gives up and drops the connection.
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                 await stream.receive()
+
+
+async def test_a_refused_token_is_logged_with_the_address_and_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="astral.server")
+    async with running_principal() as principal:
+        with pytest.raises(astral.Unauthorized):
+            async with astral.connect(principal.url, token=token(expires_in=-3600)):
+                pytest.fail("connected with an expired token")
+    [record] = [r for r in caplog.records if r.name == "astral.server"]
+    assert record.levelno == logging.INFO
+    assert record.getMessage().startswith("refused connection from 127.0.0.1:")
+    assert record.getMessage().endswith(": token expired")
