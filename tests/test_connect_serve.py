@@ -223,9 +223,8 @@ async def test_on_connect_failure_closes_only_that_connection(
             error = await bad.wait_closed()
             assert (error.code, error.reason) == (1011, "internal error")
         # Logged with the worker's address and the traceback.
-        record = next(r for r in caplog.records if r.name == "astral.server")
-        assert record.getMessage().startswith("on_connect failed for 127.0.0.1:")
-        assert record.exc_info is not None
+        [record] = [r for r in caplog.records if r.exc_info is not None]
+        assert "127.0.0.1:" in record.getMessage()
         assert "handler bug" in caplog.text
         async with astral.connect(principal.url, token=token("good")) as good:
             assert await good.call("echo", 1) == 1
