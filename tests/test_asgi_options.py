@@ -80,11 +80,12 @@ async def test_timeout_is_the_principals_default_call_timeout() -> None:
 
 @pytest.mark.time_limit(5)
 async def test_max_inbound_calls_refuses_one_more() -> None:
-    started = anyio.Event()
+    started, release = anyio.Event(), anyio.Event()
 
-    async def sleepy(_: Any) -> None:
+    async def sleepy(_: Any) -> str:
         started.set()
-        await anyio.sleep_forever()
+        await release.wait()
+        return "released"
 
     async with connected({"max_inbound_calls": 1}, sleepy=sleepy) as conn:
         await conn.send_frame({"type": "call", "id": "1", "capability": "sleepy", "input": None})
@@ -92,6 +93,10 @@ async def test_max_inbound_calls_refuses_one_more() -> None:
         await conn.send_frame({"type": "call", "id": "2", "capability": "sleepy", "input": None})
         frame = await conn.receive_frame()
         assert frame == {"type": "result", "id": "2", "error": "too many concurrent calls"}
+        # Let the first call finish, so nothing is in flight when the app stops.
+        release.set()
+        frame = await conn.receive_frame()
+        assert frame == {"type": "result", "id": "1", "output": "released"}
 
 
 async def test_max_buffered_items_is_the_window_the_principal_announces() -> None:
