@@ -59,6 +59,7 @@ class Principal:
     registry: astral.PeerRegistry
     scheme: str = "ws"
     connected: list[astral.Peer] = field(default_factory=list)
+    sleepy_started: anyio.Event = field(default_factory=anyio.Event)
     finally_ran: anyio.Event = field(default_factory=anyio.Event)
     stop: Callable[[], None] = lambda: None
 
@@ -94,6 +95,7 @@ async def running_principal(
     principal = Principal(0, registry, "wss" if ssl_context else "ws")
 
     async def sleepy(_: Any) -> None:
+        principal.sleepy_started.set()
         try:
             await anyio.sleep_forever()
         finally:
@@ -126,6 +128,18 @@ async def running_principal(
         principal.port = await tg.start(run)
         yield principal
         tg.cancel_scope.cancel()
+
+
+async def eventually(predicate: Callable[[], bool]) -> None:
+    """Wait until ``predicate()`` holds, for state the remote changes without an event.
+
+    Used where a server-side task updates bookkeeping (the registry, a call
+    table) after the last event a test can wait on. It polls a condition, not
+    a duration: a slow machine only makes it take longer, and the test's
+    ``fail_after`` bounds it.
+    """
+    while not predicate():
+        await anyio.sleep(0.005)
 
 
 def token(subject: str = "worker-1", **kwargs: Any) -> str:

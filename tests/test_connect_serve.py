@@ -14,7 +14,7 @@ from joserfc.jwk import OctKey
 
 import astral
 
-from .helpers import SECRET, forge, make_tls, running_principal, token
+from .helpers import SECRET, eventually, forge, make_tls, running_principal, token
 
 
 async def test_worker_and_principal_call_each_other() -> None:
@@ -121,15 +121,16 @@ async def test_cancelling_a_call_cancels_the_remote_capability() -> None:
         running_principal() as principal,
         astral.connect(principal.url, token=token()) as worker,
     ):
-        with anyio.move_on_after(0.05):
-            await worker.call("sleepy", timeout=None)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: worker.call("sleepy", timeout=None))
+            await principal.sleepy_started.wait()  # the call reached the principal
+            tg.cancel_scope.cancel()
         await principal.finally_ran.wait()
         # The connection still works, and neither side kept the call.
         assert await worker.call("echo", "still here") == "still here"
         principal_side = principal.registry["worker-1"]
-        await anyio.wait_all_tasks_blocked()
         assert not worker._state.outbound
-        assert not principal_side._state.inbound
+        await eventually(lambda: not principal_side._state.inbound)
 
 
 async def test_server_shutdown_closes_with_1001_and_fails_pending_calls() -> None:
@@ -147,7 +148,7 @@ async def test_server_shutdown_closes_with_1001_and_fails_pending_calls() -> Non
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pending)
-                await anyio.wait_all_tasks_blocked()
+                await principal.sleepy_started.wait()
                 principal.stop()  # shut the principal down while the call is pending
                 await closed.wait()
             error = await worker.wait_closed()
@@ -157,7 +158,10 @@ async def test_server_shutdown_closes_with_1001_and_fails_pending_calls() -> Non
 
 
 async def test_worker_leaving_fails_principal_pending_calls() -> None:
+    worker_sleepy_started = anyio.Event()
+
     async def sleepy_worker(_: Any) -> None:
+        worker_sleepy_started.set()
         await anyio.sleep_forever()
 
     async with running_principal() as principal:
@@ -177,29 +181,39 @@ async def test_worker_leaving_fails_principal_pending_calls() -> None:
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pending)
-                await anyio.wait_all_tasks_blocked()
+                await worker_sleepy_started.wait()
                 await worker.aclose()
                 await got.wait()
         assert len(errors) == 1
         await principal_side.wait_closed()
-        await anyio.wait_all_tasks_blocked()
-        assert "worker-1" not in principal.registry
+        await eventually(lambda: "worker-1" not in principal.registry)
 
 
 async def test_registry_newest_connection_wins() -> None:
-    async with running_principal() as principal:
+    listed: list[anyio.Event] = [anyio.Event(), anyio.Event()]
+
+    async def on_connect(peer: astral.Peer) -> None:
+        # on_connect runs once the peer is listed.
+        listed[len(principal.connected) - 1].set()
+
+    async with running_principal(on_connect=on_connect) as principal:
         async with astral.connect(principal.url, token=token("w")):
-            first = await principal.registry.wait_for("w")
+            await listed[0].wait()
+            first = principal.registry["w"]
             async with astral.connect(principal.url, token=token("w")):
-                await anyio.wait_all_tasks_blocked()
+                await listed[1].wait()
                 second = principal.registry["w"]
                 assert second is not first
+                assert principal.connected == [first, second]
             await second.wait_closed()
-            await anyio.wait_all_tasks_blocked()
-            assert "w" not in principal.registry
+            # The older connection is still open, but no longer listed.
+            await eventually(lambda: "w" not in principal.registry)
+            assert not first.closed
 
 
-async def test_on_connect_failure_closes_only_that_connection() -> None:
+async def test_on_connect_failure_closes_only_that_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def on_connect(peer: astral.Peer) -> None:
         if peer.claims["sub"] == "bad":
             raise RuntimeError("handler bug")
@@ -207,7 +221,11 @@ async def test_on_connect_failure_closes_only_that_connection() -> None:
     async with running_principal(on_connect=on_connect) as principal:
         async with astral.connect(principal.url, token=token("bad")) as bad:
             error = await bad.wait_closed()
-            assert error.code == 1011
+            assert (error.code, error.reason) == (1011, "internal error")
+        # Logged with the worker's address and the traceback.
+        [record] = [r for r in caplog.records if r.exc_info is not None]
+        assert "127.0.0.1:" in record.getMessage()
+        assert "handler bug" in caplog.text
         async with astral.connect(principal.url, token=token("good")) as good:
             assert await good.call("echo", 1) == 1
 
@@ -436,9 +454,8 @@ async def test_a_malformed_request_line_is_logged_without_its_token(
         async with stream:
             await stream.send(f"GET /astral?token={secret} HTTP/1.1 extra\r\n\r\n".encode())
             answer = b""
-            with anyio.move_on_after(5):
-                while b"\r\n\r\n" not in answer:
-                    answer += await stream.receive()
+            while b"\r\n\r\n" not in answer:
+                answer += await stream.receive()
         assert answer.startswith(b"HTTP/1.1 400")
         assert secret.encode() not in answer
     _assert_no_token(secret, caplog.text)

@@ -672,12 +672,13 @@ async def test_flow_control_paces_an_astral_producer_to_its_consumer() -> None:
         async with b.stream("firehose", timeout=None) as items:
             await firehose.started.wait()
             await anyio.wait_all_tasks_blocked()
-            # Nothing taken yet: the producer waits at the window, no overrun.
-            assert firehose.sent <= limit + 1
+            # Nothing taken yet: the producer waits at exactly the window.
+            assert firehose.sent == limit
             taken = [await anext(items) for _ in range(50)]
             assert taken == list(range(50))
             await anyio.wait_all_tasks_blocked()
-            assert 50 <= firehose.sent <= 50 + limit + 1
+            # Credit came back for every item taken: a window ahead, no more.
+            assert firehose.sent == 50 + limit
         await firehose.finished.wait()
         await assert_settled(a, b)
 

@@ -365,22 +365,30 @@ async def test_aclose_wakes_a_blocked_receive() -> None:
     async with server() as port, open_websocket(f"ws://{HOST}:{port}/") as ws:
         result: list[int | None] = []
 
-        async def reader() -> None:
+        async def reader(*, task_status: TaskStatus[None]) -> None:
+            # receive() finds no message and waits before yielding to anyone:
+            # by the time start() returns, the reader is blocked in it.
+            task_status.started()
             result.append((await closed_with(ws.receive())).code)
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(reader)
-            await anyio.wait_all_tasks_blocked()
+            await tg.start(reader)
             await ws.aclose()
         assert result == [1000]
 
 
 async def test_concurrent_aclose_and_send() -> None:
     async with server() as port, open_websocket(f"ws://{HOST}:{port}/") as ws:
+
+        async def closing(code: int, *, task_status: TaskStatus[None]) -> None:
+            # aclose() queues its close frame before it first waits: once
+            # start() returns, the close has begun.
+            task_status.started()
+            await ws.aclose(code)
+
         async with anyio.create_task_group() as tg:
-            tg.start_soon(ws.aclose)
-            tg.start_soon(ws.aclose, 1001)
-            await anyio.wait_all_tasks_blocked()
+            await tg.start(closing, 1000)
+            await tg.start(closing, 1001)
             await closed_with(ws.send("during the close"))
         assert ws.close_code in (1000, 1001)  # whichever ran first
 
