@@ -51,7 +51,7 @@ from ._exceptions import (
     StreamOverrun,
 )
 from ._frames import MAX_SAFE_INTEGER
-from ._peer import _current_call
+from ._peer import _current_call, call_budget
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -291,35 +291,15 @@ def _resolve(router: Router, timeout: float | EllipsisType | None) -> float | No
 def _budget(
     capability: str, timeout: float | EllipsisType | None, deadline: float | None
 ) -> tuple[int | None, float | None, float | EllipsisType | None]:
-    """A call's deadline, as :meth:`astral.Peer.call` works it out.
+    """A call's deadline, as :meth:`astral.Peer.call` works it out (see :func:`call_budget`).
 
-    Returns the budget to send (ms, or ``None`` for no deadline), the
-    deadline this caller enforces itself (an explicit one; an inherited one
-    is enforced by the capability's own cancel scope), and the first-frame
-    timeout (an explicit deadline replaces the default one).
-
-    Raises:
-        ValueError: ``deadline`` is not a positive number.
-        CallTimeout: The inherited deadline has already passed.
+    The budget is ``None`` when the call has no deadline at all.
     """
     inherited = _current_call.get(None)
     inherited_until = None if inherited is None else inherited.deadline
     if deadline is None and inherited_until is None:
         return None, None, timeout
-    now = anyio.current_time()
-    until = math.inf
-    own: float | None = None
-    if deadline is not None:
-        if not deadline > 0:
-            raise ValueError("deadline must be a positive number of seconds, or None")
-        until = own = now + deadline
-        if timeout is ...:
-            timeout = None
-    if inherited_until is not None and inherited_until < until:
-        until, own = inherited_until, None
-        if until <= now:
-            raise CallTimeout(f"call {capability} missed its deadline")
-    return min(MAX_BUDGET, int((until - now) * 1000)), own, timeout
+    return call_budget(capability, timeout, deadline, inherited_until)
 
 
 class RemoteStream:
