@@ -5,7 +5,11 @@ over Redis pub/sub: each node listens on its own channel. A call from node X
 to a worker held by node Y goes X -> Redis -> Y -> worker and back:
 
 * X sends ``["call", id, subject, capability, input, window]`` to Y. ``id``
-  is X's own counter; Y knows the call as ``(X, id)``.
+  is X's own counter; Y knows the call as ``(X, id)``. A call with a
+  deadline carries a seventh element, ``budget``: the milliseconds left when
+  X sent it. Y counts them from when it received the message and hands them
+  to its local peer as the call's ``deadline``; X stops waiting (and sends
+  ``cancel``) at its own deadline.
 * Y calls its local :class:`~astral.Peer` and answers with
   ``["done", id, output]`` (a single result), or ``["item", id, output]``
   per streamed item and then ``["end", id]``, or ``["fail", id, kind,
@@ -46,6 +50,8 @@ from ._exceptions import (
     RemoteError,
     StreamOverrun,
 )
+from ._frames import MAX_SAFE_INTEGER
+from ._peer import _current_call, call_budget
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -58,6 +64,8 @@ __all__ = ["RemoteStream", "RemoteWorker", "Router"]
 KINDS = ("remote", "closed", "timeout", "overrun", "protocol", "cluster")
 #: Attributes of a RemoteError, besides its message, that cross the hop.
 _REMOTE_EXTRAS = ("code", "data")
+#: The largest budget (ms) a ``call`` message may carry, as on the wire protocol.
+MAX_BUDGET = MAX_SAFE_INTEGER
 
 
 def dump(value: Any) -> bytes:
@@ -125,7 +133,7 @@ def _well_formed(message: Any) -> bool:
         return n == 3 and type(message[2]) is int and message[2] > 0
     if kind == "call":
         return (
-            n == 6
+            (n == 6 or (n == 7 and type(message[6]) is int and 0 <= message[6] <= MAX_BUDGET))
             and isinstance(message[2], str)
             and isinstance(message[3], str)
             and type(message[5]) is int
@@ -214,12 +222,15 @@ class Router(Protocol):
 class RemoteCall:
     """One outgoing call's inbox: what its node sent, and how it ended."""
 
-    __slots__ = ("capability", "done", "error", "id", "node", "receive", "send")
+    __slots__ = ("capability", "done", "error", "id", "node", "receive", "send", "until")
 
     def __init__(self, call_id: int, node: str, capability: str, window: int) -> None:
         self.id = call_id
         self.node = node
         self.capability = capability
+        # The caller's own deadline (anyio clock), enforced here; None if none,
+        # or if it is inherited (the capability's cancel scope enforces that).
+        self.until: float | None = None
         self.error: BaseException | None = None
         self.done = False  # the node sent its terminal message, or the call was forgotten
         self.send: MemoryObjectSendStream[list[Any]]
@@ -246,13 +257,23 @@ class RemoteCall:
 
     async def next(self, timeout: float | None) -> list[Any]:
         try:
-            try:
-                return self.receive.receive_nowait()
-            except anyio.WouldBlock:
-                pass
-            with anyio.move_on_after(math.inf if timeout is None else timeout):
-                return await self.receive.receive()
-            self.fail(CallTimeout(f"call {self.capability} timed out"))
+            until = self.until
+            if until is not None and anyio.current_time() >= until:
+                self.fail(CallTimeout(f"call {self.capability} missed its deadline"))
+            else:
+                try:
+                    return self.receive.receive_nowait()
+                except anyio.WouldBlock:
+                    pass
+                wait = math.inf if timeout is None else timeout
+                if until is not None:
+                    wait = min(wait, until - anyio.current_time())
+                with anyio.move_on_after(wait):
+                    return await self.receive.receive()
+                if until is not None and anyio.current_time() >= until:
+                    self.fail(CallTimeout(f"call {self.capability} missed its deadline"))
+                else:
+                    self.fail(CallTimeout(f"call {self.capability} timed out"))
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             pass
         error = self.error
@@ -265,6 +286,20 @@ class RemoteCall:
 
 def _resolve(router: Router, timeout: float | EllipsisType | None) -> float | None:
     return router.timeout if timeout is ... else timeout
+
+
+def _budget(
+    capability: str, timeout: float | EllipsisType | None, deadline: float | None
+) -> tuple[int | None, float | None, float | EllipsisType | None]:
+    """A call's deadline, as :meth:`astral.Peer.call` works it out (see :func:`call_budget`).
+
+    The budget is ``None`` when the call has no deadline at all.
+    """
+    inherited = _current_call.get(None)
+    inherited_until = None if inherited is None else inherited.deadline
+    if deadline is None and inherited_until is None:
+        return None, None, timeout
+    return call_budget(capability, timeout, deadline, inherited_until)
 
 
 class RemoteStream:
@@ -403,13 +438,23 @@ class RemoteWorker:
         return self._router.node_gone(self.node)
 
     async def _open(
-        self, capability: str, input: Any, timeout: float | EllipsisType | None
+        self,
+        capability: str,
+        input: Any,
+        timeout: float | EllipsisType | None,
+        deadline: float | None = None,
     ) -> tuple[RemoteCall, float | None]:
         router = self._router
-        # Encoded before anything is registered: a bad input leaves no trace.
+        # Worked out and encoded before anything is registered: a bad input,
+        # a bad deadline or one already passed leaves no trace.
+        budget, until, timeout = _budget(capability, timeout, deadline)
         rest = b",".join((b"", dump(self._subject), dump(capability), dump(input)))
-        rest += b"," + str(router.window).encode() + b"]"
+        rest += b"," + str(router.window).encode()
+        if budget is not None:
+            rest += b"," + str(budget).encode()
+        rest += b"]"
         call = router.open_call(self.node, capability)
+        call.until = until
         try:
             router.post(self.node, b'["call",' + str(call.id).encode() + rest)
         except BaseException:
@@ -418,7 +463,12 @@ class RemoteWorker:
         return call, _resolve(router, timeout)
 
     async def call(
-        self, capability: str, input: Any = None, *, timeout: float | EllipsisType | None = ...
+        self,
+        capability: str,
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
     ) -> Any:
         """Call a capability of the worker, through the process that holds it.
 
@@ -426,20 +476,29 @@ class RemoteWorker:
             capability: The registered name on the worker.
             input: Any JSON value.
             timeout: Seconds to wait for the first frame; ``None`` waits
-                forever; by default the registry's ``timeout``.
+                forever; by default the registry's ``timeout``, or no
+                timeout with a ``deadline``.
+            deadline: Seconds the whole call may take, stream included, as
+                for :meth:`astral.Peer.call`. The budget crosses to the
+                process holding the worker, which passes it on: the worker's
+                capability is cancelled then (if it agreed to the
+                ``deadline`` feature). Called from inside a capability, the
+                call inherits that capability's deadline (the earlier of the
+                two counts).
 
         Returns:
             The worker's output, or a :class:`RemoteStream` if it streams.
 
         Raises:
             RemoteError: The capability failed or is unknown (same message).
-            CallTimeout: Nothing arrived within ``timeout``; the worker was
-                told to stop.
+            CallTimeout: Nothing arrived within ``timeout``, or the call
+                missed its deadline; the worker was told to stop.
             ConnectionClosed: The worker or its process left before the answer.
             ClusterError: Redis is unreachable (a :class:`ConnectionClosed`).
             ProtocolError: ``input`` cannot be sent as JSON.
+            ValueError: ``deadline`` is not a positive number.
         """
-        call, seconds = await self._open(capability, input, timeout)
+        call, seconds = await self._open(capability, input, timeout, deadline)
         try:
             message = await call.next(seconds)
         except BaseException:
@@ -456,7 +515,12 @@ class RemoteWorker:
         return None  # an empty stream, as a local peer returns it
 
     def stream(
-        self, capability: str, input: Any = None, *, timeout: float | EllipsisType | None = ...
+        self,
+        capability: str,
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
     ) -> _StreamContext:
         """Call a capability and iterate over what it streams.
 
@@ -470,6 +534,7 @@ class RemoteWorker:
             capability: The registered name on the worker.
             input: Any JSON value.
             timeout: Seconds to wait for the first item; see :meth:`call`.
+            deadline: Seconds the whole stream may take; see :meth:`call`.
 
         Returns:
             An async context manager giving a :class:`RemoteStream`.
@@ -477,8 +542,10 @@ class RemoteWorker:
         Raises:
             ClusterError: Redis is unreachable.
             ProtocolError: ``input`` cannot be sent as JSON.
+            ValueError: ``deadline`` is not a positive number.
+            CallTimeout: The inherited deadline has already passed.
         """
-        return _StreamContext(self, capability, input, timeout)
+        return _StreamContext(self, capability, input, timeout, deadline)
 
 
 class _StreamContext:
@@ -490,9 +557,10 @@ class _StreamContext:
         capability: str,
         input: Any,
         timeout: float | EllipsisType | None,
+        deadline: float | None,
     ) -> None:
         self._worker = worker
-        self._args = (capability, input, timeout)
+        self._args = (capability, input, timeout, deadline)
         self._stream: RemoteStream | None = None
 
     async def __aenter__(self) -> RemoteStream:

@@ -185,6 +185,43 @@ class CallContext:
         return f"CallContext(id={self.id!r:.60}, capability={self.capability!r:.60})"
 
 
+def call_budget(
+    capability: str,
+    timeout: float | EllipsisType | None,
+    deadline: float | None,
+    inherited: float | None,
+) -> tuple[int, float | None, float | EllipsisType | None]:
+    """A call's deadline: what to send, what the caller enforces, the first-frame timeout.
+
+    ``deadline`` is the caller's explicit one (seconds), ``inherited`` the
+    deadline of the capability the call is made from (on the anyio clock).
+    Returns the remaining budget in ms (the earlier of the two counts), the
+    explicit deadline as a time if it is the earlier one (the caller's to
+    enforce, with a timer; an inherited one is enforced by that capability's
+    own cancel scope, which ends at the same moment) or ``None``, and the
+    first-frame timeout (an explicit deadline replaces the default one).
+    Shared by :class:`Peer` and :class:`astral.redis.RemoteWorker`.
+
+    Raises:
+        ValueError: ``deadline`` is not a positive number.
+        CallTimeout: The inherited deadline has already passed.
+    """
+    now = anyio.current_time()
+    until = math.inf
+    own: float | None = None
+    if deadline is not None:
+        if not deadline > 0:
+            raise ValueError("deadline must be a positive number of seconds, or None")
+        until = own = now + deadline
+        if timeout is ...:
+            timeout = None
+    if inherited is not None and inherited < until:
+        until, own = inherited, None
+        if until <= now:
+            raise CallTimeout(f"call {capability} missed its deadline")
+    return min(MAX_SAFE_INTEGER, int((until - now) * 1000)), own, timeout
+
+
 def current_call() -> CallContext:
     """Return the remote call the running capability is serving.
 
@@ -1323,21 +1360,10 @@ class Peer:
             ValueError: ``deadline`` is not a positive number.
             CallTimeout: The inherited deadline has already passed.
         """
-        now = anyio.current_time()
-        until = math.inf
-        if deadline is not None:
-            if not deadline > 0:
-                raise ValueError("deadline must be a positive number of seconds, or None")
-            until = now + deadline
-            channel.until = until
-            if timeout is ...:
-                timeout = None
-        if inherited is not None and inherited.deadline is not None and inherited.deadline < until:
-            until = inherited.deadline
-            channel.until = None
-            if until <= now:
-                raise CallTimeout(f"call {channel.capability} missed its deadline")
-        return min(MAX_SAFE_INTEGER, int((until - now) * 1000)), timeout
+        budget, channel.until, timeout = call_budget(
+            channel.capability, timeout, deadline, None if inherited is None else inherited.deadline
+        )
+        return budget, timeout
 
     def _grant(self, channel: _Channel, n: int) -> None:
         text = self._state.credit(channel.call_id, n)

@@ -83,13 +83,23 @@ class Worker(Protocol):
         ...
 
     async def call(
-        self, capability: str, input: Any = None, *, timeout: float | EllipsisType | None = ...
+        self,
+        capability: str,
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
     ) -> Any:
         """Call a capability of the worker; see :meth:`astral.Peer.call`."""
         ...
 
     def stream(
-        self, capability: str, input: Any = None, *, timeout: float | EllipsisType | None = ...
+        self,
+        capability: str,
+        input: Any = None,
+        *,
+        timeout: float | EllipsisType | None = ...,
+        deadline: float | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
         """Call a capability and iterate over its items; see :meth:`astral.Peer.stream`."""
         ...

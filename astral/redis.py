@@ -201,14 +201,16 @@ class _Local:
 
 
 class _Served:
-    """A call from another process running here: its scope and its credit."""
+    """A call from another process running here: its scope, its credit, its deadline."""
 
-    __slots__ = ("credit", "more", "scope")
+    __slots__ = ("credit", "more", "scope", "stopped", "until")
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, until: float | None) -> None:
         self.scope = anyio.CancelScope()
         self.credit = window
         self.more: anyio.Event | None = None
+        self.until = until  # the caller's deadline, counted from when the call arrived
+        self.stopped = False  # the caller sent cancel
 
     def grant(self, n: int) -> None:
         self.credit += n
@@ -915,6 +917,7 @@ class RedisRegistry:
             elif kind == "cancel":
                 served = self._served.get((sender, call_id))
                 if served is not None:
+                    served.stopped = True
                     served.scope.cancel()
             elif kind == "call":
                 self._on_call(sender, msg)
@@ -930,11 +933,13 @@ class RedisRegistry:
                 sender, dump(["fail", msg[1], "closed", "principal process shutting down", 1001])
             )
             return
-        served = self._served[key] = _Served(msg[5])
+        # The budget counts from now: the time in transit is the caller's loss.
+        until = anyio.current_time() + msg[6] / 1000 if len(msg) == 7 else None
+        served = self._served[key] = _Served(msg[5], until)
         self._tasks.start_soon(self._serve, sender, msg, served)
 
     async def _serve(self, sender: str, msg: list[Any], served: _Served) -> None:
-        _, call_id, subject, capability, input, _ = msg
+        call_id, subject, capability, input = msg[1:5]
         key = (sender, call_id)
         post = self._post_quiet
         try:
@@ -945,9 +950,21 @@ class RedisRegistry:
                     dump(["fail", call_id, "closed", f"worker {subject!r} is not connected", None]),
                 )
                 return
+            deadline = None
+            if served.until is not None:
+                deadline = served.until - anyio.current_time()
+                if deadline <= 0:
+                    missed = f"call {capability} missed its deadline"
+                    post(sender, dump(["fail", call_id, "timeout", missed, None]))
+                    return
+                # The local peer enforces the deadline on the call; the scope
+                # also ends what waits here (credit from the caller) by then.
+                served.scope.deadline = served.until
             with served.scope:
                 try:
-                    output = await entry.peer.call(capability, input, timeout=None)
+                    output = await entry.peer.call(
+                        capability, input, timeout=None, deadline=deadline
+                    )
                     if isinstance(output, Stream):
                         async with output:
                             async for item in output:
@@ -962,6 +979,10 @@ class RedisRegistry:
                         logger.exception("serving %s for %s failed", capability, sender)
                     fail = ["fail", call_id, kind, text, code]
                     post(sender, dump([*fail, extra] if extra else fail))
+            if served.scope.cancelled_caught and not served.stopped:
+                # The deadline ended the call before the local peer answered.
+                missed = f"call {capability} missed its deadline"
+                post(sender, dump(["fail", call_id, "timeout", missed, None]))
         finally:
             self._served.pop(key, None)
 

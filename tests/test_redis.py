@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -22,6 +25,8 @@ import pytest
 import trustme
 
 import astral
+from astral._peer import _current_call
+from astral.testing import connected_pair
 
 from .helpers import SECRET, make_tls, token
 from .redis_server import RedisServer, free_port, needs_redis, redis_server, write_file
@@ -660,3 +665,236 @@ async def test_a_process_shutting_down_fails_the_calls_it_serves(
         tg.start_soon(stop_b_once_called)
         with pytest.raises(astral.ConnectionClosed):
             await there.call("sleepy", timeout=None)
+
+
+# -- deadlines across the hop ------------------------------------------------
+
+
+@dataclass
+class Watched:
+    """A worker capability that waits forever, and what it saw of its deadline."""
+
+    remaining: list[float | None] = field(default_factory=list)
+    started: anyio.Event = field(default_factory=anyio.Event)
+    stopped: anyio.Event = field(default_factory=anyio.Event)
+    stopped_at: float = 0.0
+
+    def capabilities(self) -> dict[str, Any]:
+        async def forever(_: Any) -> None:
+            self.remaining.append(astral.current_call().time_remaining())
+            self.started.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self.stopped_at = anyio.current_time()
+                self.stopped.set()
+
+        async def one_then_forever(_: Any) -> AsyncIterator[int]:
+            self.remaining.append(astral.current_call().time_remaining())
+            try:
+                yield 1
+                self.started.set()
+                await anyio.sleep_forever()
+            finally:
+                self.stopped_at = anyio.current_time()
+                self.stopped.set()
+
+        async def remaining(_: Any) -> float | None:
+            return astral.current_call().time_remaining()
+
+        return {"forever": forever, "one_then_forever": one_then_forever, "remaining": remaining}
+
+
+async def test_a_deadline_crosses_the_hop_and_cancels_the_worker(
+    shared_redis: RedisServer, namespace: str
+) -> None:
+    watch = Watched()
+    async with (
+        node(shared_redis.url, namespace) as a,
+        node(shared_redis.url, namespace) as b,
+        astral.connect(b.url, token=token("w1"), capabilities=watch.capabilities()) as worker,
+    ):
+        there = await a.registry.wait_for("w1")
+        assert isinstance(there, redis.RemoteWorker)
+        start = anyio.current_time()
+        with pytest.raises(astral.CallTimeout, match=r"^call forever missed its deadline$"):
+            await there.call("forever", deadline=0.4)
+        took = anyio.current_time() - start
+        assert 0.4 - 0.01 <= took < 2.0
+        await watch.stopped.wait()
+        # The worker's capability knew its budget: it crossed X -> Redis -> Y -> worker.
+        [remaining] = watch.remaining
+        assert remaining is not None
+        assert 0 < remaining <= 0.4
+        assert watch.stopped_at - start < 2.0
+        # One outcome, nothing left behind on either side; the route still works.
+        assert await there.call("remaining") is None  # no deadline: as before
+        assert await there.call("remaining", timeout=5) is None
+        left = await there.call("remaining", deadline=5)
+        assert left is not None
+        assert 0 < left <= 5
+        assert a.registry._calls == {}
+        assert b.registry._served == {}
+        assert not worker.closed
+
+
+async def test_a_stream_deadline_covers_the_whole_stream(
+    shared_redis: RedisServer, namespace: str
+) -> None:
+    watch = Watched()
+    async with (
+        node(shared_redis.url, namespace) as a,
+        node(shared_redis.url, namespace) as b,
+        astral.connect(b.url, token=token("w1"), capabilities=watch.capabilities()),
+    ):
+        there = await a.registry.wait_for("w1")
+        items: list[int] = []
+        with pytest.raises(astral.CallTimeout, match=r"missed its deadline$"):
+            async with there.stream("one_then_forever", deadline=0.4) as stream:
+                async for item in stream:
+                    items.append(item)  # noqa: PERF401 - the failure ends the loop
+        assert items == [1]
+        await watch.stopped.wait()
+        [remaining] = watch.remaining
+        assert remaining is not None
+        assert 0 < remaining <= 0.4
+        assert a.registry._calls == {}
+        assert b.registry._served == {}
+
+
+async def test_a_capability_on_x_passes_its_deadline_to_a_worker_on_y(
+    shared_redis: RedisServer, namespace: str
+) -> None:
+    watch = Watched()
+    async with (
+        node(shared_redis.url, namespace) as a,
+        node(shared_redis.url, namespace) as b,
+        astral.connect(b.url, token=token("w1"), capabilities=watch.capabilities()),
+    ):
+        there = await a.registry.wait_for("w1")
+        relayed: list[BaseException] = []
+
+        async def relay(capability: str) -> Any:
+            # Runs on X under a deadline; the call it makes inherits it.
+            try:
+                return await there.call(capability)
+            except BaseException as exc:
+                relayed.append(exc)
+                raise
+
+        async with connected_pair({"relay": relay}, {}) as (_, caller):
+            start = anyio.current_time()
+            with pytest.raises(astral.CallTimeout, match=r"^call relay missed its deadline$"):
+                await caller.call("relay", "forever", deadline=0.4)
+            await watch.stopped.wait()
+            [remaining] = watch.remaining
+            assert remaining is not None
+            assert 0 < remaining <= 0.4
+            assert watch.stopped_at - start < 2.0
+            # The relay was cancelled by its own deadline (its scope), once.
+            assert len(relayed) == 1
+            assert isinstance(relayed[0], anyio.get_cancelled_exc_class())
+            assert a.registry._calls == {}
+            # Without a deadline the relayed call carries none.
+            assert await caller.call("relay", "remaining") is None
+
+
+async def test_a_deadline_already_passed_or_invalid_sends_nothing(
+    shared_redis: RedisServer, namespace: str
+) -> None:
+    watch = Watched()
+    async with (
+        node(shared_redis.url, namespace) as a,
+        node(shared_redis.url, namespace) as b,
+        astral.connect(b.url, token=token("w1"), capabilities=watch.capabilities()),
+    ):
+        there = await a.registry.wait_for("w1")
+        for bad in (0, -1, math.nan):
+            with pytest.raises(ValueError, match="deadline must be a positive number"):
+                await there.call("forever", deadline=bad)
+            with pytest.raises(ValueError, match="deadline must be a positive number"):
+                async with there.stream("forever", deadline=bad):
+                    pass
+        token_ = _current_call.set(SimpleNamespace(deadline=anyio.current_time() - 1))  # type: ignore[arg-type]
+        try:
+            with pytest.raises(astral.CallTimeout, match=r"^call forever missed its deadline$"):
+                await there.call("forever")
+            with pytest.raises(astral.CallTimeout, match=r"^call forever missed its deadline$"):
+                async with there.stream("forever"):
+                    pass
+        finally:
+            _current_call.reset(token_)
+        assert a.registry._calls == {}
+        assert await there.call("remaining") is None
+        assert watch.remaining == []  # forever never ran
+        assert b.registry._served == {}
+
+
+async def test_the_budget_is_enforced_on_y_and_validated_on_receipt(
+    shared_redis: RedisServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-written caller that never cancels: Y ends the call at the budget by itself."""
+    watch = Watched()
+    async with (
+        node(shared_redis.url, namespace) as b,
+        astral.connect(b.url, token=token("w1"), capabilities=watch.capabilities()),
+    ):
+        await b.registry.wait_for("w1")
+        client = coredis.Redis.from_url(shared_redis.url)
+        async with client:
+            channel = f"{namespace}:node:{b.registry.node}"
+            answers = f"{namespace}:node:fake"
+            async with client.pubsub(channels=[answers]) as pubsub:
+
+                async def publish(*messages: list[Any]) -> None:
+                    payload = json.dumps({"f": "fake", "m": list(messages)})
+                    await client.publish(channel, payload)
+
+                async def answer() -> list[Any]:
+                    async for message in pubsub:
+                        if message["type"] == "message":
+                            [got] = json.loads(message["data"])["m"]
+                            return list(got)
+                    raise AssertionError("subscription ended")
+
+                with caplog.at_level(logging.WARNING, logger="astral.redis"):
+                    # Bad budgets: each message is dropped as malformed, logged.
+                    await publish(
+                        ["call", 1, "w1", "forever", None, 8, -1],
+                        ["call", 2, "w1", "forever", None, 8, 1.5],
+                        ["call", 3, "w1", "forever", None, 8, "100"],
+                        ["call", 4, "w1", "forever", None, 8, True],
+                        ["call", 5, "w1", "forever", None, 8, None],
+                        ["call", 6, "w1", "forever", None, 8, 2**53],
+                        ["call", 7, "w1", "forever", None, 8, 100, "extra"],
+                    )
+                    # Old-style (no budget) still works, with no deadline.
+                    await publish(["call", 8, "w1", "remaining", None, 8])
+                    assert await answer() == ["done", 8, None]
+                assert "dropped 7 malformed frames" in caplog.text
+                assert watch.remaining == []
+                # A budget of 0 fails at once; nothing runs.
+                await publish(["call", 9, "w1", "forever", None, 8, 0])
+                assert await answer() == [
+                    "fail",
+                    9,
+                    "timeout",
+                    "call forever missed its deadline",
+                    None,
+                ]
+                assert watch.remaining == []
+                # A budget, and no cancel ever: the worker is cancelled at it,
+                # and Y answers with one timeout.
+                start = anyio.current_time()
+                await publish(["call", 10, "w1", "forever", None, 8, 300])
+                reply = await answer()
+                assert reply[:3] == ["fail", 10, "timeout"]
+                await watch.stopped.wait()
+                assert watch.stopped_at - start >= 0.3 - 0.01
+                [remaining] = watch.remaining
+                assert remaining is not None
+                assert 0 < remaining <= 0.3
+                with anyio.move_on_after(0.3):
+                    extra = await answer()
+                    pytest.fail(f"a second terminal message: {extra}")
+                assert b.registry._served == {}
