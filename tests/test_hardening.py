@@ -348,19 +348,21 @@ async def test_a_burst_beyond_max_inbound_calls_gets_exactly_its_refusals() -> N
         astral.connect(principal.url, token=token("w")) as peer,
     ):
         outcomes: dict[int, Any] = {}
+        refusals_in = anyio.Event()
 
         async def one(i: int) -> None:
             try:
                 outcomes[i] = await peer.call("hold", i)
             except astral.RemoteError as exc:
                 outcomes[i] = exc
+            if len(outcomes) == burst - limit:
+                refusals_in.set()  # the calls held by the principal cannot end yet
 
         async with anyio.create_task_group() as tg:
             for i in range(burst):
                 tg.start_soon(one, i)
             await all_running.wait()
-            while len(outcomes) < burst - limit:
-                await anyio.wait_all_tasks_blocked()  # in-process: the refusals arrive
+            await refusals_in.wait()
             refused = [i for i, o in outcomes.items() if isinstance(o, astral.RemoteError)]
             assert len(refused) == burst - limit
             assert all(str(outcomes[i]) == "too many concurrent calls" for i in refused)

@@ -28,7 +28,7 @@ import astral
 from astral._peer import _current_call
 from astral.testing import connected_pair
 
-from .helpers import SECRET, make_tls, token
+from .helpers import SECRET, eventually, make_tls, token
 from .redis_server import RedisServer, free_port, needs_redis, redis_server, write_file
 
 pytestmark = needs_redis
@@ -336,12 +336,12 @@ async def test_wait_for_wakes_when_the_worker_connects_elsewhere(
                 found.append(await a.registry.wait_for("late"))
 
             tg.start_soon(wait)
-            await anyio.wait_all_tasks_blocked()
+            # The waiter is registered (and found nothing) before the worker connects.
+            await eventually(lambda: "late" in a.registry._waiters)
             caps = Worker().capabilities()
             async with astral.connect(b.url, token=token("late"), capabilities=caps):
                 with anyio.fail_after(1.5):  # the announcement wakes it, not a heartbeat
-                    while not found:
-                        await anyio.sleep(0.01)
+                    await eventually(lambda: bool(found))
                 assert await found[0].call("echo", "hi") == "hi"
 
 
