@@ -44,8 +44,13 @@ def capabilities(registry: astral.redis.RedisRegistry) -> dict[str, Any]:
             entry: dict[str, Any] = {"remote": not isinstance(worker, astral.Peer)}
             entry["echo"] = await worker.call("echo", {"from": os.getpid(), "to": subject})
             tag = f"{os.getpid()}-{subject}"
-            with anyio.move_on_after(0.3):
-                await worker.call("sleepy", tag)
+            # Cancel the call once it runs on the worker (never on a timer).
+            async with anyio.create_task_group() as calls:
+                calls.start_soon(_call_sleepy, worker, tag)
+                with anyio.fail_after(10):
+                    while not await worker.call("was_started", tag):
+                        await anyio.sleep(0.02)
+                calls.cancel_scope.cancel()
             with anyio.fail_after(5):  # the worker notices the cancel
                 while not await worker.call("was_cancelled", tag):
                     await anyio.sleep(0.02)
@@ -118,6 +123,10 @@ class _ClusterApp:
             return
         assert self._app is not None
         await self._app(scope, receive, send)
+
+
+async def _call_sleepy(worker: Any, tag: str) -> None:
+    await worker.call("sleepy", tag, timeout=None)
 
 
 app = _ClusterApp()

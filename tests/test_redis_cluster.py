@@ -154,10 +154,19 @@ class WorkerState:
             finally:
                 self.cancelled.add(tag)
 
+        async def was_started(tag: str) -> bool:
+            return self.event(tag).is_set()
+
         async def was_cancelled(tag: str) -> bool:
             return tag in self.cancelled
 
-        return {"echo": echo, "count": count, "sleepy": sleepy, "was_cancelled": was_cancelled}
+        return {
+            "echo": echo,
+            "count": count,
+            "sleepy": sleepy,
+            "was_started": was_started,
+            "was_cancelled": was_cancelled,
+        }
 
 
 @pytest.mark.time_limit(90)
