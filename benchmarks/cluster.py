@@ -155,6 +155,9 @@ async def _principal(redis_url: str) -> None:
                     capabilities=caps,
                     registry=registry,
                     max_inbound_calls=10_000,
+                    # F: 2,500 workers per principal, above the default cap of 1,024.
+                    max_connections=20_000,
+                    max_handshakes=1_024,
                 )
             )
             print(f"READY {port}", flush=True)

@@ -81,6 +81,10 @@ class _Astral:
                     verifier=verifier,
                     capabilities={**app.capabilities(), "upload": _upload},
                     on_connect=on_connect,
+                    # F holds 10,000 workers, opened 4 x 32 at a time: above
+                    # the defaults (1,024 connections, 128 in the handshake).
+                    max_connections=20_000,
+                    max_handshakes=1_024,
                 )
             )
             task_status.started(port)
