@@ -39,7 +39,7 @@ from ._exceptions import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
 __all__ = ["main"]
 
@@ -113,6 +113,17 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def _run(main: Callable[[], Awaitable[None]], backend: str) -> None:
+    """``anyio.run(main)``, raising what one task raised rather than its group."""
+    try:
+        anyio.run(main, backend=backend)
+    except BaseException as exc:
+        error = _leaf(exc)
+        if error is exc or not isinstance(error, Exception):
+            raise
+        raise error from None
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -171,13 +182,7 @@ def _run_call(args: argparse.Namespace) -> int:
             else:
                 _print_json(result)
 
-    try:
-        anyio.run(call, backend=backend)
-    except BaseException as exc:
-        error = _leaf(exc)
-        if error is exc or not isinstance(error, Exception):
-            raise
-        raise error from None
+    _run(call, backend)
     return OK
 
 
@@ -321,13 +326,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                     break
             tg.cancel_scope.cancel()
 
-    try:
-        anyio.run(run, backend=backend)
-    except BaseException as exc:
-        error = _leaf(exc)
-        if error is exc or not isinstance(error, Exception):
-            raise
-        raise error from None
+    _run(run, backend)
     return OK
 
 
