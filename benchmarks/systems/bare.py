@@ -36,13 +36,13 @@ from wsproto.events import (
 )
 
 from .echo import EchoConn, echo_client, echo_server, guarded
+from .naive import CLOSED, handshake
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from ..common import ServerApp
 
-CLOSED = (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError)
 #: Senders wait while more than this many bytes are buffered and unsent.
 HIGH_WATER = 1 << 16
 READ_SIZE = 1 << 16
@@ -100,18 +100,6 @@ class BareWebSocket:
             self._events.extend(self._ws.events())
 
 
-async def _handshake(stream: SocketStream, ws: WSConnection, wanted: type[Event]) -> list[Event]:
-    """Read until the ``wanted`` handshake event; return the events after it."""
-    while True:
-        ws.receive_data(await stream.receive(READ_SIZE))
-        events = list(ws.events())
-        for i, event in enumerate(events):
-            if isinstance(event, wanted):
-                if isinstance(event, Request):
-                    await stream.send(ws.send(AcceptConnection()))
-                return events[i + 1 :]
-
-
 class BareWsprotoEcho:
     name: ClassVar[str] = "wsproto-bare"
     backends: ClassVar[tuple[str, ...]] = ("asyncio", "trio")
@@ -125,7 +113,7 @@ class BareWsprotoEcho:
             async with stream:
                 ws = WSConnection(ConnectionType.SERVER)
                 try:
-                    pending = await _handshake(stream, ws, Request)
+                    pending = await handshake(stream, ws, Request)
                 except CLOSED:
                     return
                 conn = BareWebSocket(stream, ws, pending)
@@ -146,7 +134,7 @@ class BareWsprotoEcho:
         async with await anyio.connect_tcp("127.0.0.1", port) as stream:
             ws = WSConnection(ConnectionType.CLIENT)
             await stream.send(ws.send(Request(host=f"127.0.0.1:{port}", target="/")))
-            pending = await _handshake(stream, ws, AcceptConnection)
+            pending = await handshake(stream, ws, AcceptConnection)
             conn = BareWebSocket(stream, ws, pending)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(guarded, CLOSED, conn.writer)

@@ -68,7 +68,7 @@ class NaiveWebSocket:
             self._events.extend(self._ws.events())
 
 
-async def _handshake(stream: SocketStream, ws: WSConnection, wanted: type[Event]) -> list[Event]:
+async def handshake(stream: SocketStream, ws: WSConnection, wanted: type[Event]) -> list[Event]:
     """Read until the ``wanted`` handshake event; return the events after it."""
     while True:
         ws.receive_data(await stream.receive(65536))
@@ -93,7 +93,7 @@ class NaiveWsprotoEcho:
             async with stream:
                 ws = WSConnection(ConnectionType.SERVER)
                 try:
-                    pending = await _handshake(stream, ws, Request)
+                    pending = await handshake(stream, ws, Request)
                 except CLOSED:
                     return
                 await guarded(CLOSED, echo_server, NaiveWebSocket(stream, ws, pending), app)
@@ -110,6 +110,6 @@ class NaiveWsprotoEcho:
         async with await anyio.connect_tcp("127.0.0.1", port) as stream:
             ws = WSConnection(ConnectionType.CLIENT)
             await stream.send(ws.send(Request(host=f"127.0.0.1:{port}", target="/")))
-            pending = await _handshake(stream, ws, AcceptConnection)
+            pending = await handshake(stream, ws, AcceptConnection)
             async with echo_client(NaiveWebSocket(stream, ws, pending), worker=worker) as conn:
                 yield conn
