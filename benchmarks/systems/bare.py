@@ -7,14 +7,25 @@ Nothing here imports astral.
 
 What makes it lean, and what an RPC library could match:
 
-- **Coalesced writes.** A sender appends its frame to one output buffer and
-  returns; one writer task per connection sends everything buffered in one
-  ``stream.send``. A sender waits only while the buffer is over a high-water
-  mark, so memory stays bounded when the remote does not read.
+- **No task hops on the server.** One task per connection reads the socket,
+  feeds wsproto, handles every event of that read (an echo appends its reply
+  frame to one output buffer) and then ships the whole buffer in **one**
+  ``stream.send`` before it reads again. No writer task, no per-message event.
+- **Write-through on the client.** A caller appends its frame to the output
+  buffer; if nobody is sending, it sends the buffer itself (everything other
+  callers appended meanwhile goes in the same ``stream.send``), otherwise it
+  returns and the sender in progress ships it. A frame appended by the task
+  that also reads (the server's loop) waits for that task's next read, so a
+  batch of replies leaves in one write. Above a 64 KiB high-water mark the
+  buffer is shipped at once and other senders wait for it to drain, so memory
+  stays bounded when the remote does not read.
 - **One read, every event.** Each ``stream.receive`` is fed to wsproto and
   every message it completes is handed over before the next read.
 - Pings are answered through the same buffer; nothing else is handled (no
   size limits, no timeouts): a reference, not a server to deploy.
+
+The client side is the shared :class:`~benchmarks.systems.echo.EchoConn`
+(one reader task resolving calls in order), as for every echo system.
 """
 
 from __future__ import annotations
@@ -43,13 +54,13 @@ if TYPE_CHECKING:
 
     from ..common import ServerApp
 
-#: Senders wait while more than this many bytes are buffered and unsent.
+#: Above this many unsent bytes the buffer is shipped at once, and senders wait.
 HIGH_WATER = 1 << 16
 READ_SIZE = 1 << 16
 
 
 class BareWebSocket:
-    """Text messages over one wsproto connection, writes coalesced."""
+    """Text messages over one wsproto connection, writes coalesced without a writer task."""
 
     def __init__(self, stream: SocketStream, ws: WSConnection, pending: list[Event]) -> None:
         self._stream = stream
@@ -57,25 +68,37 @@ class BareWebSocket:
         self._events: deque[Event] = deque(pending)
         self._parts: list[str] = []
         self._out = bytearray()
-        self._ready = anyio.Event()  # set when there is something to write
-        self._drained = anyio.Event()  # set when the buffer went out
+        self._sending = False  # a task is inside ``stream.send``
+        self._reading = False  # a task is inside ``stream.receive``
+        self._drained: anyio.Event | None = None  # set when a send finished
 
-    async def writer(self) -> None:
-        """The one task that writes: everything buffered goes in one send."""
-        while True:
-            await self._ready.wait()
-            self._ready = anyio.Event()
-            data = bytes(self._out)
-            self._out.clear()
-            await self._stream.send(data)
-            self._drained.set()
-            self._drained = anyio.Event()
+    async def _flush(self) -> None:
+        """Ship the buffer, and whatever is appended while it goes, one send each."""
+        self._sending = True
+        try:
+            while self._out:
+                data = bytes(self._out)
+                self._out.clear()
+                await self._stream.send(data)
+        finally:
+            self._sending = False
+            if self._drained is not None:
+                self._drained.set()
+                self._drained = None
 
     async def _write(self, data: bytes) -> None:
         self._out += data
-        self._ready.set()
-        while len(self._out) > HIGH_WATER:
-            await self._drained.wait()
+        if self._sending:
+            # The send in progress takes this frame too; wait only above the mark.
+            while self._sending and len(self._out) > HIGH_WATER:
+                if self._drained is None:
+                    self._drained = anyio.Event()
+                await self._drained.wait()
+        elif self._reading or len(self._out) > HIGH_WATER:
+            # The reader is parked on the socket (or too much is waiting): send now.
+            await self._flush()
+        # else: the task that reads will ship it, with the rest of its batch,
+        # before it reads again.
 
     async def send(self, message: str) -> None:
         await self._write(self._ws.send(TextMessage(data=message)))
@@ -93,10 +116,17 @@ class BareWebSocket:
                         self._parts.clear()
                         return message
                 elif isinstance(event, Ping):
-                    await self._write(self._ws.send(event.response()))
+                    self._out += self._ws.send(event.response())
                 elif isinstance(event, CloseConnection):
                     raise anyio.EndOfStream
-            self._ws.receive_data(await self._stream.receive(READ_SIZE))
+            if self._out and not self._sending:
+                await self._flush()  # the batch of replies goes in one send
+            self._reading = True
+            try:
+                data = await self._stream.receive(READ_SIZE)
+            finally:
+                self._reading = False
+            self._ws.receive_data(data)
             self._events.extend(self._ws.events())
 
 
@@ -116,11 +146,8 @@ class BareWsprotoEcho:
                     pending = await handshake(stream, ws, Request)
                 except CLOSED:
                     return
-                conn = BareWebSocket(stream, ws, pending)
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(guarded, CLOSED, conn.writer)
-                    await guarded(CLOSED, echo_server, conn, app)
-                    tg.cancel_scope.cancel()
+                # One task: echo_server's receive reads and flushes, its send appends.
+                await guarded(CLOSED, echo_server, BareWebSocket(stream, ws, pending), app)
 
         listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
         async with listener:
@@ -135,9 +162,5 @@ class BareWsprotoEcho:
             ws = WSConnection(ConnectionType.CLIENT)
             await stream.send(ws.send(Request(host=f"127.0.0.1:{port}", target="/")))
             pending = await handshake(stream, ws, AcceptConnection)
-            conn = BareWebSocket(stream, ws, pending)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(guarded, CLOSED, conn.writer)
-                async with echo_client(conn, worker=worker) as echo:
-                    yield echo
-                tg.cancel_scope.cancel()
+            async with echo_client(BareWebSocket(stream, ws, pending), worker=worker) as echo:
+                yield echo
