@@ -49,6 +49,7 @@ flushing ours, and (client side) waiting for the server to drop TCP first.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 from collections import deque
@@ -215,6 +216,62 @@ def read_ahead_limiter(stream: ByteStream) -> Callable[[], None] | None:
     return limit
 
 
+class DirectWriter:
+    """Writes to an asyncio transport without a task: what AnyIO's ``send`` does, minus the hop.
+
+    AnyIO's asyncio ``SocketStream.send`` writes to the transport at once
+    when its buffer is empty (it sets the transport's high-water mark to 0,
+    so "not paused" means "the kernel took everything so far"). Doing the
+    same from :meth:`WebSocketConnection._queue` saves the wake-up of the
+    writer task and a turn of the event loop per write. Only an empty
+    transport is written to directly; while it is paused the writer task
+    waits for it as before, so backpressure is unchanged.
+    """
+
+    __slots__ = ("_protocol", "_transport", "call_soon")
+
+    def __init__(self, transport: Any, protocol: Any) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        #: Runs a callback at the end of this turn of the event loop.
+        self.call_soon: Callable[[Callable[[], None]], object] = (
+            asyncio.get_running_loop().call_soon
+        )
+
+    def ready(self) -> bool:
+        """Tell whether a write now goes straight to the kernel (nothing is pending)."""
+        return bool(self._protocol.write_event.is_set()) and not self._transport.is_closing()
+
+    def write(self, data: bytes) -> bool:
+        """Write ``data``; return False if the transport is gone."""
+        if self._protocol.exception is not None or self._transport.is_closing():
+            return False
+        try:
+            self._transport.write(data)
+        except RuntimeError:  # closed under us
+            return False
+        return True
+
+
+def direct_writer(stream: ByteStream) -> DirectWriter | None:
+    """Return a :class:`DirectWriter` for AnyIO's plain asyncio socket stream, else ``None``.
+
+    Under TLS, on trio, or on any other stream, writes go through the
+    writer task and ``stream.send`` as always.
+    """
+    transport = getattr(stream, "_transport", None)
+    protocol = getattr(stream, "_protocol", None)
+    if (
+        transport is None
+        or getattr(transport, "write", None) is None
+        or getattr(transport, "is_closing", None) is None
+        or getattr(protocol, "write_event", None) is None
+        or not hasattr(protocol, "exception")
+    ):
+        return None
+    return DirectWriter(transport, protocol)
+
+
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
@@ -294,6 +351,10 @@ class WebSocketConnection:
         self._space: anyio.Event | None = None  # senders wait for room
         self._write_closed = False  # a close frame is queued, or the stream is gone
         self._writer_done = anyio.Event()
+        self._writer_busy = False  # the writer task is inside ``stream.send``
+        # asyncio only: write from _queue, no writer task hop (see DirectWriter).
+        self._direct = direct_writer(stream)
+        self._flush_pending = False  # a direct flush is scheduled for this turn's end
         # Pings that came while the buffer was full: answered (the latest
         # one) once the writer drains it; how many since a write last completed.
         self._pong_owed: bytes | None = None
@@ -505,10 +566,60 @@ class WebSocketConnection:
 
     def _queue(self, data: bytes | bytearray) -> None:
         self._out += data
+        direct = self._direct
+        if direct is not None and not self._writer_busy and not self._broken:
+            if self._flush_pending:
+                return  # goes out with the flush already scheduled for this turn
+            if direct.ready():
+                # The frames queued during the rest of this turn go out together
+                # in one write at its end: a batch of replies is one syscall,
+                # with no task woken for it.
+                self._flush_pending = True
+                direct.call_soon(self._flush_direct)
+                return
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
             wakeup.set()
+
+    def _flush_direct(self) -> None:
+        """Write what is queued straight to the asyncio transport (see :class:`DirectWriter`)."""
+        self._flush_pending = False
+        direct = self._direct
+        if not self._out or self._broken or self._writer_busy or direct is None:
+            return
+        if not direct.ready():
+            # The kernel has not taken the last write: the writer task waits for it.
+            wakeup = self._wakeup
+            if wakeup is not None:
+                self._wakeup = None
+                wakeup.set()
+            return
+        data = bytes(self._out)
+        self._out.clear()
+        if not direct.write(data):
+            logger.debug("write failed: transport closed")
+            self._lost("write failed: transport closed")
+            return
+        self._written()
+
+    def _written(self) -> None:
+        """A write completed: the remote reads; pay an owed pong, let senders on."""
+        self._pings_unread = 0
+        owed = self._pong_owed
+        if owed is not None:
+            self._pong_owed = None
+            if not self._write_closed:
+                self._queue(self._ws.send(Pong(payload=owed)))
+        space = self._space
+        if space is not None:
+            self._space = None
+            space.set()
+        if self._write_closed and not self._out:
+            wakeup = self._wakeup  # the writer task may finish now
+            if wakeup is not None:
+                self._wakeup = None
+                wakeup.set()
 
     async def _write_main(self) -> None:
         try:
@@ -521,22 +632,16 @@ class WebSocketConnection:
                     continue
                 data = bytes(self._out)
                 self._out.clear()
+                self._writer_busy = True
                 try:
                     await self._stream.send(data)
                 except STREAM_ERRORS as exc:
                     logger.debug("write failed: %r", exc)
                     self._lost(f"write failed: {exc!r}")
                     return
-                self._pings_unread = 0  # the remote reads
-                owed = self._pong_owed
-                if owed is not None:
-                    self._pong_owed = None
-                    if not self._write_closed:
-                        self._queue(self._ws.send(Pong(payload=owed)))
-                space = self._space
-                if space is not None:
-                    self._space = None
-                    space.set()
+                finally:
+                    self._writer_busy = False
+                self._written()
         finally:
             self._writer_done.set()
 
