@@ -27,6 +27,7 @@ import contextvars
 import logging
 import math
 import threading
+from collections import deque
 from contextlib import aclosing, asynccontextmanager
 from types import EllipsisType, MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Self, TypeVar, overload
@@ -645,10 +646,11 @@ class Peer:
         self._close_with = (1000, "")  # the close code and reason the transport gets
         self._idle: anyio.Event | None = None  # set once a drain has no call left
         # The inbound calls waiting for a worker; bounded by max_inbound_calls.
-        self._work_send, self._work_receive = anyio.create_memory_object_stream[
-            tuple["Call", "Callable[[Any], Any]", _Inbound]
-        ](math.inf)
-        self._idle_workers = 0
+        self._work: deque[tuple[Call, Callable[[Any], Any], _Inbound]] = deque()
+        # Idle workers, each parked on its own event (no memory object stream:
+        # its receive() spends a turn of the loop before it even waits).
+        self._idle_workers: deque[anyio.Event] = deque()
+        self._work_closed = False
         self._unstarted = 0  # calls handed to a worker that has not taken them yet
         self._deadlines: Deadlines[_Channel] = Deadlines()
         self._until: Until[_Channel] = Until()  # deadlines of whole calls
@@ -854,8 +856,10 @@ class Peer:
         self._control_send.close()
         self._control_receive.close()
         # Calls still waiting for a worker were cancelled above: never start them.
-        self._work_send.close()
-        self._work_receive.close()
+        self._work_closed = True
+        self._work.clear()
+        while self._idle_workers:
+            self._idle_workers.popleft().set()
         self._timer_wake.set()  # the timer loop ends too
         if self._idle is not None:
             self._idle.set()  # a drain has nothing left to wait for
@@ -1021,15 +1025,22 @@ class Peer:
         # Inbound calls are served by a pool of reusable worker tasks, not a
         # task each: spawning an AnyIO task costs ten times a hand-over.
         _current_peer.set(self)
-        receive = self._work_receive
+        work, idle = self._work, self._idle_workers
         while True:
-            try:
-                call, invoke, handle = await receive.receive()
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                return
+            if not work:
+                if self._work_closed:
+                    return
+                wake = anyio.Event()
+                idle.append(wake)
+                try:
+                    await wake.wait()
+                finally:
+                    if not wake.is_set():  # cancelled while idle
+                        idle.remove(wake)
+                continue
+            call, invoke, handle = work.popleft()
             self._unstarted -= 1
             await self._serve(call, invoke, handle)
-            self._idle_workers += 1
 
     def _start_inbound(
         self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound, items: bool
@@ -1046,10 +1057,10 @@ class Peer:
             # The budget runs from now, on our clock: the time the call took
             # to get here is the caller's to spend (it is on its own clock).
             handle.deadline = handle.scope.deadline = anyio.current_time() + call.deadline / 1000
-        self._work_send.send_nowait((call, invoke, handle))
+        self._work.append((call, invoke, handle))
         self._unstarted += 1
         if self._idle_workers:
-            self._idle_workers -= 1  # that idle worker takes this call
+            self._idle_workers.popleft().set()  # that idle worker takes this call
         else:
             assert self._tasks is not None
             self._tasks.start_soon(self._worker)
