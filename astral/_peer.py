@@ -79,8 +79,6 @@ if TYPE_CHECKING:
     )
     from contextlib import AbstractAsyncContextManager
 
-    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-
     from ._dispatch import Capabilities
     from ._frames import Call, End, JsonDefault
     from ._middleware import Middleware
@@ -244,9 +242,26 @@ def current_call() -> CallContext:
 
 
 class _Channel:
-    """The per-call memory object stream the reader feeds, and its fate."""
+    """The frames the reader hands one of our calls, and the call's fate.
 
-    __slots__ = ("buffered", "call_id", "capability", "error", "pump", "receive", "send", "until")
+    A deque and, only while the consumer waits, an event: no memory object
+    stream (whose ``receive()`` spends a turn of the loop before it waits,
+    and which allocates five objects per call).
+    """
+
+    __slots__ = (
+        "buffered",
+        "call_id",
+        "capability",
+        "ended",
+        "error",
+        "frames",
+        "gone",
+        "pump",
+        "size",
+        "until",
+        "waiter",
+    )
 
     def __init__(self, capability: str, size: int) -> None:
         self.capability = capability
@@ -255,32 +270,58 @@ class _Channel:
         self.call_id = ""
         self.error: BaseException | None = None
         self.buffered = 0  # frames delivered and not yet taken
-        self.send: MemoryObjectSendStream[Yield | Result]
-        self.receive: MemoryObjectReceiveStream[Yield | Result]
+        self.frames: deque[Yield | Result] = deque()
         # One slot more than the flow-control window: the terminal result
         # must fit behind a full window of items.
-        self.send, self.receive = anyio.create_memory_object_stream[Yield | Result](size + 1)
+        self.size = size + 1
+        self.ended = False  # no frame will be added (result, failure)
+        self.gone = False  # the consumer has left: frames are dropped
+        self.waiter: anyio.Event | None = None  # the consumer waits for a frame
+
+    def put(self, frame: Yield | Result) -> bool | None:
+        """Add a frame: True if added, False if the buffer is full, None if no one reads."""
+        if self.gone or self.ended:
+            return None
+        if len(self.frames) >= self.size:
+            return False
+        self.frames.append(frame)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            waiter.set()
+        return True
+
+    def end(self) -> None:
+        """No more frames: the consumer reads what is buffered, then the end."""
+        self.ended = True
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            waiter.set()
+
+    def leave(self) -> None:
+        """The consumer has gone: drop what is buffered, take nothing more."""
+        self.gone = True
+        self.frames.clear()
+        self.end()
 
     def fail(self, error: BaseException) -> None:
-        # The buffer may be full, so the error travels beside the stream: the
-        # consumer reads what arrived, then meets the error at end of stream.
+        # The buffer may be full, so the error travels beside the frames: the
+        # consumer reads what arrived, then meets the error at the end.
         if self.error is None:
             self.error = error
-        self.send.close()
+        self.end()
 
     async def next(self) -> Yield | Result:
-        try:
-            try:
-                # Buffered items are taken without a trip through the event
-                # loop (receive() always makes one); at most a window of them.
-                frame = self.receive.receive_nowait()
-            except anyio.WouldBlock:
-                frame = await self.receive.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            pass
-        else:
+        # Buffered frames are taken without a trip through the event loop; at
+        # most a window of them. Waiting is a cancellation point as usual.
+        frames = self.frames
+        while not frames and not self.ended:
+            waiter = self.waiter = anyio.Event()
+            await waiter.wait()
+        if frames:
             self.buffered -= 1
-            return frame
+            return frames.popleft()
         error = self.error
         if isinstance(error, ConnectionClosed):
             # The connection's error is shared by every pending call: raise a
@@ -946,9 +987,8 @@ class Peer:
         """Hand a frame to its call without waiting; True if the consumer lags."""
         channel, frame = event.handle, event.frame
         self._deadlines.discard(channel)  # the timeout covers the first frame only
-        try:
-            channel.send.send_nowait(frame)
-        except anyio.WouldBlock:
+        added = channel.put(frame)
+        if added is False:
             channel.fail(
                 StreamOverrun(
                     f"call {channel.capability}: consumer fell more than "
@@ -958,12 +998,12 @@ class Peer:
             # Not _abandon: the consumer still reads what is buffered first.
             self._forget(channel)
             return False
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        if added is None:
             self._abandon(channel)  # the consumer has gone away
             return False
         channel.buffered += 1
         if type(frame) is Result:
-            channel.send.close()
+            channel.end()
             if channel.until is not None:
                 self._until.discard(channel)
             if channel.pump is not None:
@@ -1294,8 +1334,7 @@ class Peer:
             if channel.until is not None:
                 self._arm_until(channel, channel.until)
         except (ValueError, CallTimeout):  # ProtocolError included
-            channel.send.close()  # nothing was registered or sent
-            channel.receive.close()
+            channel.leave()  # nothing was registered or sent
             raise
         try:
             await self._transport.send(text)
@@ -1396,8 +1435,7 @@ class Peer:
 
     def _abandon(self, channel: _Channel) -> None:
         # The consumer has gone: also drop whatever is buffered.
-        channel.send.close()
-        channel.receive.close()
+        channel.leave()
         self._forget(channel)
 
     # -- timeouts: one timer task, no cancel scope per call ------------------
@@ -1521,7 +1559,7 @@ class Peer:
             raise
         if isinstance(frame, Yield):
             return Stream(self, channel, frame, convert=convert)
-        channel.receive.close()
+        channel.leave()
         if frame.error is not None:
             raise _remote_error(frame, capability)
         if convert is not None:  # None too: no output does not fit a model type
@@ -1581,7 +1619,7 @@ class Peer:
         if isinstance(frame, Yield):
             info.streaming = True
             return Stream(self, channel, frame, chain=chain, convert=convert)
-        channel.receive.close()
+        channel.leave()
         error: Exception | None = None
         if frame.error is not None:
             error = _remote_error(frame, capability)
