@@ -73,6 +73,7 @@ if TYPE_CHECKING:
         AsyncIterator,
         Awaitable,
         Callable,
+        Coroutine,
         Iterable,
         Mapping,
         Sequence,
@@ -682,6 +683,15 @@ class Peer:
         # The reader's own replies. Unbounded as a stream, but the reader stops
         # reading while max_inbound_calls of them wait (see _wait_for_replies).
         self._control_send, self._control_receive = anyio.create_memory_object_stream[str](math.inf)
+        # A transport that can queue a message without waiting (astral's own
+        # WebSocket) takes control frames straight from the task that makes
+        # them: credit and cancels never wait for the control loop's turn, and
+        # the control loop is started only once something has to wait.
+        try_send = getattr(transport, "try_send", None)
+        self._send_now: Callable[[str], bool] | None = try_send if callable(try_send) else None
+        self._control_started = False
+        self._close_coro: Coroutine[Any, Any, None] | None = None  # see _close_after
+        self._control_busy = False  # the control loop holds a frame it is sending
         self._control_sent = anyio.Event()  # set each time the control loop sends one
         self._close_error: ConnectionClosed | None = None
         self._close_with = (1000, "")  # the close code and reason the transport gets
@@ -746,14 +756,21 @@ class Peer:
         try:
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
-                tasks.start_soon(self._control_loop)
-                # The timer starts with the first call that has a timeout: a
-                # principal that only answers calls never needs it.
+                if self._send_now is None:
+                    self._control_started = True
+                    tasks.start_soon(self._control_loop)
+                # Over a transport with try_send (astral's WebSocket) the
+                # control loop starts with the first control frame that has to
+                # wait (see _send_control); the timer starts with the first call
+                # that has a timeout: a principal that only answers calls may
+                # never need either.
                 task_status.started()
                 # This task is the reader (one task less per connection);
                 # cancelling the group's scope stops it with the others.
                 await self._read_loop()
         finally:
+            if self._close_coro is not None:
+                self._close_coro.close()  # a no-op unless it never started
             self._shutdown(ConnectionClosed("peer stopped"))
             try:
                 # However the peer stopped (the remote left, a flood was cut
@@ -829,7 +846,11 @@ class Peer:
     def _close_after(self, delay: float, code: int, reason: str) -> None:
         """Close the connection with ``code`` once ``delay`` seconds have passed."""
         assert self._tasks is not None
-        self._tasks.start_soon(self._close_later, delay, code, reason)
+        # Kept, so that _run can close it if the peer stopped before the task
+        # took its first step (AnyIO leaves the coroutine of a task cancelled
+        # that early never awaited, and Python warns about it).
+        coro = self._close_coro = self._close_later(delay, code, reason)
+        self._tasks.start_soon(lambda: coro)
 
     async def _close_later(self, delay: float, code: int, reason: str) -> None:
         await anyio.sleep(delay)
@@ -1045,16 +1066,32 @@ class Peer:
                 self._tasks.cancel_scope.cancel()
 
     def _send_control(self, text: str) -> None:
+        send_now = self._send_now
+        if (
+            send_now is not None
+            and not self._control_busy
+            and self._close_error is None
+            and not self._control_send.statistics().current_buffer_used
+            and send_now(text)
+        ):
+            return  # queued on the transport, behind nothing of ours
         try:
             self._control_send.send_nowait(text)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass  # closing: the remote needs no answer any more
+            return  # closing: the remote needs no answer any more
+        if not self._control_started and self._tasks is not None:
+            self._control_started = True
+            self._tasks.start_soon(self._control_loop)
 
     async def _control_loop(self) -> None:
         send = self._transport.send
         try:
             async for text in self._control_receive:
-                await send(text)
+                self._control_busy = True  # later frames queue behind this one
+                try:
+                    await send(text)
+                finally:
+                    self._control_busy = False
                 self._control_sent.set()
         except CLOSED_ERRORS:
             pass  # the reader sees the end too, and shuts the peer down
