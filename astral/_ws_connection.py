@@ -242,6 +242,10 @@ class DirectWriter:
         """Tell whether a write now goes straight to the kernel (nothing is pending)."""
         return bool(self._protocol.write_event.is_set()) and not self._transport.is_closing()
 
+    async def drained(self) -> None:
+        """Wait until the transport has handed everything written to the kernel."""
+        await self._protocol.write_event.wait()
+
     def write(self, data: bytes) -> bool:
         """Write ``data``; return False if the transport is gone."""
         if self._protocol.exception is not None or self._transport.is_closing():
@@ -351,6 +355,11 @@ class WebSocketConnection:
         self._space: anyio.Event | None = None  # senders wait for room
         self._write_closed = False  # a close frame is queued, or the stream is gone
         self._writer_done = anyio.Event()
+        # With a DirectWriter (asyncio) the writer task is started only when a
+        # write has to wait, or a close frame has to be flushed: one task less
+        # per connection.
+        self._writer_started = False
+        self._tasks: anyio.abc.TaskGroup | None = None
         self._writer_busy = False  # the writer task is inside ``stream.send``
         # asyncio only: write from _queue, no writer task hop (see DirectWriter).
         self._direct = direct_writer(stream)
@@ -507,7 +516,9 @@ class WebSocketConnection:
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._shielded, self._read_main)
-            tg.start_soon(self._shielded, self._write_main)
+            self._tasks = tg
+            if self._direct is None or self._out:
+                self._start_writer()
             if self._ping_interval is not None:
                 tg.start_soon(self._shielded, self._keepalive_main)
             try:
@@ -568,6 +579,19 @@ class WebSocketConnection:
         self._read_scope.cancel()
         self._wake_all()
 
+    def _start_writer(self) -> None:
+        if not self._writer_started and self._tasks is not None:
+            self._writer_started = True
+            self._tasks.start_soon(self._shielded, self._write_main)
+
+    def _wake_writer(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set()
+        elif not self._writer_started:
+            self._start_writer()  # it finds the buffer full at its first step
+
     def _wake_all(self) -> None:
         events = (self._recv_waiter, self._resume, self._wakeup, self._space)
         self._recv_waiter = self._resume = self._wakeup = self._space = None
@@ -592,10 +616,7 @@ class WebSocketConnection:
                 self._flush_pending = True
                 direct.call_soon(self._flush_direct)
                 return
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            wakeup.set()
+        self._wake_writer()
 
     def _flush_direct(self) -> None:
         """Write what is queued straight to the asyncio transport (see :class:`DirectWriter`)."""
@@ -605,10 +626,7 @@ class WebSocketConnection:
             return
         if not direct.ready():
             # The kernel has not taken the last write: the writer task waits for it.
-            wakeup = self._wakeup
-            if wakeup is not None:
-                self._wakeup = None
-                wakeup.set()
+            self._wake_writer()
             return
         self._write_direct(direct)
 
@@ -696,8 +714,13 @@ class WebSocketConnection:
             if not self._broken and deadline is not None:
                 # Give our close frame its chance to reach the wire.
                 self._wake_all()
+                if self._out:
+                    self._start_writer()
                 with anyio.CancelScope(deadline=deadline):
-                    await self._writer_done.wait()
+                    if self._writer_started:
+                        await self._writer_done.wait()
+                    if self._direct is not None:
+                        await self._direct.drained()  # what went straight to the transport
         finally:
             self._lost("connection closed")
             try:
