@@ -692,7 +692,9 @@ class Peer:
         self._control_started = False
         self._close_coro: Coroutine[Any, Any, None] | None = None  # see _close_after
         self._control_busy = False  # the control loop holds a frame it is sending
-        self._control_sent = anyio.Event()  # set each time the control loop sends one
+        # Set each time the control loop sends one; made only while the reader
+        # waits for replies to go out (see _wait_for_replies).
+        self._control_sent: anyio.Event | None = None
         self._close_error: ConnectionClosed | None = None
         self._close_with = (1000, "")  # the close code and reason the transport gets
         self._idle: anyio.Event | None = None  # set once a drain has no call left
@@ -706,7 +708,7 @@ class Peer:
         self._deadlines: Deadlines[_Channel] = Deadlines()
         self._until: Until[_Channel] = Until()  # deadlines of whole calls
         self._timer_target = math.inf
-        self._timer_wake = anyio.Event()
+        self._timer_wake: anyio.Event | None = None  # made by the timer loop
         self._timer_started = False
         self._closed = anyio.Event()
         self._stopped = anyio.Event()
@@ -922,7 +924,8 @@ class Peer:
         self._work.clear()
         while self._idle_workers:
             self._idle_workers.popleft().set()
-        self._timer_wake.set()  # the timer loop ends too
+        if self._timer_wake is not None:
+            self._timer_wake.set()  # the timer loop ends too
         if self._idle is not None:
             self._idle.set()  # a drain has nothing left to wait for
         self._closed.set()
@@ -1092,7 +1095,9 @@ class Peer:
                     await send(text)
                 finally:
                     self._control_busy = False
-                self._control_sent.set()
+                sent = self._control_sent
+                if sent is not None:
+                    sent.set()
         except CLOSED_ERRORS:
             pass  # the reader sees the end too, and shuts the peer down
 
@@ -1493,16 +1498,16 @@ class Peer:
             self._timer_started = True
             assert self._tasks is not None
             self._tasks.start_soon(self._timer_loop)
-        elif deadline < self._timer_target:
+        elif deadline < self._timer_target and self._timer_wake is not None:
             self._timer_wake.set()
 
     async def _timer_loop(self) -> None:
         deadlines, until = self._deadlines, self._until
         while self._close_error is None:
-            self._timer_wake = anyio.Event()
+            wake = self._timer_wake = anyio.Event()
             self._timer_target = min(deadlines.earliest(), until.earliest())
             with anyio.CancelScope(deadline=self._timer_target):
-                await self._timer_wake.wait()
+                await wake.wait()
             now = anyio.current_time()
             for channel in deadlines.expired(now):
                 channel.fail(CallTimeout(f"call {channel.capability} timed out"))

@@ -30,6 +30,12 @@ class Transport(Protocol):
 
     Implementations must allow :meth:`send` to be called from several tasks at
     once (messages are never interleaved) while one task calls :meth:`receive`.
+
+    A transport may also have ``try_send(item) -> bool``: queue one message
+    without waiting and return True, or queue nothing and return False if
+    that would mean waiting. A peer sends its control frames (credit,
+    cancels, refusals) through it when there is one, rather than through a
+    control task; astral's WebSocket connection has it.
     """
 
     async def send(self, item: str, /) -> None:

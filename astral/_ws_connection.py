@@ -354,7 +354,7 @@ class WebSocketConnection:
         self._wakeup: anyio.Event | None = None  # the writer is idle
         self._space: anyio.Event | None = None  # senders wait for room
         self._write_closed = False  # a close frame is queued, or the stream is gone
-        self._writer_done = anyio.Event()
+        self._writer_done: anyio.Event | None = None  # made when the writer starts
         # With a DirectWriter (asyncio) the writer task is started only when a
         # write has to wait, or a close frame has to be flushed: one task less
         # per connection.
@@ -582,6 +582,7 @@ class WebSocketConnection:
     def _start_writer(self) -> None:
         if not self._writer_started and self._tasks is not None:
             self._writer_started = True
+            self._writer_done = anyio.Event()
             self._tasks.start_soon(self._shielded, self._write_main)
 
     def _wake_writer(self) -> None:
@@ -679,6 +680,7 @@ class WebSocketConnection:
                     self._writer_busy = False
                 self._written()
         finally:
+            assert self._writer_done is not None
             self._writer_done.set()
 
     # --- keepalive --------------------------------------------------------
@@ -717,7 +719,7 @@ class WebSocketConnection:
                 if self._out:
                     self._start_writer()
                 with anyio.CancelScope(deadline=deadline):
-                    if self._writer_started:
+                    if self._writer_done is not None:
                         await self._writer_done.wait()
                     if self._direct is not None:
                         await self._direct.drained()  # what went straight to the transport
