@@ -30,7 +30,7 @@ import threading
 from collections import deque
 from contextlib import aclosing, asynccontextmanager
 from types import EllipsisType, MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Self, TypeAlias, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -329,6 +329,19 @@ class _Channel:
             # copy per call, so tracebacks do not pile up on one instance.
             raise ConnectionClosed(error.reason, code=error.code) from error
         raise error or ConnectionClosed("call abandoned")
+
+
+_Work: TypeAlias = "tuple[Call, Callable[[Any], Any], _Inbound]"
+
+
+class _Idle:
+    """An idle worker: the event it waits on, and the call handed to it."""
+
+    __slots__ = ("wake", "work")
+
+    def __init__(self) -> None:
+        self.wake = anyio.Event()
+        self.work: _Work | None = None
 
 
 class _Pump:
@@ -698,11 +711,10 @@ class Peer:
         self._close_error: ConnectionClosed | None = None
         self._close_with = (1000, "")  # the close code and reason the transport gets
         self._idle: anyio.Event | None = None  # set once a drain has no call left
-        # The inbound calls waiting for a worker; bounded by max_inbound_calls.
-        self._work: deque[tuple[Call, Callable[[Any], Any], _Inbound]] = deque()
-        # Idle workers, each parked on its own event (no memory object stream:
-        # its receive() spends a turn of the loop before it even waits).
-        self._idle_workers: deque[anyio.Event] = deque()
+        # Idle workers, each parked on its own event; a call is handed to one
+        # directly (no memory object stream: its receive() spends a turn of
+        # the loop before it even waits).
+        self._idle_workers: deque[_Idle] = deque()
         self._work_closed = False
         self._unstarted = 0  # calls handed to a worker that has not taken them yet
         self._deadlines: Deadlines[_Channel] = Deadlines()
@@ -921,9 +933,8 @@ class Peer:
         self._control_receive.close()
         # Calls still waiting for a worker were cancelled above: never start them.
         self._work_closed = True
-        self._work.clear()
         while self._idle_workers:
-            self._idle_workers.popleft().set()
+            self._idle_workers.popleft().wake.set()  # with no work: it ends
         if self._timer_wake is not None:
             self._timer_wake.set()  # the timer loop ends too
         if self._idle is not None:
@@ -1103,26 +1114,30 @@ class Peer:
 
     # -- calls the remote makes ----------------------------------------------
 
-    async def _worker(self) -> None:
+    async def _worker(self, work: _Work) -> None:
         # Inbound calls are served by a pool of reusable worker tasks, not a
-        # task each: spawning an AnyIO task costs ten times a hand-over.
+        # task each: spawning an AnyIO task costs ten times a hand-over. Each
+        # call is handed to one worker (an idle one, or a new one), which
+        # takes no other: a worker that took call after call without yielding
+        # would fill the write buffer and park the others in send().
         _current_peer.set(self)
-        work, idle = self._work, self._idle_workers
+        idle = self._idle_workers
         while True:
-            if not work:
-                if self._work_closed:
-                    return
-                wake = anyio.Event()
-                idle.append(wake)
-                try:
-                    await wake.wait()
-                finally:
-                    if not wake.is_set():  # cancelled while idle
-                        idle.remove(wake)
-                continue
-            call, invoke, handle = work.popleft()
+            if self._work_closed:
+                return  # the call was cancelled with the peer: never start it
             self._unstarted -= 1
-            await self._serve(call, invoke, handle)
+            await self._serve(*work)
+            slot = _Idle()
+            idle.append(slot)
+            try:
+                await slot.wake.wait()
+            except BaseException:  # cancelled while idle
+                if not slot.wake.is_set():
+                    idle.remove(slot)
+                raise
+            if slot.work is None:
+                return  # the peer stopped
+            work = slot.work
 
     def _start_inbound(
         self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound, items: bool
@@ -1139,13 +1154,14 @@ class Peer:
             # The budget runs from now, on our clock: the time the call took
             # to get here is the caller's to spend (it is on its own clock).
             handle.deadline = handle.scope.deadline = anyio.current_time() + call.deadline / 1000
-        self._work.append((call, invoke, handle))
         self._unstarted += 1
         if self._idle_workers:
-            self._idle_workers.popleft().set()  # that idle worker takes this call
+            slot = self._idle_workers.popleft()  # that idle worker takes this call
+            slot.work = (call, invoke, handle)
+            slot.wake.set()
         else:
             assert self._tasks is not None
-            self._tasks.start_soon(self._worker)
+            self._tasks.start_soon(self._worker, (call, invoke, handle))
 
     def _on_error(self, call: Call, exc: Exception) -> Result:
         """Log a capability's failure here, and make its error result."""
