@@ -17,7 +17,10 @@ tasks per connection, all inside the task group of :meth:`_run`:
   cancelled send either appended all of it or nothing) and returns; the writer
   wakes once and ships everything that piled up meanwhile in one
   ``stream.send``. Senders wait only when the buffer holds more than
-  :data:`WRITE_HIGH_WATER` bytes.
+  :data:`WRITE_HIGH_WATER` bytes. On AnyIO's plain asyncio socket stream the
+  buffer is instead written straight to the transport at the end of the
+  loop's turn (:class:`DirectWriter`), and the writer task is started only
+  once the transport stops taking data or a close frame is left to flush.
 * the **keepalive** task pings every ``ping_interval`` seconds and fails the
   connection with 1011 when no pong comes back within ``ping_timeout``.
 
