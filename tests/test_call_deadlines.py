@@ -164,13 +164,15 @@ async def test_calls_made_inside_inherit_the_remaining_budget() -> None:
 
     async with connected_pair({"relay": relay}, {"forever": watch.forever}) as (_, b):
         with pytest.raises(astral.CallTimeout):
-            await b.call("relay", None, deadline=0.4)
+            # A budget the relay's own inner call can start within on a busy machine:
+            # the inner call must reach "forever" before the deadline passes.
+            await b.call("relay", None, deadline=1.0)
         await watch.cancelled.wait()
     [outer] = seen
     [inner] = watch.remaining
     assert outer is not None
     assert inner is not None
-    assert inner <= outer <= 0.4
+    assert inner <= outer <= 1.0
 
 
 async def test_a_call_made_after_the_inherited_deadline_fails_at_once() -> None:
