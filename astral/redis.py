@@ -45,6 +45,7 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
+from collections import deque
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
@@ -318,6 +319,9 @@ class RedisRegistry:
         self._up = False
         self._closing = False
         self._link_scope: anyio.CancelScope | None = None
+        self._publisher: Any = None  # the link's connection for PUBLISH, while it is up
+        # Publishes sent, whose replies (how many listened) are still to read.
+        self._replies: deque[tuple[str, Any]] = deque()
         self._local: dict[str, _Local] = {}
         self._unlisted: dict[str, _Local] = {}  # superseded, still connected
         self._waiters: dict[str, anyio.Event] = {}
@@ -460,12 +464,25 @@ class RedisRegistry:
             try:
                 with anyio.CancelScope() as scope:
                     self._link_scope = scope
-                    async with self._client.pubsub(
-                        channels=[self._channel, self._presence],
-                        retry_policy=None,
-                        ignore_subscribe_messages=True,
-                        subscription_timeout=self._connect_timeout,
-                    ) as pubsub:
+                    # Messages go straight to _on_pubsub from coredis's own
+                    # consumer task (a handler per channel), not through the
+                    # pubsub's iterator: one task wake less per message. The
+                    # publisher is a connection of our own, held while the link
+                    # is up, so a flush neither queues for the pool nor pays for
+                    # coredis's per-command machinery (see _flush).
+                    async with (
+                        self._client.pubsub(
+                            channel_handlers={
+                                self._channel: self._on_pubsub,
+                                self._presence: self._on_pubsub,
+                            },
+                            retry_policy=None,
+                            ignore_subscribe_messages=True,
+                            subscription_timeout=self._connect_timeout,
+                        ),
+                        self._client.connection_pool.acquire() as publisher,
+                    ):
+                        self._publisher = publisher
                         await self._rejoin()  # each Redis round trip has a deadline
                         self._up = True
                         delay = 0.05
@@ -475,10 +492,9 @@ class RedisRegistry:
                             started = True
                             task_status.started()
                         self._wake_all()
-                        async for message in pubsub:
-                            self._on_pubsub(message)
-                    raise ConnectionError("subscription ended")
+                        await anyio.sleep_forever()  # until the subscription breaks
             except Exception as exc:
+                self._publisher = None
                 if not _is_redis_failure(exc):
                     raise
                 if not started:
@@ -502,6 +518,7 @@ class RedisRegistry:
         for served in self._served.values():
             served.scope.cancel()
         self._outbox.clear()
+        self._replies.clear()
         self._wake_all()
 
     async def _rejoin(self) -> None:
@@ -827,13 +844,37 @@ class RedisRegistry:
         """
         if not self._up:
             raise ClusterError(f"Redis at {self.where} is unreachable")
-        self._outbox.setdefault(node, []).append(part)
-        self._outbox_ready.set()
+        self._enqueue(node, part)
 
     def _post_quiet(self, node: str, part: bytes) -> None:
         if self._up:
-            self._outbox.setdefault(node, []).append(part)
-            self._outbox_ready.set()
+            self._enqueue(node, part)
+
+    def _enqueue(self, node: str, part: bytes) -> None:
+        publisher = self._publisher
+        if not self._outbox and not self._replies and publisher is not None and publisher.usable:
+            # Nothing is waiting to go, nothing is on its way: publish now,
+            # without waking the outbound task first (one task hop less on a
+            # call's path). coredis only queues the command here; the
+            # outbound task reads the reply. Whatever comes while a publish
+            # is on its way waits in the outbox and goes out as one batch.
+            try:
+                request = publisher.create_request(
+                    b"PUBLISH",
+                    self._node_channel(node),
+                    batch(self.node, [part]),
+                    timeout=self._op_timeout,
+                )
+            except Exception as exc:
+                if not _is_redis_failure(exc):
+                    raise
+                # The connection just broke: the outbox path reports it.
+            else:
+                self._replies.append((node, request))
+                self._outbox_ready.set()
+                return
+        self._outbox.setdefault(node, []).append(part)
+        self._outbox_ready.set()
 
     def forget(self, call: RemoteCall, *, cancel: bool) -> None:
         """Route nothing more to ``call``; with ``cancel``, stop it on its node."""
@@ -848,8 +889,8 @@ class RedisRegistry:
             await self._outbox_ready.wait()
             self._outbox_ready = anyio.Event()
             try:
-                with anyio.fail_after(self._op_timeout):
-                    await self._flush()
+                await self._settle()
+                await self._flush()
             except Exception as exc:
                 if not _is_redis_failure(exc):
                     raise
@@ -868,15 +909,37 @@ class RedisRegistry:
             payloads.append((node, batch(self.node, parts[start:])))
         if not payloads:
             return
-        if len(payloads) == 1:
-            node, payload = payloads[0]
-            counts = [await self._client.publish(self._node_channel(node), payload)]
-        else:
+        publisher = self._publisher
+        if publisher is not None and publisher.usable:
+            # The hot path: queue every PUBLISH on the link's own connection
+            # (coredis sends what is queued in one write), then read the
+            # replies. coredis's lower-level connection API, because a client
+            # command costs a pool lease, retries and telemetry per call.
+            # Each request has its own deadline (command_timeout).
+            for node, payload in payloads:
+                request = publisher.create_request(
+                    b"PUBLISH", self._node_channel(node), payload, timeout=self._op_timeout
+                )
+                self._replies.append((node, request))
+            await self._settle()
+            return
+        # Leaving after the link broke: through the pool, if Redis is back.
+        with anyio.fail_after(self._op_timeout):
             async with self._client.pipeline(transaction=False) as pipe:
                 for node, payload in payloads:
                     pipe.publish(self._node_channel(node), payload)
-            counts = list(pipe.results or ())
-        for (node, _), count in zip(payloads, counts, strict=False):
+        for (node, _), count in zip(payloads, pipe.results or (), strict=False):
+            if not count:
+                self._node_left(node)
+
+    async def _settle(self) -> None:
+        """Read the replies to the publishes on their way, oldest first."""
+        replies = self._replies
+        while replies:
+            node, request = replies[0]
+            count = await request
+            if replies and replies[0][1] is request:
+                replies.popleft()
             if not count:
                 # Nobody listens on that process's channel: it is gone.
                 self._node_left(node)
