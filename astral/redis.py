@@ -72,11 +72,12 @@ from ._cluster import (
     parse,
 )
 from ._exceptions import ClusterError, ConnectionClosed, ProtocolError
+from ._middleware import Middleware, carried_trace
 from ._peer import DEFAULT_TIMEOUT, Peer, Stream
 
 if TYPE_CHECKING:
     import ssl as _ssl
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
     from types import TracebackType
 
 __all__ = ["RedisRegistry", "RemoteStream", "RemoteWorker"]
@@ -263,6 +264,12 @@ class RedisRegistry:
             outage.
         ssl_context: TLS settings for ``rediss://`` (for example a private
             CA); by default the system's trust store.
+        middleware: Wrap every call made through a :class:`RemoteWorker`
+            handle of this registry, as a :class:`~astral.Peer`'s
+            ``middleware`` wraps its outbound calls (``call.peer`` is the
+            handle). Give it the list given to ``astral.serve`` so that calls
+            to workers on other processes are observed as local ones are; a
+            trace context a middleware fills travels with the call.
 
     Raises:
         ValueError: A limit is not positive, or the URL is not ``redis://``
@@ -280,6 +287,7 @@ class RedisRegistry:
         connect_timeout: float = 5.0,
         command_timeout: float = 15.0,
         ssl_context: _ssl.SSLContext | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
@@ -298,6 +306,7 @@ class RedisRegistry:
         self.node = uuid.uuid4().hex
         self.timeout = timeout
         self.window = window
+        self.middleware: tuple[Middleware, ...] = tuple(middleware)
         self._ttl_ms = max(1, round(presence_ttl * 1000))
         # The listing outlives the presence key, so a late heartbeat does not
         # make a live process announce everything again.
@@ -821,7 +830,11 @@ class RedisRegistry:
 
     # -- calls this process makes (the Router side of RemoteWorker) ----------
 
-    def open_call(self, node: str, capability: str) -> RemoteCall:
+    def next_id(self) -> int:
+        """A new id for an outgoing call (used by :class:`RemoteWorker`)."""
+        return next(self._ids)
+
+    def open_call(self, node: str, capability: str, call_id: int | None = None) -> RemoteCall:
         """Register an outgoing call to ``node`` (used by :class:`RemoteWorker`).
 
         Raises:
@@ -832,7 +845,9 @@ class RedisRegistry:
             raise ClusterError(f"Redis at {self.where} is unreachable")
         if node in self._gone:
             raise ConnectionClosed(f"principal process {node} left")
-        call = RemoteCall(next(self._ids), node, capability, self.window)
+        call = RemoteCall(
+            next(self._ids) if call_id is None else call_id, node, capability, self.window
+        )
         self._calls[call.id] = call
         return call
 
@@ -997,7 +1012,8 @@ class RedisRegistry:
             )
             return
         # The budget counts from now: the time in transit is the caller's loss.
-        until = anyio.current_time() + msg[6] / 1000 if len(msg) == 7 else None
+        budget = msg[6] if len(msg) > 6 else None
+        until = None if budget is None else anyio.current_time() + budget / 1000
         served = self._served[key] = _Served(msg[5], until)
         self._tasks.start_soon(self._serve, sender, msg, served)
 
@@ -1023,6 +1039,8 @@ class RedisRegistry:
                 # The local peer enforces the deadline on the call; the scope
                 # also ends what waits here (credit from the caller) by then.
                 served.scope.deadline = served.until
+            # The caller's trace context, for the local peer's call frame.
+            carried_trace.set(msg[7] if len(msg) > 7 else None)
             with served.scope:
                 try:
                     output = await entry.peer.call(

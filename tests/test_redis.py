@@ -870,11 +870,25 @@ async def test_the_budget_is_enforced_on_y_and_validated_on_receipt(
                         ["call", 5, "w1", "forever", None, 8, None],
                         ["call", 6, "w1", "forever", None, 8, 2**53],
                         ["call", 7, "w1", "forever", None, 8, 100, "extra"],
+                        # A trace must be an object of strings, within the limit.
+                        ["call", 17, "w1", "forever", None, 8, None, {"traceparent": 1}],
+                        ["call", 18, "w1", "forever", None, 8, -1, {}],
+                        ["call", 19, "w1", "forever", None, 8, 100, {}, "extra"],
+                        [
+                            "call",
+                            20,
+                            "w1",
+                            "forever",
+                            None,
+                            8,
+                            None,
+                            {str(i): "" for i in range(99)},
+                        ],
                     )
                     # Old-style (no budget) still works, with no deadline.
                     await publish(["call", 8, "w1", "remaining", None, 8])
                     assert await answer() == ["done", 8, None]
-                assert "dropped 7 malformed frames" in caplog.text
+                assert "dropped 11 malformed frames" in caplog.text
                 assert watch.remaining == []
                 # A budget of 0 fails at once; nothing runs.
                 await publish(["call", 9, "w1", "forever", None, 8, 0])
