@@ -1267,7 +1267,7 @@ class Peer:
             # Without middleware, a trace context carried across the cluster
             # hop (astral.redis) still goes on to the worker.
             trace = carried_trace.get() if info is None else info.trace
-            if not trace and budget is None and input_stream is None:
+            if info is None and not trace and budget is None and input_stream is None:
                 channel.call_id, text = self._state.start_call(
                     capability, input, channel, self._max_buffered
                 )
