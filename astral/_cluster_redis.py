@@ -185,6 +185,7 @@ class RegistryBase:
     _channel: str
     _publisher: Any
     _replies: deque[tuple[str, Any]]
+    _burst: bool
     _local: dict[str, Local]
     _unlisted: dict[str, Local]
     _waiters: dict[str, anyio.Event]

@@ -79,17 +79,31 @@ class Routing(RegistryBase):
 
     def _enqueue(self, node: str, part: bytes) -> None:
         publisher = self._publisher
-        if not self._outbox and not self._replies and publisher is not None and publisher.usable:
+        if (
+            not self._outbox
+            and not self._replies
+            and not self._burst
+            and publisher is not None
+            and publisher.usable
+        ):
             # Nothing is waiting to go, nothing is on its way: publish now,
             # without waking the outbound task first (one task hop less on a
-            # call's path). coredis only queues the command here; the
-            # outbound task reads the reply. Whatever comes while a publish
-            # is on its way waits in the outbox and goes out as one batch.
+            # call's path). coredis only queues the command here. Whatever
+            # comes next, until the outbound task has run, waits in the
+            # outbox and goes out as one batch.
+            #
+            # Only a call needs Redis's reply (how many listened: none means
+            # its process is gone, and the caller learns it at once). The
+            # rest (answers, items, credit, cancel) goes with CLIENT REPLY
+            # SKIP: no reply to read, so no wake-up of this process for it.
+            # A process that left is still found by the heartbeat.
+            wants_reply = part.startswith(b'["call",')
             try:
                 request = publisher.create_request(
                     b"PUBLISH",
                     self._node_channel(node),
                     batch(self.node, [part]),
+                    noreply=not wants_reply,
                     timeout=self._op_timeout,
                 )
             except Exception as exc:
@@ -97,7 +111,10 @@ class Routing(RegistryBase):
                     raise
                 # The connection just broke: the outbox path reports it.
             else:
-                self._replies.append((node, request))
+                if wants_reply:
+                    self._replies.append((node, request))
+                else:
+                    self._burst = True
                 self._outbox_ready.set()
                 return
         self._outbox.setdefault(node, []).append(part)
@@ -115,6 +132,7 @@ class Routing(RegistryBase):
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready = anyio.Event()
+            self._burst = False
             try:
                 await self._settle()
                 await self._flush()

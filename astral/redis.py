@@ -199,6 +199,9 @@ class RedisRegistry(Presence, Routing, Serving):
         self._publisher: Any = None  # the link's connection for PUBLISH, while it is up
         # Publishes sent, whose replies (how many listened) are still to read.
         self._replies: deque[tuple[str, Any]] = deque()
+        # A message went out without a reply to wait for; the next ones wait
+        # for the outbound task, so that a burst still goes out in batches.
+        self._burst = False
         self._local: dict[str, Local] = {}
         self._unlisted: dict[str, Local] = {}  # superseded, still connected
         self._waiters: dict[str, anyio.Event] = {}
