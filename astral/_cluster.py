@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections import deque
 from types import EllipsisType, MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -60,8 +61,6 @@ from ._peer import _current_call, call_budget
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-
-    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from ._middleware import Middleware
 
@@ -253,9 +252,24 @@ class Router(Protocol):
 
 
 class RemoteCall:
-    """One outgoing call's inbox: what its node sent, and how it ended."""
+    """One outgoing call's inbox: what its node sent, and how it ended.
 
-    __slots__ = ("capability", "done", "error", "id", "node", "receive", "send", "until")
+    A deque and an event rather than a memory object stream: one consumer,
+    messages handed over without waiting, and a call's path is hot.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_inbox",
+        "_limit",
+        "_waiter",
+        "capability",
+        "done",
+        "error",
+        "id",
+        "node",
+        "until",
+    )
 
     def __init__(self, call_id: int, node: str, capability: str, window: int) -> None:
         self.id = call_id
@@ -266,49 +280,68 @@ class RemoteCall:
         self.until: float | None = None
         self.error: BaseException | None = None
         self.done = False  # the node sent its terminal message, or the call was forgotten
-        self.send: MemoryObjectSendStream[list[Any]]
-        self.receive: MemoryObjectReceiveStream[list[Any]]
-        # A window of items, then the terminal message.
-        self.send, self.receive = anyio.create_memory_object_stream[list[Any]](window + 1)
+        self._inbox: deque[list[Any]] = deque()
+        self._limit = window + 1  # a window of items, then the terminal message
+        self._closed = False  # nothing more will be delivered
+        self._waiter: anyio.Event | None = None
 
     def deliver(self, message: list[Any]) -> bool:
         """Hand over one message without waiting; False if the call must end."""
-        try:
-            self.send.send_nowait(message)
-        except anyio.WouldBlock:
+        if self._closed:
+            return False
+        if len(self._inbox) >= self._limit:
             # The node ignored flow control: fail this call, not the link.
             self.fail(StreamOverrun(f"call {self.capability}: node sent beyond its credit"))
             return False
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return False
+        self._inbox.append(message)
+        self._wake()
         return True
+
+    def close(self) -> None:
+        """Nothing more will arrive; what did is still read."""
+        self._closed = True
+        self._wake()
+
+    def discard(self) -> None:
+        """Nothing more will be read: drop what arrived."""
+        self._closed = True
+        self._inbox.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
 
     def fail(self, error: BaseException) -> None:
         if self.error is None:
             self.error = error
-        self.send.close()
+        self.close()
 
     async def next(self, timeout: float | None) -> list[Any]:
-        try:
-            until = self.until
+        until = self.until
+        if until is not None and anyio.current_time() >= until:
+            self.fail(CallTimeout(f"call {self.capability} missed its deadline"))
+            self._inbox.clear()  # too late for what arrived
+        inbox = self._inbox
+        while not inbox and not self._closed:
+            wait = math.inf if timeout is None else timeout
+            if until is not None:
+                wait = min(wait, until - anyio.current_time())
+            waiter = self._waiter = anyio.Event()
+            if wait == math.inf:
+                await waiter.wait()
+                continue
+            with anyio.move_on_after(wait):
+                await waiter.wait()
+                continue
             if until is not None and anyio.current_time() >= until:
                 self.fail(CallTimeout(f"call {self.capability} missed its deadline"))
             else:
-                try:
-                    return self.receive.receive_nowait()
-                except anyio.WouldBlock:
-                    pass
-                wait = math.inf if timeout is None else timeout
-                if until is not None:
-                    wait = min(wait, until - anyio.current_time())
-                with anyio.move_on_after(wait):
-                    return await self.receive.receive()
-                if until is not None and anyio.current_time() >= until:
-                    self.fail(CallTimeout(f"call {self.capability} missed its deadline"))
-                else:
-                    self.fail(CallTimeout(f"call {self.capability} timed out"))
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            pass
+                self.fail(CallTimeout(f"call {self.capability} timed out"))
+        if inbox:
+            return inbox.popleft()
         error = self.error
         if isinstance(error, ClusterError):
             raise ClusterError(error.reason) from error

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from ._cluster import RemoteCall
     from ._cluster_presence import Local
-    from ._cluster_serving import Served
+    from ._cluster_serving import Served, _Slot
     from ._middleware import Middleware
 
 __all__ = ["RegistryBase"]
@@ -197,6 +197,7 @@ class RegistryBase:
     _ids: itertools.count[int]
     _calls: dict[int, RemoteCall]
     _served: dict[tuple[str, int], Served]
+    _idle_servers: list[_Slot]
     _gone: set[str]
 
     def _node_channel(self, node: str) -> str:

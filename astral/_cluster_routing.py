@@ -125,8 +125,7 @@ class Routing(RegistryBase):
         if self._calls.pop(call.id, None) is not None and cancel and not call.done:
             self._post_quiet(call.node, dump(["cancel", call.id]))
         call.done = True
-        call.send.close()
-        call.receive.close()
+        call.discard()
 
     async def _outbound_loop(self) -> None:
         while True:
@@ -217,7 +216,7 @@ class Routing(RegistryBase):
                     del calls[call_id]
                     call.done = True
                     call.deliver(msg)
-                    call.send.close()
+                    call.close()
             elif kind == "credit":
                 served = self._served.get((sender, call_id))
                 if served is not None:

@@ -45,6 +45,37 @@ class Served:
         self.credit -= 1
 
 
+#: Serving tasks kept waiting for the next call from another process.
+IDLE_SERVERS = 128
+
+
+class _Slot:
+    """An idle serving task, waiting to be handed a call."""
+
+    __slots__ = ("event", "job")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.job: tuple[str, list[Any], Served] | None = None
+
+    def hand(self, job: tuple[str, list[Any], Served]) -> None:
+        self.job = job
+        self.event.set()
+
+    async def wait(self, idle: list[_Slot]) -> tuple[str, list[Any], Served]:
+        self.event = anyio.Event()
+        idle.append(self)
+        try:
+            await self.event.wait()
+        except BaseException:
+            if self in idle:
+                idle.remove(self)
+            raise
+        job, self.job = self.job, None
+        assert job is not None
+        return job
+
+
 class Serving(RegistryBase):
     """Running here the calls other processes route to workers connected here."""
 
@@ -61,7 +92,23 @@ class Serving(RegistryBase):
         budget = msg[6] if len(msg) > 6 else None
         until = None if budget is None else anyio.current_time() + budget / 1000
         served = self._served[key] = Served(msg[5], until)
-        self._tasks.start_soon(self._serve, sender, msg, served)
+        job = (sender, msg, served)
+        if self._idle_servers:
+            self._idle_servers.pop().hand(job)
+        else:
+            self._tasks.start_soon(self._server, job)
+
+    async def _server(self, job: tuple[str, list[Any], Served]) -> None:
+        # Serves one call, then waits for the next, up to IDLE_SERVERS idle at
+        # once: waking a waiting task costs less than starting one per call.
+        slot: _Slot | None = None
+        while True:
+            await self._serve(*job)
+            if self._closing or len(self._idle_servers) >= IDLE_SERVERS:
+                return
+            if slot is None:
+                slot = _Slot()
+            job = await slot.wait(self._idle_servers)
 
     async def _serve(self, sender: str, msg: list[Any], served: Served) -> None:
         call_id, subject, capability, input = msg[1:5]

@@ -37,7 +37,7 @@ are Lua scripts that build key names from the namespace, which a single Redis
 Failures, and why they never hang:
 
 * A process that dies stops answering: Redis drops its subscription at once,
-  so a frame sent to it finds no listener and its calls fail with
+  so a new call sent to it finds no listener and fails with
   :class:`astral.ConnectionClosed`; calls already waiting on it fail at the
   next heartbeat (``presence_ttl / 3``); its subjects vanish when its keys
   expire (``presence_ttl``).
@@ -213,6 +213,7 @@ class RedisRegistry(Presence, Routing, Serving):
         self._ids = itertools.count(1)
         self._calls: dict[int, RemoteCall] = {}
         self._served: dict[tuple[str, int], Served] = {}
+        self._idle_servers = []
         self._gone: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------
