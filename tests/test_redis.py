@@ -916,3 +916,64 @@ async def test_the_budget_is_enforced_on_y_and_validated_on_receipt(
                     pytest.fail(f"a second terminal message: {extra}")
                 # Y pops its entry once its serving task ends, after the worker saw the cancel.
         await eventually(lambda: not b.registry._served)
+
+
+async def test_a_call_to_a_process_that_left_fails_at_once(
+    shared_redis: RedisServer, namespace: str
+) -> None:
+    # A call's publish waits for Redis's count of listeners: none means the
+    # process is gone, and the caller learns it then, not at a heartbeat
+    # (a minute away here).
+    work = Worker()
+    async with node(shared_redis.url, namespace, presence_ttl=180) as a:
+        async with (
+            node(shared_redis.url, namespace, presence_ttl=180) as b,
+            astral.connect(b.url, token=token("w1"), capabilities=work.capabilities()),
+        ):
+            there = await a.registry.wait_for("w1")
+            assert isinstance(there, redis.RemoteWorker)
+            assert await there.call("echo", 1) == 1
+        # b has left (its subscription with it); the handle still names it.
+        start = anyio.current_time()
+        with pytest.raises(astral.ConnectionClosed, match="left"):
+            await there.call("echo", 2)
+        assert anyio.current_time() - start < 30  # not a heartbeat (60 s)
+        assert there.closed
+        assert a.registry._calls == {}
+
+
+async def test_serving_tasks_wait_for_the_next_call(
+    shared_redis: RedisServer, namespace: str
+) -> None:
+    from astral._cluster_serving import IDLE_SERVERS  # noqa: PLC0415
+
+    work = Worker()
+    async with (
+        node(shared_redis.url, namespace) as a,
+        node(shared_redis.url, namespace) as b,
+        astral.connect(b.url, token=token("w1"), capabilities=work.capabilities()),
+    ):
+        there = await a.registry.wait_for("w1")
+        for i in range(20):
+            assert await there.call("echo", i) == i
+        # One task served them all, one after the other, and waits again.
+        await eventually(lambda: len(b.registry._idle_servers) == 1)
+        results: dict[int, Any] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await there.call("echo", i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(IDLE_SERVERS + 40):
+                tg.start_soon(one, i)
+        assert results == {i: i for i in range(IDLE_SERVERS + 40)}
+        # No more wait than the bound; the rest ended.
+        await eventually(lambda: not b.registry._served)
+        await eventually(lambda: len(b.registry._idle_servers) == IDLE_SERVERS)
+        # A cancelled call leaves its task free for the next one.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(there.call, "sleepy")
+            await work.started.wait()
+            tg.cancel_scope.cancel()
+        await work.stopped.wait()
+        assert await there.call("echo", "after") == "after"
