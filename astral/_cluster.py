@@ -55,7 +55,7 @@ from ._exceptions import (
     RemoteError,
     StreamOverrun,
 )
-from ._frames import MAX_SAFE_INTEGER, MAX_TRACE_FIELDS
+from ._frames import MAX_SAFE_INTEGER, MAX_TRACE_FIELDS, MAX_TRACE_VALUE
 from ._middleware import CallInfo, Chain, log_refusal
 from ._peer import _current_call, call_budget
 
@@ -169,10 +169,14 @@ def _budget_ok(budget: Any) -> bool:
 
 
 def _trace_ok(trace: Any) -> bool:
+    # What the wire protocol accepts in a call frame's trace (astral._frames).
     return (
-        isinstance(trace, dict)
+        type(trace) is dict
         and len(trace) <= MAX_TRACE_FIELDS
-        and all(isinstance(v, str) for v in trace.values())
+        and all(
+            type(value) is str and len(key) <= 256 and len(value) <= MAX_TRACE_VALUE
+            for key, value in trace.items()
+        )
     )
 
 

@@ -874,6 +874,7 @@ async def test_the_budget_is_enforced_on_y_and_validated_on_receipt(
                         ["call", 17, "w1", "forever", None, 8, None, {"traceparent": 1}],
                         ["call", 18, "w1", "forever", None, 8, -1, {}],
                         ["call", 19, "w1", "forever", None, 8, 100, {}, "extra"],
+                        ["call", 21, "w1", "forever", None, 8, None, {"ts": "x" * 9000}],
                         [
                             "call",
                             20,
@@ -888,7 +889,7 @@ async def test_the_budget_is_enforced_on_y_and_validated_on_receipt(
                     # Old-style (no budget) still works, with no deadline.
                     await publish(["call", 8, "w1", "remaining", None, 8])
                     assert await answer() == ["done", 8, None]
-                assert "dropped 11 malformed frames" in caplog.text
+                assert "dropped 12 malformed frames" in caplog.text
                 assert watch.remaining == []
                 # A budget of 0 fails at once; nothing runs.
                 await publish(["call", 9, "w1", "forever", None, 8, 0])
