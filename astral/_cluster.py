@@ -7,9 +7,13 @@ to a worker held by node Y goes X -> Redis -> Y -> worker and back:
 * X sends ``["call", id, subject, capability, input, window]`` to Y. ``id``
   is X's own counter; Y knows the call as ``(X, id)``. A call with a
   deadline carries a seventh element, ``budget``: the milliseconds left when
-  X sent it. Y counts them from when it received the message and hands them
-  to its local peer as the call's ``deadline``; X stops waiting (and sends
-  ``cancel``) at its own deadline.
+  X sent it (``null`` if none). Y counts them from when it received the
+  message and hands them to its local peer as the call's ``deadline``; X
+  stops waiting (and sends ``cancel``) at its own deadline. A call whose
+  middleware filled a trace context (:class:`astral.otel.TracingMiddleware`
+  does) carries it as an eighth element, an object of strings; Y's local
+  peer sends it on in the call frame, so the worker's span is a child of
+  the caller's.
 * Y calls its local :class:`~astral.Peer` and answers with
   ``["done", id, output]`` (a single result), or ``["item", id, output]``
   per streamed item and then ``["end", id]``, or ``["fail", id, kind,
@@ -36,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections import deque
 from types import EllipsisType, MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -50,13 +55,14 @@ from ._exceptions import (
     RemoteError,
     StreamOverrun,
 )
-from ._frames import MAX_SAFE_INTEGER
+from ._frames import MAX_SAFE_INTEGER, MAX_TRACE_FIELDS, MAX_TRACE_VALUE
+from ._middleware import CallInfo, Chain, log_refusal
 from ._peer import _current_call, call_budget
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+    from ._middleware import Middleware
 
 __all__ = ["RemoteStream", "RemoteWorker", "Router"]
 
@@ -133,7 +139,16 @@ def _well_formed(message: Any) -> bool:
         return n == 3 and type(message[2]) is int and message[2] > 0
     if kind == "call":
         return (
-            (n == 6 or (n == 7 and type(message[6]) is int and 0 <= message[6] <= MAX_BUDGET))
+            (
+                n == 6
+                or (n == 7 and _budget_ok(message[6]))
+                # null only as a placeholder before a trace
+                or (
+                    n == 8
+                    and (message[6] is None or _budget_ok(message[6]))
+                    and _trace_ok(message[7])
+                )
+            )
             and isinstance(message[2], str)
             and isinstance(message[3], str)
             and type(message[5]) is int
@@ -147,6 +162,22 @@ def _well_formed(message: Any) -> bool:
             and (message[4] is None or type(message[4]) is int)
         )
     return False
+
+
+def _budget_ok(budget: Any) -> bool:
+    return type(budget) is int and 0 <= budget <= MAX_BUDGET
+
+
+def _trace_ok(trace: Any) -> bool:
+    # What the wire protocol accepts in a call frame's trace (astral._frames).
+    return (
+        type(trace) is dict
+        and len(trace) <= MAX_TRACE_FIELDS
+        and all(
+            type(value) is str and len(key) <= 256 and len(value) <= MAX_TRACE_VALUE
+            for key, value in trace.items()
+        )
+    )
 
 
 def failure(
@@ -201,9 +232,14 @@ class Router(Protocol):
 
     window: int
     timeout: float | None
+    middleware: tuple[Middleware, ...]
 
-    def open_call(self, node: str, capability: str) -> RemoteCall:
-        """Register a new outgoing call to ``node``."""
+    def open_call(self, node: str, capability: str, call_id: int | None = None) -> RemoteCall:
+        """Register a new outgoing call to ``node`` (under ``call_id`` if given)."""
+        ...
+
+    def next_id(self) -> int:
+        """A new call id, for a call about to be opened."""
         ...
 
     def post(self, node: str, part: bytes) -> None:
@@ -220,9 +256,24 @@ class Router(Protocol):
 
 
 class RemoteCall:
-    """One outgoing call's inbox: what its node sent, and how it ended."""
+    """One outgoing call's inbox: what its node sent, and how it ended.
 
-    __slots__ = ("capability", "done", "error", "id", "node", "receive", "send", "until")
+    A deque and an event rather than a memory object stream: one consumer,
+    messages handed over without waiting, and a call's path is hot.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_inbox",
+        "_limit",
+        "_waiter",
+        "capability",
+        "done",
+        "error",
+        "id",
+        "node",
+        "until",
+    )
 
     def __init__(self, call_id: int, node: str, capability: str, window: int) -> None:
         self.id = call_id
@@ -233,49 +284,68 @@ class RemoteCall:
         self.until: float | None = None
         self.error: BaseException | None = None
         self.done = False  # the node sent its terminal message, or the call was forgotten
-        self.send: MemoryObjectSendStream[list[Any]]
-        self.receive: MemoryObjectReceiveStream[list[Any]]
-        # A window of items, then the terminal message.
-        self.send, self.receive = anyio.create_memory_object_stream[list[Any]](window + 1)
+        self._inbox: deque[list[Any]] = deque()
+        self._limit = window + 1  # a window of items, then the terminal message
+        self._closed = False  # nothing more will be delivered
+        self._waiter: anyio.Event | None = None
 
     def deliver(self, message: list[Any]) -> bool:
         """Hand over one message without waiting; False if the call must end."""
-        try:
-            self.send.send_nowait(message)
-        except anyio.WouldBlock:
+        if self._closed:
+            return False
+        if len(self._inbox) >= self._limit:
             # The node ignored flow control: fail this call, not the link.
             self.fail(StreamOverrun(f"call {self.capability}: node sent beyond its credit"))
             return False
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return False
+        self._inbox.append(message)
+        self._wake()
         return True
+
+    def close(self) -> None:
+        """Nothing more will arrive; what did is still read."""
+        self._closed = True
+        self._wake()
+
+    def discard(self) -> None:
+        """Nothing more will be read: drop what arrived."""
+        self._closed = True
+        self._inbox.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
 
     def fail(self, error: BaseException) -> None:
         if self.error is None:
             self.error = error
-        self.send.close()
+        self.close()
 
     async def next(self, timeout: float | None) -> list[Any]:
-        try:
-            until = self.until
+        until = self.until
+        if until is not None and anyio.current_time() >= until:
+            self.fail(CallTimeout(f"call {self.capability} missed its deadline"))
+            self._inbox.clear()  # too late for what arrived
+        inbox = self._inbox
+        while not inbox and not self._closed:
+            wait = math.inf if timeout is None else timeout
+            if until is not None:
+                wait = min(wait, until - anyio.current_time())
+            waiter = self._waiter = anyio.Event()
+            if wait == math.inf:
+                await waiter.wait()
+                continue
+            with anyio.move_on_after(wait):
+                await waiter.wait()
+                continue
             if until is not None and anyio.current_time() >= until:
                 self.fail(CallTimeout(f"call {self.capability} missed its deadline"))
             else:
-                try:
-                    return self.receive.receive_nowait()
-                except anyio.WouldBlock:
-                    pass
-                wait = math.inf if timeout is None else timeout
-                if until is not None:
-                    wait = min(wait, until - anyio.current_time())
-                with anyio.move_on_after(wait):
-                    return await self.receive.receive()
-                if until is not None and anyio.current_time() >= until:
-                    self.fail(CallTimeout(f"call {self.capability} missed its deadline"))
-                else:
-                    self.fail(CallTimeout(f"call {self.capability} timed out"))
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            pass
+                self.fail(CallTimeout(f"call {self.capability} timed out"))
+        if inbox:
+            return inbox.popleft()
         error = self.error
         if isinstance(error, ClusterError):
             raise ClusterError(error.reason) from error
@@ -316,12 +386,28 @@ class RemoteStream:
             :class:`astral.ClusterError` when Redis went away.
     """
 
-    __slots__ = ("_call", "_done", "_first", "_router", "_taken", "_thread", "_timeout")
+    __slots__ = (
+        "_call",
+        "_chain",
+        "_done",
+        "_first",
+        "_router",
+        "_taken",
+        "_thread",
+        "_timeout",
+    )
 
     def __init__(
-        self, router: Router, call: RemoteCall, first: list[Any] | None, timeout: float | None
+        self,
+        router: Router,
+        call: RemoteCall,
+        first: list[Any] | None,
+        timeout: float | None,
+        chain: Chain | None = None,
     ) -> None:
         self._router = router
+        # The middleware watching this call; left once the stream ends.
+        self._chain = chain
         self._call = call
         self._first = first
         self._timeout = timeout
@@ -354,8 +440,10 @@ class RemoteStream:
         else:
             try:
                 message = await self._call.next(self._timeout)
-            except BaseException:
+            except BaseException as exc:
                 self._close()
+                if self._chain is not None:
+                    await self._leave(exc)
                 raise
         self._timeout = None  # only the first frame is timed
         kind = message[0]
@@ -363,13 +451,25 @@ class RemoteStream:
             self._took()
             return message[2]
         self._close()
-        if kind == "fail":
-            raise failure(*message[2:])
+        error = failure(*message[2:]) if kind == "fail" else None
+        if self._chain is not None:
+            await self._leave(error)
+        if error is not None:
+            raise error
         if kind == "done" and message[2] is not None:
             return message[2]
         raise StopAsyncIteration
 
+    async def _leave(self, error: BaseException | None, outcome: str | None = None) -> None:
+        chain, self._chain = self._chain, None
+        assert chain is not None
+        failed = await _leave_chain(chain, error, outcome)
+        if failed is not None and error is None and outcome is None:
+            raise failed
+
     def _took(self) -> None:
+        if self._chain is not None:
+            self._chain.info.items += 1
         self._taken += 1
         if self._taken >= max(1, self._router.window // 2) and not self._call.done:
             try:
@@ -384,8 +484,13 @@ class RemoteStream:
             self._router.forget(self._call, cancel=True)
 
     async def aclose(self) -> None:
-        """Stop the stream; if it still runs, the worker is told to stop. Never raises."""
+        """Stop the stream; if it still runs, the worker is told to stop. Never raises.
+
+        Blocks only while middleware record how the call ended.
+        """
         self._close()
+        if self._chain is not None:
+            await self._leave(None, "cancelled")
 
     async def __aenter__(self) -> Self:
         return self
@@ -396,7 +501,21 @@ class RemoteStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._close()
+        await self.aclose()
+
+
+async def _leave_chain(
+    chain: Chain, error: BaseException | None, outcome: str | None = None
+) -> Exception | None:
+    """Record how an outbound call ended and leave its middleware (as a Peer does)."""
+    info = chain.info
+    if outcome == "cancelled" or isinstance(error, anyio.get_cancelled_exc_class()):
+        info.end("cancelled")
+    elif error is not None:
+        info.end("error", error=error)
+    else:
+        info.end("result", output=info.output)
+    return await chain.leave()
 
 
 class RemoteWorker:
@@ -443,6 +562,7 @@ class RemoteWorker:
         input: Any,
         timeout: float | EllipsisType | None,
         deadline: float | None = None,
+        info: CallInfo | None = None,
     ) -> tuple[RemoteCall, float | None]:
         router = self._router
         # Worked out and encoded before anything is registered: a bad input,
@@ -450,10 +570,14 @@ class RemoteWorker:
         budget, until, timeout = _budget(capability, timeout, deadline)
         rest = b",".join((b"", dump(self._subject), dump(capability), dump(input)))
         rest += b"," + str(router.window).encode()
-        if budget is not None:
+        trace = None if info is None else info.trace
+        if trace:
+            rest += b"," + (b"null" if budget is None else str(budget).encode())
+            rest += b"," + dump(trace)
+        elif budget is not None:
             rest += b"," + str(budget).encode()
         rest += b"]"
-        call = router.open_call(self.node, capability)
+        call = router.open_call(self.node, capability, None if info is None else int(info.call_id))
         call.until = until
         try:
             router.post(self.node, b'["call",' + str(call.id).encode() + rest)
@@ -498,6 +622,8 @@ class RemoteWorker:
             ProtocolError: ``input`` cannot be sent as JSON.
             ValueError: ``deadline`` is not a positive number.
         """
+        if self._router.middleware:
+            return await self._call_observed(capability, input, timeout, deadline)
         call, seconds = await self._open(capability, input, timeout, deadline)
         try:
             message = await call.next(seconds)
@@ -513,6 +639,58 @@ class RemoteWorker:
         if kind == "done":
             return message[2]
         return None  # an empty stream, as a local peer returns it
+
+    async def _enter(self, capability: str, input: Any) -> Chain:
+        """Run the registry's middleware's entry for a call about to be sent."""
+        router = self._router
+        info = CallInfo("outbound", capability, str(router.next_id()), peer=self, input=input)
+        chain = Chain(router.middleware, info)
+        try:
+            refused = await chain.enter()
+        except BaseException as exc:
+            await _leave_chain(chain, exc)
+            raise
+        if refused is not None:
+            log_refusal(info, refused)
+            await _leave_chain(chain, refused)
+            raise refused
+        return chain
+
+    async def _call_observed(
+        self,
+        capability: str,
+        input: Any,
+        timeout: float | EllipsisType | None,
+        deadline: float | None,
+    ) -> Any:
+        chain = await self._enter(capability, input)
+        info = chain.info
+        try:
+            call, seconds = await self._open(capability, input, timeout, deadline, info)
+            try:
+                message = await call.next(seconds)
+            except BaseException:
+                self._router.forget(call, cancel=True)
+                raise
+        except BaseException as exc:
+            await _leave_chain(chain, exc)
+            raise
+        kind = message[0]
+        if kind == "item":
+            info.streaming = True
+            return RemoteStream(self._router, call, message, None, chain)
+        self._router.forget(call, cancel=False)
+        error: BaseException | None = None
+        if kind == "fail":
+            error = failure(*message[2:])
+        else:
+            info.output = message[2] if kind == "done" else None
+        failed = await _leave_chain(chain, error)
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise failed
+        return info.output
 
     def stream(
         self,
@@ -564,8 +742,20 @@ class _StreamContext:
         self._stream: RemoteStream | None = None
 
     async def __aenter__(self) -> RemoteStream:
-        call, seconds = await self._worker._open(*self._args)
-        self._stream = RemoteStream(self._worker._router, call, None, seconds)
+        worker = self._worker
+        capability, input, timeout, deadline = self._args
+        if not worker._router.middleware:
+            call, seconds = await worker._open(capability, input, timeout, deadline)
+            self._stream = RemoteStream(worker._router, call, None, seconds)
+            return self._stream
+        chain = await worker._enter(capability, input)
+        chain.info.streaming = True
+        try:
+            call, seconds = await worker._open(capability, input, timeout, deadline, chain.info)
+        except BaseException as exc:
+            await _leave_chain(chain, exc)
+            raise
+        self._stream = RemoteStream(worker._router, call, None, seconds, chain)
         return self._stream
 
     async def __aexit__(
@@ -575,4 +765,4 @@ class _StreamContext:
         tb: TracebackType | None,
     ) -> None:
         if self._stream is not None:
-            self._stream._close()
+            await self._stream.aclose()

@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import anyio
@@ -42,11 +43,27 @@ from ._exceptions import Failure
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from ._cluster import RemoteWorker
     from ._peer import Peer
 
-__all__ = ["CallInfo", "Chain", "Middleware", "Outcome", "log_failure", "log_refusal"]
+__all__ = [
+    "CallInfo",
+    "Chain",
+    "Middleware",
+    "Outcome",
+    "carried_trace",
+    "log_failure",
+    "log_refusal",
+]
 
 logger = logging.getLogger("astral.middleware")
+
+#: A trace context that came with a call from another principal process
+#: (``astral.redis``): the outbound call that carries it on starts with it in
+#: :attr:`CallInfo.trace`, and sends it even without middleware.
+carried_trace: ContextVar[Mapping[str, str] | None] = ContextVar(
+    "astral_carried_trace", default=None
+)
 
 #: How a call ended.
 Outcome: TypeAlias = Literal["result", "error", "cancelled"]
@@ -61,7 +78,10 @@ class CallInfo:
         capability: The capability's name.
         call_id: The call's id on the wire (ids are per direction).
         peer: The :class:`astral.Peer` of the connection; ``peer.claims``
-            are the remote's verified token claims.
+            are the remote's verified token claims. For a call through an
+            :class:`astral.redis.RemoteWorker` (a worker on another
+            principal process), that handle, which has ``subject`` and
+            ``claims`` too.
         input: The call's input value.
         trace: The trace context carried in the call frame (string keys
             and values, such as ``traceparent``). Inbound: what the remote
@@ -104,7 +124,7 @@ class CallInfo:
         capability: str,
         call_id: str,
         *,
-        peer: Peer,
+        peer: Peer | RemoteWorker,
         input: Any,
         trace: Mapping[str, str] | None = None,
     ) -> None:

@@ -49,7 +49,7 @@ from ._exceptions import (
 from ._frames import MAX_SAFE_INTEGER, Cancel, Item, Result, Yield, encode
 from ._handshake import agreed
 from ._logs import protocol_warnings
-from ._middleware import CallInfo, Chain, log_refusal
+from ._middleware import CallInfo, Chain, carried_trace, log_refusal
 from ._protocol import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -1373,7 +1373,10 @@ class Peer:
             inherited = _current_call.get(None)
             if deadline is not None or (inherited is not None and inherited.deadline is not None):
                 budget, timeout = self._budget(channel, timeout, deadline, inherited)
-            if info is None and budget is None and input_stream is None:
+            # Without middleware, a trace context carried across the cluster
+            # hop (astral.redis) still goes on to the worker.
+            trace = carried_trace.get() if info is None else info.trace
+            if info is None and not trace and budget is None and input_stream is None:
                 channel.call_id, text = self._state.start_call(
                     capability, input, channel, self._max_buffered
                 )
@@ -1383,7 +1386,7 @@ class Peer:
                     input,
                     channel,
                     self._max_buffered,
-                    trace=None if info is None else info.trace,
+                    trace=trace,
                     call_id=None if info is None else info.call_id,
                     deadline=budget if self._send_deadline else None,
                     input_stream=input_stream is not None,
@@ -1627,7 +1630,14 @@ class Peer:
     async def _enter_outbound(self, capability: str, input: Any) -> Chain:
         """Run the middleware's entry for a call we are about to send."""
         self._check_open()
-        info = CallInfo("outbound", capability, self._state.next_id(), peer=self, input=input)
+        info = CallInfo(
+            "outbound",
+            capability,
+            self._state.next_id(),
+            peer=self,
+            input=input,
+            trace=carried_trace.get(),
+        )
         chain = Chain(self._middleware, info)
         try:
             refused = await chain.enter()

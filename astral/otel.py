@@ -88,8 +88,11 @@ class TracingMiddleware:
 
     @asynccontextmanager
     async def _outbound(self, call: CallInfo) -> AsyncIterator[None]:
+        # A context already there came with the call from another principal
+        # process (astral.redis): this span continues that trace.
+        parent = self._textmap().extract(call.trace) if call.trace else None
         span = self._tracer.start_span(
-            call.capability, kind=SpanKind.CLIENT, attributes=self._attributes(call)
+            call.capability, context=parent, kind=SpanKind.CLIENT, attributes=self._attributes(call)
         )
         self._textmap().inject(call.trace, context=trace.set_span_in_context(span))
         try:

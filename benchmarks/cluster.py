@@ -80,6 +80,7 @@ async def _principal(redis_url: str) -> None:
             elapsed = time.perf_counter() - start
             latencies.sort()
             return {
+                "calls": len(latencies),
                 "rate": len(latencies) / elapsed,
                 "p50_ms": latencies[len(latencies) // 2] * 1000,
                 "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
@@ -102,7 +103,7 @@ async def _principal(redis_url: str) -> None:
             async with anyio.create_task_group() as tg:
                 for _ in range(inflight):
                     tg.start_soon(one)
-            return {"rate": done / (time.perf_counter() - start)}
+            return {"calls": done, "rate": done / (time.perf_counter() - start)}
 
         async def bench_c(job: dict[str, Any]) -> dict[str, Any]:
             worker = await registry.wait_for(job["subject"])
@@ -111,7 +112,7 @@ async def _principal(redis_url: str) -> None:
             async with worker.stream("count", job["n"]) as items:
                 async for _ in items:
                     count += 1
-            return {"rate": count / (time.perf_counter() - start), "items": count}
+            return {"calls": count, "rate": count / (time.perf_counter() - start), "items": count}
 
         async def fanout(job: dict[str, Any]) -> dict[str, Any]:
             subjects, inflight = job["subjects"], job["inflight"]
@@ -272,6 +273,18 @@ def _drain(stream: IO[str]) -> None:
         pass
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+REDIS_PIDS: list[int] = []
+
+
 def _redis(stack: ExitStack) -> str:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -290,6 +303,7 @@ def _redis(stack: ExitStack) -> str:
         if "Ready to accept connections" in line:
             break
     threading.Thread(target=_drain, args=(process.stdout,), daemon=True).start()
+    REDIS_PIDS.append(process.pid)
 
     def stop() -> None:
         process.kill()
@@ -320,11 +334,20 @@ def measure(backend: str, *, quick: bool, repeat: int) -> dict[str, Any]:
         children = _Children()
         stack.callback(children.close)
         # A, B, C: Y holds the worker, X does not.
-        _, ready_x = children.start("principal", redis_url, backend)
-        _, ready_y = children.start("principal", redis_url, backend)
+        process_x, ready_x = children.start("principal", redis_url, backend)
+        process_y, ready_y = children.start("principal", redis_url, backend)
         url_x = f"ws://127.0.0.1:{ready_x.split()[1]}/"
         url_y = f"ws://127.0.0.1:{ready_y.split()[1]}/"
-        children.start("workers", backend, "w", "1", url_y)
+        process_w, _ = children.start("workers", backend, "w", "1", url_y)
+        # CPU per call of each process (from /proc), to see where a call's
+        # cost goes: X (the caller's principal), Y (the worker's), the
+        # worker, Redis. Direct runs use Y and the worker only.
+        pids = {
+            "X": process_x.pid,
+            "Y": process_y.pid,
+            "worker": process_w.pid,
+            "redis": REDIS_PIDS[-1],
+        }
         samples: dict[str, list[dict[str, Any]]] = {}
         jobs = {
             "A": ("bench_a", {"subject": "w0", "n": n_a, "warmup": 100, "seconds": 3}),
@@ -334,7 +357,13 @@ def measure(backend: str, *, quick: bool, repeat: int) -> dict[str, Any]:
         for _ in range(repeat):
             for letter, (capability, job) in jobs.items():
                 for where, url in (("direct", url_y), ("cluster", url_x)):
+                    before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
                     result = anyio.run(_drive, url, capability, job, backend=backend)
+                    calls = max(1, result["calls"])
+                    result["cpu_us"] = {
+                        name: (_cpu_seconds(pid) - before[name]) / calls * 1e6
+                        for name, pid in pids.items()
+                    }
                     samples.setdefault(f"{letter} {where}", []).append(result)
         for key, runs in samples.items():
             figures[key] = {
@@ -346,6 +375,9 @@ def measure(backend: str, *, quick: bool, repeat: int) -> dict[str, Any]:
                     if "p50_ms" in runs[0]
                     else {}
                 ),
+                "cpu_us": {
+                    name: statistics.median(r["cpu_us"][name] for r in runs) for name in pids
+                },
             }
         for letter in "ABC":
             figures[f"{letter} ratio"] = (
@@ -396,6 +428,23 @@ def render(results: list[dict[str, Any]]) -> str:
                 f"| {figures['backend']} | {names[letter]}{extra} | {direct['rate']:,.0f} | "
                 f"{cluster['rate']:,.0f} | {figures[f'{letter} ratio']:.2f}x |"
             )
+    lines += [
+        "",
+        "CPU per call (per item for C), microseconds, by process (/proc, 10 ms ticks):",
+        "",
+        "| backend | workload | X | Y | worker | redis | total |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for figures in results:
+        for letter in "ABC":
+            for where in ("direct", "cluster"):
+                cpu = figures[f"{letter} {where}"].get("cpu_us")
+                if cpu:
+                    lines.append(
+                        f"| {figures['backend']} | {letter} {where} | {cpu['X']:,.0f} | "
+                        f"{cpu['Y']:,.0f} | {cpu['worker']:,.0f} | {cpu['redis']:,.0f} | "
+                        f"{sum(cpu.values()):,.0f} |"
+                    )
     lines += ["", "| backend | workers over 4 processes | listed | answered | fan-out s |"]
     lines += ["| --- | ---: | ---: | ---: | ---: |"]
     for figures in results:

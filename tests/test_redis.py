@@ -316,8 +316,10 @@ async def test_worker_leaving_mid_call_is_connection_closed(
             tg.start_soon(leave)
             with pytest.raises(astral.ConnectionClosed):
                 await there.call("sleepy")
-        # Gone from the cluster: b withdrew it.
-        assert await a.registry.lookup("w1") is None
+        # Gone from the cluster: b withdraws it once its server has seen the
+        # connection end, which may come after the caller got its error.
+        while await a.registry.lookup("w1") is not None:
+            await anyio.sleep(0.01)  # polls a condition, as eventually() does
         with pytest.raises(astral.ConnectionClosed, match="not connected"):
             await there.call("echo", 1)
 
@@ -361,13 +363,11 @@ async def test_the_newest_connection_wins_across_processes(
     ):
         assert await (await b.registry.wait_for("w1")).call("who") == "first"
         async with astral.connect(b.url, token=token("w1"), capabilities={"who": who2}):
-            with anyio.fail_after(2):  # b lists it once its server has the connection
-                while "w1" not in b.registry.local:
-                    await anyio.sleep(0.01)
+            # b lists it once its server has the connection.
+            await eventually(lambda: "w1" in b.registry.local)
             assert await (await b.registry.wait_for("w1")).call("who") == "second"
-            with anyio.fail_after(2):
-                while isinstance(await a.registry.lookup("w1"), astral.Peer):
-                    await anyio.sleep(0.01)
+            while isinstance(await a.registry.lookup("w1"), astral.Peer):
+                await anyio.sleep(0.01)  # until a hears of the newer connection
             assert await (await a.registry.wait_for("w1")).call("who") == "second"
             assert await a.registry.subjects() == ["w1"]
 
@@ -870,11 +870,26 @@ async def test_the_budget_is_enforced_on_y_and_validated_on_receipt(
                         ["call", 5, "w1", "forever", None, 8, None],
                         ["call", 6, "w1", "forever", None, 8, 2**53],
                         ["call", 7, "w1", "forever", None, 8, 100, "extra"],
+                        # A trace must be an object of strings, within the limit.
+                        ["call", 17, "w1", "forever", None, 8, None, {"traceparent": 1}],
+                        ["call", 18, "w1", "forever", None, 8, -1, {}],
+                        ["call", 19, "w1", "forever", None, 8, 100, {}, "extra"],
+                        ["call", 21, "w1", "forever", None, 8, None, {"ts": "x" * 9000}],
+                        [
+                            "call",
+                            20,
+                            "w1",
+                            "forever",
+                            None,
+                            8,
+                            None,
+                            {str(i): "" for i in range(99)},
+                        ],
                     )
                     # Old-style (no budget) still works, with no deadline.
                     await publish(["call", 8, "w1", "remaining", None, 8])
                     assert await answer() == ["done", 8, None]
-                assert "dropped 7 malformed frames" in caplog.text
+                assert "dropped 12 malformed frames" in caplog.text
                 assert watch.remaining == []
                 # A budget of 0 fails at once; nothing runs.
                 await publish(["call", 9, "w1", "forever", None, 8, 0])
@@ -902,3 +917,64 @@ async def test_the_budget_is_enforced_on_y_and_validated_on_receipt(
                     pytest.fail(f"a second terminal message: {extra}")
                 # Y pops its entry once its serving task ends, after the worker saw the cancel.
         await eventually(lambda: not b.registry._served)
+
+
+async def test_a_call_to_a_process_that_left_fails_at_once(
+    shared_redis: RedisServer, namespace: str
+) -> None:
+    # A call's publish waits for Redis's count of listeners: none means the
+    # process is gone, and the caller learns it then, not at a heartbeat
+    # (a minute away here).
+    work = Worker()
+    async with node(shared_redis.url, namespace, presence_ttl=180) as a:
+        async with (
+            node(shared_redis.url, namespace, presence_ttl=180) as b,
+            astral.connect(b.url, token=token("w1"), capabilities=work.capabilities()),
+        ):
+            there = await a.registry.wait_for("w1")
+            assert isinstance(there, redis.RemoteWorker)
+            assert await there.call("echo", 1) == 1
+        # b has left (its subscription with it); the handle still names it.
+        start = anyio.current_time()
+        with pytest.raises(astral.ConnectionClosed, match="left"):
+            await there.call("echo", 2)
+        assert anyio.current_time() - start < 30  # not a heartbeat (60 s)
+        assert there.closed
+        assert a.registry._calls == {}
+
+
+async def test_serving_tasks_wait_for_the_next_call(
+    shared_redis: RedisServer, namespace: str
+) -> None:
+    from astral._cluster_serving import IDLE_SERVERS  # noqa: PLC0415
+
+    work = Worker()
+    async with (
+        node(shared_redis.url, namespace) as a,
+        node(shared_redis.url, namespace) as b,
+        astral.connect(b.url, token=token("w1"), capabilities=work.capabilities()),
+    ):
+        there = await a.registry.wait_for("w1")
+        for i in range(20):
+            assert await there.call("echo", i) == i
+        # One task served them all, one after the other, and waits again.
+        await eventually(lambda: len(b.registry._idle_servers) == 1)
+        results: dict[int, Any] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await there.call("echo", i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(IDLE_SERVERS + 40):
+                tg.start_soon(one, i)
+        assert results == {i: i for i in range(IDLE_SERVERS + 40)}
+        # No more wait than the bound; the rest ended.
+        await eventually(lambda: not b.registry._served)
+        await eventually(lambda: len(b.registry._idle_servers) == IDLE_SERVERS)
+        # A cancelled call leaves its task free for the next one.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(there.call, "sleepy")
+            await work.started.wait()
+            tg.cancel_scope.cancel()
+        await work.stopped.wait()
+        assert await there.call("echo", "after") == "after"

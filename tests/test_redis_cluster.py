@@ -2,8 +2,10 @@
 
 Real OS processes: two ``astral.serve`` principals (on the test's backend)
 and the ASGI app under ``uvicorn --workers 2`` (asyncio), all on one Redis.
-Workers connect to different processes; every process that holds a worker
-calls every worker (a result, a cancelled call, a 10,000-item stream from
+Workers connect to different processes, and each of the four processes holds
+at least one (uvicorn hands connections to its processes as they accept them:
+the test connects until each has one, within a bound); every process calls
+every worker (a result, a cancelled call, a 10,000-item stream from
 another process); then one process is SIGKILLed while a call is routed to it.
 """
 
@@ -36,6 +38,7 @@ pytest.importorskip("uvicorn")
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESENCE_TTL = 3.0  # as in tests/cluster_principal.py
+UVICORN_WORKERS = 2
 
 
 def _drain(stream: IO[str]) -> None:
@@ -177,7 +180,7 @@ async def test_every_process_calls_every_worker_and_survives_a_sigkill(
     with redis_server() as server, processes() as started:
         p1, port1 = start_serve(started, server.url, namespace, anyio_backend)
         p2, port2 = start_serve(started, server.url, namespace, anyio_backend)
-        port3 = start_uvicorn(started, server.url, namespace, workers=2)
+        port3 = start_uvicorn(started, server.url, namespace, workers=UVICORN_WORKERS)
         urls = {
             "p1": f"ws://127.0.0.1:{port1}/",
             "p2": f"ws://127.0.0.1:{port2}/",
@@ -188,30 +191,39 @@ async def test_every_process_calls_every_worker_and_survives_a_sigkill(
             states: dict[str, WorkerState] = {}
             pid_of: dict[str, int] = {}
 
-            async def connect(subject: str, url: str) -> int:
-                state = states[subject] = WorkerState(subject)
-                peer = await stack.enter_async_context(
-                    astral.connect(url, token=token(subject), capabilities=state.capabilities())
-                )
-                peers[subject] = peer
-                pid_of[subject] = (await peer.call("whereami"))["pid"]
-                return pid_of[subject]
+            async def connect(subject: str, url: str, keep: bool = True) -> int:
+                state = WorkerState(subject)
+                async with AsyncExitStack() as own:
+                    peer = await own.enter_async_context(
+                        astral.connect(url, token=token(subject), capabilities=state.capabilities())
+                    )
+                    pid: int = (await peer.call("whereami"))["pid"]
+                    if keep or pid not in pid_of.values():
+                        states[subject], peers[subject], pid_of[subject] = state, peer, pid
+                        stack.push_async_exit(own.pop_all())
+                    return pid
 
             await connect("a1", urls["p1"])
             await connect("a2", urls["p1"])
             await connect("b1", urls["p2"])
             await connect("b2", urls["p2"])
-            # uvicorn hands each connection to whichever worker process takes
-            # it: connect until both hold a worker (or give up after 16).
+            # uvicorn hands each connection to whichever of its processes
+            # accepts it first: connect until each of them holds a worker
+            # (keeping one connection per process, closing the extra ones), a
+            # bounded number of times. Two more connect afterwards, wherever.
             uvicorn_pids: set[int] = set()
-            for i in range(16):
-                uvicorn_pids.add(await connect(f"c{i}", urls["uv"]))
-                if len(uvicorn_pids) == 2 and i >= 1:
-                    break
+            attempts = 0
+            while len(uvicorn_pids) < UVICORN_WORKERS and attempts < 200:
+                uvicorn_pids.add(await connect(f"c{attempts}", urls["uv"], keep=False))
+                attempts += 1
+            for i in range(2):
+                await connect(f"d{i}", urls["uv"])
             assert pid_of["a1"] == p1.pid
             assert pid_of["b1"] == p2.pid
             subjects = sorted(peers)
-            assert len({pid_of[s] for s in subjects}) >= 3
+            # Every process takes part: both astral.serve and each uvicorn worker.
+            assert len(uvicorn_pids) == UVICORN_WORKERS, f"after {attempts} connections"
+            assert len({pid_of[s] for s in subjects}) == 2 + UVICORN_WORKERS
 
             # One driver per process: it exercises every worker from there.
             drivers: dict[int, str] = {}
@@ -253,6 +265,6 @@ async def test_every_process_calls_every_worker_and_survives_a_sigkill(
             with anyio.fail_after(PRESENCE_TTL + 3):
                 while {"b1", "b2"} & set(await peers["a1"].call("subjects")):
                     await anyio.sleep(0.1)
-            listed = await peers["c0"].call("subjects")
+            listed = await peers["d0"].call("subjects")
             assert "a1" in listed
             assert "b1" not in listed
