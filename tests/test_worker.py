@@ -323,7 +323,10 @@ SCRIPT = Path(__file__).with_name("principal_process.py")
 
 
 @asynccontextmanager
-async def principal_process(port: int, backend: str) -> AsyncIterator[anyio.abc.Process]:
+async def principal_process(
+    port: int, backend: str
+) -> AsyncIterator[tuple[anyio.abc.Process, int]]:
+    """A principal in its own process on ``port`` (0: a free one), with the port it bound."""
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent)}
     process = await anyio.open_process(
         [sys.executable, str(SCRIPT), str(port), backend], env=env, stderr=None
@@ -333,8 +336,10 @@ async def principal_process(port: int, backend: str) -> AsyncIterator[anyio.abc.
         line = b""
         while not line.endswith(b"\n"):
             line += await process.stdout.receive(1)
-        assert line == b"ready\n"
-        yield process
+        word, bound = line.split()
+        assert word == b"ready"
+        assert port in (0, int(bound))
+        yield process, int(bound)
     finally:
         if process.returncode is None:
             process.kill()
@@ -371,11 +376,10 @@ class Calls:
 
 @pytest.mark.time_limit(40)
 async def test_a_worker_survives_a_killed_and_restarted_principal(anyio_backend: str) -> None:
-    port = free_port()
     calls = Calls()
-    url = f"ws://127.0.0.1:{port}/astral"
     async with anyio.create_task_group() as tg:
-        async with principal_process(port, anyio_backend) as first:
+        async with principal_process(0, anyio_backend) as (first, port):
+            url = f"ws://127.0.0.1:{port}/astral"
             tg.start_soon(
                 lambda: astral.run_worker(url, token=token, on_connect=calls, backoff=FAST)
             )
@@ -392,10 +396,12 @@ async def test_a_worker_survives_a_killed_and_restarted_principal(anyio_backend:
 
 @pytest.mark.time_limit(40)
 async def test_keepalive_detects_a_principal_that_stops_answering(anyio_backend: str) -> None:
-    port = free_port()
     calls = Calls()
-    url = f"ws://127.0.0.1:{port}/astral"
-    async with anyio.create_task_group() as tg, principal_process(port, anyio_backend) as process:
+    async with (
+        anyio.create_task_group() as tg,
+        principal_process(0, anyio_backend) as (process, port),
+    ):
+        url = f"ws://127.0.0.1:{port}/astral"
         async with watching("cannot connect") as retrying:
             tg.start_soon(
                 lambda: astral.run_worker(
