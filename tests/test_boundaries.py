@@ -402,13 +402,13 @@ async def test_an_astral_producer_stops_at_exactly_the_window() -> None:
     producer = Counting()
     async with connected_pair({"items": producer}, {}, max_buffered_items=WINDOW) as (_, b):
         async with b.stream("items", timeout=None) as stream:
-            await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # in memory: proves it sends no more
             # WINDOW items sent; the producer is suspended handing over the next.
             assert producer.handed == WINDOW
             assert stream._channel.buffered == WINDOW
             taken = [await anext(stream) for _ in range(3 * WINDOW)]
             assert taken == list(range(3 * WINDOW))
-            await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # in memory: proves it sends no more
             # Credit comes back half a window at a time, as items are taken.
             assert producer.handed == 3 * WINDOW + WINDOW
 
