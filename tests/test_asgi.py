@@ -138,7 +138,7 @@ class _Uvicorn(uvicorn.Server):
 
 @asynccontextmanager
 async def run_uvicorn(app: Any, ws: str) -> AsyncIterator[Running]:
-    if os.environ.get("MUTANT_UNDER_TEST"):
+    if "MUTANT_UNDER_TEST" in os.environ:
         # uvicorn probes every app for a factory by calling it with no
         # arguments; under mutmut, methods are trampolines that take any
         # arguments, so the probe would succeed. Hand uvicorn a plain function.
