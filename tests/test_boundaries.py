@@ -34,6 +34,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode
 
 import astral
 import astral.asgi
+from astral._frames import MAX_TRACE_FIELDS, MAX_TRACE_VALUE
 from astral._principal import host_worker
 from astral._websocket import WebSocketConnection, open_websocket, serve_websocket
 from astral.testing import connected_pair, memory_transport_pair
@@ -623,3 +624,66 @@ async def test_every_task_waiting_for_a_subject_gets_its_peer() -> None:
         async with hosted(registry, "w") as (peer, _, _):
             await both.wait()
     assert found == [peer, peer]
+
+
+# --- a call's trace context: its limits, and a bad one costs only itself -------------
+
+
+def call_with_trace(trace: object, input_json: str = "1") -> str:
+    return (
+        '{"type":"call","id":"t","capability":"f","input":' + input_json + ","
+        '"trace":' + json.dumps(trace) + "}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("trace", "kept"),
+    [
+        ({f"k{i}": "v" for i in range(MAX_TRACE_FIELDS)}, True),
+        ({f"k{i}": "v" for i in range(MAX_TRACE_FIELDS + 1)}, False),
+        ({"k" * 256: "v"}, True),
+        ({"k" * 257: "v"}, False),
+        ({"traceparent": "v" * MAX_TRACE_VALUE}, True),
+        ({"traceparent": "v" * (MAX_TRACE_VALUE + 1)}, False),
+    ],
+    ids=[
+        "fields-at-limit",
+        "fields-over",
+        "key-at-limit",
+        "key-over",
+        "value-at-limit",
+        "value-over",
+    ],
+)
+def test_a_trace_is_kept_up_to_its_limits_and_dropped_past_them(
+    trace: dict[str, str], kept: bool
+) -> None:
+    frame = astral.decode(call_with_trace(trace))
+    assert isinstance(frame, astral.Call)
+    assert (frame.id, frame.capability, frame.input) == ("t", "f", 1)
+    assert frame.trace == (trace if kept else None)
+
+
+@pytest.mark.parametrize(
+    "bad_trace",
+    [
+        '{"traceparent":18446744073709551617}',
+        '{"traceparent":NaN}',
+        '{"x":' + "[" * 100 + "]" * 100 + "}",
+    ],
+    ids=["beyond-64-bits", "nan", "too-deep"],
+)
+def test_a_trace_breaking_the_value_rules_is_dropped_and_the_call_delivered(bad_trace: str) -> None:
+    text = '{"type":"call","id":"t","capability":"f","input":[1,"x"],"trace":' + bad_trace + "}"
+    for given in (text, text.encode()):
+        frame = astral.decode(given)
+        assert frame == astral.Call("t", "f", [1, "x"])
+
+
+def test_a_call_whose_input_breaks_the_value_rules_is_refused_trace_or_not() -> None:
+    bad_trace = ',"trace":{"traceparent":18446744073709551617}'
+    for extra in ("", ',"trace":{"traceparent":"ok"}', bad_trace):
+        text = '{"type":"call","id":"t","capability":"f","input":18446744073709551617' + extra + "}"
+        with pytest.raises(astral.ProtocolError) as info:
+            astral.decode(text)
+        assert (info.value.frame_id, info.value.frame_type) == ("t", "call")
