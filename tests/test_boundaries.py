@@ -687,3 +687,48 @@ def test_a_call_whose_input_breaks_the_value_rules_is_refused_trace_or_not() -> 
         with pytest.raises(astral.ProtocolError) as info:
             astral.decode(text)
         assert (info.value.frame_id, info.value.frame_type) == ("t", "call")
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**64)], ids=["2**64", "-2**64"])
+def test_an_integer_of_exactly_65_bits_is_refused_on_receipt(value: int) -> None:
+    # JavaScript writes 2**64 as 18446744073709552000: not the same number.
+    with pytest.raises(astral.ProtocolError, match="beyond 64 bits"):
+        astral.decode(f'{{"type":"yield","id":"1","output":{value}}}')
+    # One less in magnitude is within 64 bits, and read exactly.
+    inside = value - 1 if value > 0 else value + 1
+    assert astral.decode(f'{{"type":"yield","id":"1","output":{inside}}}') == astral.Yield(
+        "1", inside
+    )
+
+
+async def test_an_upload_stops_at_exactly_the_window_and_resumes_as_items_are_taken() -> None:
+    handed: list[int] = []
+    take = anyio.Event()
+    taken: list[int] = []
+
+    async def produce() -> AsyncIterator[int]:
+        i = 0
+        while True:
+            handed.append(i)
+            yield i
+            i += 1
+
+    async def reader(_: Any, items: AsyncIterator[int]) -> None:
+        await take.wait()
+        async for item in items:
+            taken.append(item)
+            if len(taken) == 3 * WINDOW:
+                await anyio.sleep_forever()
+
+    async with connected_pair({"reader": reader}, {}, max_buffered_items=WINDOW) as (_, b):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: b.call("reader", None, input_stream=produce(), timeout=None))
+            await anyio.wait_all_tasks_blocked()  # in memory: proves it sends no more
+            # Exactly WINDOW items taken from the producer: it waits for credit.
+            assert len(handed) == WINDOW
+            take.set()
+            await anyio.wait_all_tasks_blocked()  # in memory: proves it sends no more
+            assert taken == list(range(3 * WINDOW))
+            # Credit came back as items were taken: a window ahead, no more.
+            assert len(handed) == 3 * WINDOW + WINDOW
+            tg.cancel_scope.cancel()
