@@ -57,6 +57,10 @@ class Capabilities:
         yield 1
         yield object()
 
+    async def which(self, _: Any) -> list[str]:
+        call = astral.current_call()
+        return [call.id, call.capability]
+
     async def huge(self, _: Any) -> AsyncIterator[str]:
         yield "x"
         yield "x" * 5000
@@ -74,6 +78,7 @@ async def raw_caller(observed: bool) -> AsyncIterator[tuple[Any, Capabilities, S
         "fail": caps.fail,
         "unsendable": caps.unsendable,
         "huge": caps.huge,
+        "which": caps.which,
     }
     async with (
         mine,
@@ -212,3 +217,21 @@ async def test_a_stream_item_too_big_for_the_caller_ends_the_stream_with_an_erro
             assert (info.call_id, info.outcome, info.items) == ("1", "error", 1)
             assert isinstance(info.error, astral.ProtocolError)
             assert str(info.error) == last["error"]
+
+
+@observed
+async def test_a_capability_sees_the_call_id_and_capability_the_caller_sent(observed: bool) -> None:
+    async with raw_caller(observed) as (mine, _, seen):
+        await mine.send('{"type":"call","id":"abc-7","capability":"which"}')
+        assert json.loads(await mine.receive()) == {
+            "type": "result",
+            "id": "abc-7",
+            "output": ["abc-7", "which"],
+        }
+        info = await outcome(seen)
+        if info is not None:
+            assert (info.call_id, info.outcome, info.output) == (
+                "abc-7",
+                "result",
+                ["abc-7", "which"],
+            )
