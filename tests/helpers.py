@@ -139,7 +139,7 @@ async def eventually(predicate: Callable[[], bool]) -> None:
     ``fail_after`` bounds it.
     """
     while not predicate():
-        await anyio.sleep(0.005)
+        await anyio.sleep(0.005)  # the polling step, not a guessed duration
 
 
 def token(subject: str = "worker-1", **kwargs: Any) -> str:

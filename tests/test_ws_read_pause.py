@@ -119,17 +119,17 @@ async def test_the_reader_pauses_at_the_high_mark_and_resumes_below_the_low(
         # Taking messages down to exactly the low mark does not wake it...
         while len(received) < (high - low) // per_message:
             received.append(await conn.receive())
-            await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # in memory: proves it reads no more
             assert feed.taken == high // per_message
         # ...one below it does, and it reads until the high mark again.
         received.append(await conn.receive())
-        await anyio.wait_all_tasks_blocked()
+        await anyio.wait_all_tasks_blocked()  # in memory: the reader has resumed, or not
         assert feed.taken == high // per_message + (high - low) // per_message + 1
         # Nothing is lost or reordered across the pauses.
         while len(received) < total:
             received.append(await conn.receive())
         assert received == [f"{i:04d}{chars}" for i in range(total)]
-        await anyio.wait_all_tasks_blocked()
+        await anyio.wait_all_tasks_blocked()  # in memory: the reader has resumed, or not
         assert feed.taken == total
 
 
@@ -137,7 +137,7 @@ async def test_a_paused_reader_still_ends_when_the_connection_closes() -> None:
     feed = Feed()
     async with open_over(feed, max_message_size=4096) as conn:
         feed.push(*text_frames(200, "x" * 956))
-        await anyio.wait_all_tasks_blocked()
+        await anyio.wait_all_tasks_blocked()  # in memory: the reader is done
         assert feed.taken == 64
         client = Connection(ConnectionType.CLIENT)
         feed.push(client.send(CloseConnection(code=1000)))
