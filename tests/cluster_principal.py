@@ -49,11 +49,11 @@ def capabilities(registry: astral.redis.RedisRegistry) -> dict[str, Any]:
                 calls.start_soon(_call_sleepy, worker, tag)
                 with anyio.fail_after(10):
                     while not await worker.call("was_started", tag):
-                        await anyio.sleep(0.02)
+                        await anyio.sleep(0.02)  # polls the worker's answer, not a duration
                 calls.cancel_scope.cancel()
             with anyio.fail_after(5):  # the worker notices the cancel
                 while not await worker.call("was_cancelled", tag):
-                    await anyio.sleep(0.02)
+                    await anyio.sleep(0.02)  # polls the worker's answer, not a duration
             entry["cancelled"] = True
             if subject == job.get("stream_from"):
                 async with worker.stream("count", 10_000) as items:

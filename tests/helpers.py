@@ -139,8 +139,19 @@ async def eventually(predicate: Callable[[], bool]) -> None:
     ``fail_after`` bounds it.
     """
     while not predicate():
-        await anyio.sleep(0.005)
+        await anyio.sleep(0.005)  # the polling step, not a guessed duration
 
 
 def token(subject: str = "worker-1", **kwargs: Any) -> str:
     return astral.mint_token(SECRET, subject=subject, **kwargs)
+
+
+def plain_id(value: object) -> str:
+    """A test id for ``value`` with no backslash in it.
+
+    pytest escapes non-ASCII and control characters in ids with backslashes,
+    and such an id is not found when selected again in a second pytest
+    session in the same process (which is how mutmut runs the tests), so
+    escapes are written ``~`` instead.
+    """
+    return ascii(value)[:60].replace("\\", "~")

@@ -159,3 +159,38 @@ async def test_a_principal_closing_the_peer_closes_the_websocket_with_1000() -> 
         await principal_side.aclose()
         message = await conn.from_app.receive()
         assert (message["type"], message["code"]) == ("websocket.close", 1000)
+
+
+@pytest.mark.time_limit(5)
+async def test_close_timeout_bounds_the_wait_for_a_server_that_never_takes_the_close() -> None:
+    registry = astral.PeerRegistry()
+    app = astral.asgi.App(
+        verifier=astral.JWTVerifier(SECRET, algorithms=["HS256"]),
+        registry=registry,
+        close_timeout=0.3,
+    )
+    scope = {
+        "type": "websocket",
+        "path": "/",
+        "query_string": f"token={token()}".encode(),
+        "headers": [],
+        "client": ("127.0.0.1", 4321),
+    }
+    to_app, app_in = anyio.create_memory_object_stream[dict[str, Any]](100)
+    closing = anyio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.close":
+            closing.set()
+            await anyio.sleep_forever()  # a server stuck taking the close
+
+    async with to_app, app_in, anyio.create_task_group() as tg:
+        await to_app.send({"type": "websocket.connect"})
+        tg.start_soon(app, scope, app_in.receive, send)
+        principal_side = await registry.wait_for("worker-1")
+        start = anyio.current_time()
+        # Returns after close_timeout (not the 10 s default) with the close untaken.
+        await principal_side.aclose()
+        assert closing.is_set()
+        assert anyio.current_time() - start >= 0.3 - 0.05
+        assert principal_side.closed

@@ -17,6 +17,8 @@ from joserfc.jwk import ECKey, KeySet, OctKey, OKPKey, RSAKey
 from astral._auth import JWTVerifier, mint_token, verify_token
 from astral._exceptions import AuthenticationError
 
+from .helpers import plain_id
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
@@ -696,6 +698,7 @@ def test_lone_surrogate_in_sub_is_refused() -> None:
         b"\xef\xbb\xbf{}",  # UTF-8 BOM
         b"[" * 5000,
     ],
+    ids=plain_id,
 )
 def test_malformed_claims(payload: bytes) -> None:
     assert reason(make_verifier(), hs_token({"alg": "HS256"}, payload)) == "malformed claims"
@@ -767,7 +770,7 @@ def hostile_tokens() -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("token", hostile_tokens())
+@pytest.mark.parametrize("token", hostile_tokens(), ids=plain_id)
 def test_hostile_tokens_raise_only_authentication_error(token: str) -> None:
     with pytest.raises(AuthenticationError):
         make_verifier().verify(token)

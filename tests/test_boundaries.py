@@ -34,6 +34,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode
 
 import astral
 import astral.asgi
+from astral._frames import MAX_TRACE_FIELDS, MAX_TRACE_VALUE
 from astral._principal import host_worker
 from astral._websocket import WebSocketConnection, open_websocket, serve_websocket
 from astral.testing import connected_pair, memory_transport_pair
@@ -402,13 +403,13 @@ async def test_an_astral_producer_stops_at_exactly_the_window() -> None:
     producer = Counting()
     async with connected_pair({"items": producer}, {}, max_buffered_items=WINDOW) as (_, b):
         async with b.stream("items", timeout=None) as stream:
-            await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # in memory: proves it sends no more
             # WINDOW items sent; the producer is suspended handing over the next.
             assert producer.handed == WINDOW
             assert stream._channel.buffered == WINDOW
             taken = [await anext(stream) for _ in range(3 * WINDOW)]
             assert taken == list(range(3 * WINDOW))
-            await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # in memory: proves it sends no more
             # Credit comes back half a window at a time, as items are taken.
             assert producer.handed == 3 * WINDOW + WINDOW
 
@@ -623,3 +624,111 @@ async def test_every_task_waiting_for_a_subject_gets_its_peer() -> None:
         async with hosted(registry, "w") as (peer, _, _):
             await both.wait()
     assert found == [peer, peer]
+
+
+# --- a call's trace context: its limits, and a bad one costs only itself -------------
+
+
+def call_with_trace(trace: object, input_json: str = "1") -> str:
+    return (
+        '{"type":"call","id":"t","capability":"f","input":' + input_json + ","
+        '"trace":' + json.dumps(trace) + "}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("trace", "kept"),
+    [
+        ({f"k{i}": "v" for i in range(MAX_TRACE_FIELDS)}, True),
+        ({f"k{i}": "v" for i in range(MAX_TRACE_FIELDS + 1)}, False),
+        ({"k" * 256: "v"}, True),
+        ({"k" * 257: "v"}, False),
+        ({"traceparent": "v" * MAX_TRACE_VALUE}, True),
+        ({"traceparent": "v" * (MAX_TRACE_VALUE + 1)}, False),
+    ],
+    ids=[
+        "fields-at-limit",
+        "fields-over",
+        "key-at-limit",
+        "key-over",
+        "value-at-limit",
+        "value-over",
+    ],
+)
+def test_a_trace_is_kept_up_to_its_limits_and_dropped_past_them(
+    trace: dict[str, str], kept: bool
+) -> None:
+    frame = astral.decode(call_with_trace(trace))
+    assert isinstance(frame, astral.Call)
+    assert (frame.id, frame.capability, frame.input) == ("t", "f", 1)
+    assert frame.trace == (trace if kept else None)
+
+
+@pytest.mark.parametrize(
+    "bad_trace",
+    [
+        '{"traceparent":18446744073709551617}',
+        '{"traceparent":NaN}',
+        '{"x":' + "[" * 100 + "]" * 100 + "}",
+    ],
+    ids=["beyond-64-bits", "nan", "too-deep"],
+)
+def test_a_trace_breaking_the_value_rules_is_dropped_and_the_call_delivered(bad_trace: str) -> None:
+    text = '{"type":"call","id":"t","capability":"f","input":[1,"x"],"trace":' + bad_trace + "}"
+    for given in (text, text.encode()):
+        frame = astral.decode(given)
+        assert frame == astral.Call("t", "f", [1, "x"])
+
+
+def test_a_call_whose_input_breaks_the_value_rules_is_refused_trace_or_not() -> None:
+    bad_trace = ',"trace":{"traceparent":18446744073709551617}'
+    for extra in ("", ',"trace":{"traceparent":"ok"}', bad_trace):
+        text = '{"type":"call","id":"t","capability":"f","input":18446744073709551617' + extra + "}"
+        with pytest.raises(astral.ProtocolError) as info:
+            astral.decode(text)
+        assert (info.value.frame_id, info.value.frame_type) == ("t", "call")
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**64)], ids=["2**64", "-2**64"])
+def test_an_integer_of_exactly_65_bits_is_refused_on_receipt(value: int) -> None:
+    # JavaScript writes 2**64 as 18446744073709552000: not the same number.
+    with pytest.raises(astral.ProtocolError, match="beyond 64 bits"):
+        astral.decode(f'{{"type":"yield","id":"1","output":{value}}}')
+    # One less in magnitude is within 64 bits, and read exactly.
+    inside = value - 1 if value > 0 else value + 1
+    assert astral.decode(f'{{"type":"yield","id":"1","output":{inside}}}') == astral.Yield(
+        "1", inside
+    )
+
+
+async def test_an_upload_stops_at_exactly_the_window_and_resumes_as_items_are_taken() -> None:
+    handed: list[int] = []
+    take = anyio.Event()
+    taken: list[int] = []
+
+    async def produce() -> AsyncIterator[int]:
+        i = 0
+        while True:
+            handed.append(i)
+            yield i
+            i += 1
+
+    async def reader(_: Any, items: AsyncIterator[int]) -> None:
+        await take.wait()
+        async for item in items:
+            taken.append(item)
+            if len(taken) == 3 * WINDOW:
+                await anyio.sleep_forever()
+
+    async with connected_pair({"reader": reader}, {}, max_buffered_items=WINDOW) as (_, b):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: b.call("reader", None, input_stream=produce(), timeout=None))
+            await anyio.wait_all_tasks_blocked()  # in memory: proves it sends no more
+            # Exactly WINDOW items taken from the producer: it waits for credit.
+            assert len(handed) == WINDOW
+            take.set()
+            await anyio.wait_all_tasks_blocked()  # in memory: proves it sends no more
+            assert taken == list(range(3 * WINDOW))
+            # Credit came back as items were taken: a window ahead, no more.
+            assert len(handed) == 3 * WINDOW + WINDOW
+            tg.cancel_scope.cancel()

@@ -74,6 +74,7 @@ async def test_the_callee_stops_by_itself_and_sends_one_terminal_frame() -> None
         await mine.send('{"type":"cancel","id":"1"}')
         await mine.send('{"type":"call","id":"2","capability":"forever","deadline":0}')
         assert json.loads(await mine.receive())["id"] == "2"
+        # Bounded proof that nothing more comes (in memory), not a wait for it.
         with anyio.move_on_after(0.05):
             extra = await mine.receive()
             pytest.fail(f"a second frame was sent: {extra}")
@@ -117,7 +118,7 @@ async def test_without_the_feature_the_field_is_not_sent_but_the_caller_stops() 
 
 async def test_a_deadline_replaces_the_default_first_frame_timeout() -> None:
     async def slow(_: Any) -> str:
-        await anyio.sleep(0.3)
+        await anyio.sleep(0.3)  # a capability slower than the 0.1 s timeout: what is tested
         return "done"
 
     async with connected_pair({"slow": slow}, {}, timeout=0.1) as (_, b):
@@ -134,7 +135,7 @@ async def test_a_deadline_covers_a_whole_stream() -> None:
         while True:
             yield i
             i += 1
-            await anyio.sleep(0.02)
+            await anyio.sleep(0.02)  # a steady producer that outlives the deadline
 
     async with connected_pair({"ticks": ticks}, {}) as (_, b):
         got: list[int] = []

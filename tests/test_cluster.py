@@ -7,6 +7,8 @@ import pytest
 import astral
 from astral._cluster import batch, describe, dump, failure, parse
 
+from .helpers import plain_id
+
 
 def test_a_batch_round_trips_in_order() -> None:
     parts = [dump(["item", 1, {"x": [1, "é"]}]), dump(["end", 1]), dump(["credit", 2, 5])]
@@ -25,6 +27,7 @@ def test_wide_integers_travel_as_they_are() -> None:
 @pytest.mark.parametrize(
     "data",
     [b"not json", b"[1, 2]", b'{"f": 1, "m": []}', b'{"f": "n"}', b"\xff", b'{"f": "n", "m": 3}'],
+    ids=plain_id,
 )
 def test_what_is_not_a_batch_is_refused(data: bytes) -> None:
     with pytest.raises(ValueError, match=r"."):

@@ -20,6 +20,8 @@ import astral
 from astral import Call, Cancel, ProtocolError, Result, Yield, decode, encode
 from astral._frames import MAX_DEPTH, MAX_ID_LENGTH, MAX_SAFE_INTEGER
 
+from .helpers import plain_id
+
 # -- encode: exactly what the original writes ---------------------------------
 
 
@@ -193,7 +195,7 @@ def test_encode_refuses_what_is_not_a_frame() -> None:
         Result("3", output={"a": 1}, error="both"),
         Cancel("4"),
     ],
-    ids=repr,
+    ids=plain_id,
 )
 def test_decode_round_trips(frame: astral.Frame) -> None:
     text = encode(frame)
@@ -308,7 +310,7 @@ MALFORMED: list[str | bytes] = [
 ]
 
 
-@pytest.mark.parametrize("text", MALFORMED, ids=lambda t: repr(t)[:60])
+@pytest.mark.parametrize("text", MALFORMED, ids=plain_id)
 def test_decode_refuses_malformed_frames(text: str | bytes) -> None:
     with pytest.raises(ProtocolError):
         decode(text)
@@ -317,7 +319,7 @@ def test_decode_refuses_malformed_frames(text: str | bytes) -> None:
 @pytest.mark.parametrize(
     "text",
     [t for t in MALFORMED if isinstance(t, str) and t.isascii()],
-    ids=lambda t: repr(t)[:60],
+    ids=plain_id,
 )
 def test_decode_refuses_malformed_frames_given_as_bytes(text: str) -> None:
     with pytest.raises(ProtocolError):
@@ -466,6 +468,7 @@ def test_decode_id_length_limit() -> None:
         ('{"type":"result"}', None, "result"),
         ('{"type":"result","id":"' + "x" * 300 + '"}', None, "result"),
     ],
+    ids=plain_id,
 )
 def test_protocol_error_names_the_frame_when_readable(
     text: str, frame_id: str | None, frame_type: str | None
@@ -622,6 +625,7 @@ def test_encode_escapes_a_lone_surrogate_as_json_stringify_does() -> None:
         '{"type":"yield","id":"\\udfff","output":{"\\ud83d":["x\\udc00y","😀",1]}}',
         '{"type":"call","id":"7","capability":"\\ud800","input":["\\udbff\\udbff"]}',
     ],
+    ids=plain_id,
 )
 def test_a_javascript_string_with_lone_surrogates_comes_back_identical(text: str) -> None:
     assert encode(decode(text)) == text

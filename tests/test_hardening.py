@@ -391,7 +391,7 @@ async def test_a_flood_of_refused_calls_is_closed_with_1008_on_the_wire(
         )
         sent = 0
         async with stream:
-            with anyio.move_on_after(30):
+            with anyio.move_on_after(30):  # a bound on the flood, not a wait for an event
                 # Sends stall once the server stops reading us; it must end
                 # up closing the connection.
                 async with anyio.create_task_group() as tg:

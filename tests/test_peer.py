@@ -116,6 +116,8 @@ async def collect_into(items: AsyncIterable[Any], into: list[Any]) -> None:
 
 async def assert_settled(*peers: Peer) -> None:
     """Once every task is idle, no peer remembers any call."""
+    # In memory (connected_pair): every task is local, so once all are blocked
+    # nothing is in flight; not a wait for a remote over a socket.
     await anyio.wait_all_tasks_blocked()
     for peer in peers:
         assert peer._state.outbound == {}
@@ -671,12 +673,12 @@ async def test_flow_control_paces_an_astral_producer_to_its_consumer() -> None:
     async with connected_pair({"firehose": firehose}, {}, max_buffered_items=limit) as (a, b):
         async with b.stream("firehose", timeout=None) as items:
             await firehose.started.wait()
-            await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # in memory: proves it sends no more
             # Nothing taken yet: the producer waits at exactly the window.
             assert firehose.sent == limit
             taken = [await anext(items) for _ in range(50)]
             assert taken == list(range(50))
-            await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # in memory: proves it sends no more
             # Credit came back for every item taken: a window ahead, no more.
             assert firehose.sent == 50 + limit
         await firehose.finished.wait()
@@ -903,6 +905,7 @@ class ScriptedTransport:
         self, end: BaseException, *, broken_send: bool = False, failing_close: bool = False
     ) -> None:
         self.sent: list[str] = []
+        self.sending = anyio.Event()  # a first frame was sent
         self.end = anyio.Event()
         self.closed = False
         self._error = end
@@ -913,6 +916,7 @@ class ScriptedTransport:
         if self._broken_send:
             raise anyio.BrokenResourceError
         self.sent.append(item)
+        self.sending.set()
 
     async def receive(self) -> str:
         await self.end.wait()
@@ -932,7 +936,7 @@ async def test_the_transports_close_code_reaches_pending_calls() -> None:
         async with anyio.create_task_group() as tg:
             out = Outcomes(tg)
             out.start("call", lambda: peer.call("f"))
-            await anyio.wait_all_tasks_blocked()
+            await transport.sending.wait()
             assert len(transport.sent) == 1
             transport.end.set()
         error = out.results["call"]
@@ -1412,6 +1416,7 @@ async def test_a_full_window_behind_still_gets_the_final_result() -> None:
         async with b.stream("window") as items:
             await b.call("ping")  # the stream's frames arrived before this answer
             await finished.wait()
+            # In memory: a spurious overrun, were there one, has happened by now.
             await anyio.wait_all_tasks_blocked()
             assert [item async for item in items] == list(range(limit))
         await assert_settled(a, b)
@@ -1436,7 +1441,7 @@ async def test_a_stream_collected_in_another_thread_leaves_the_peer_alone() -> N
         stream = await b.call("firehose")
         assert isinstance(stream, Stream)
         await anyio.to_thread.run_sync(stream.__del__)
-        await anyio.wait_all_tasks_blocked()
+        await anyio.wait_all_tasks_blocked()  # in memory: proves no cancel was sent
         assert not firehose.finished.is_set()
         await stream.aclose()  # on the peer's thread it works
         await firehose.finished.wait()

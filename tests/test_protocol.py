@@ -23,6 +23,8 @@ from astral._protocol import (
     StartInbound,
 )
 
+from .helpers import plain_id
+
 MAX_INBOUND = 3
 
 
@@ -190,6 +192,7 @@ def test_a_malformed_result_for_a_pending_call_fails_it() -> None:
         '{"type":"result","id":"%s","output":-18446744073709551617}',
         '{"type":"result","id":"%s","output":"\\ud800","error":["x"]}',
     ],
+    ids=plain_id,
 )
 def test_a_malformed_yield_or_result_with_a_known_id_fails_that_call(template: str) -> None:
     state = make_state()
@@ -478,7 +481,7 @@ MALFORMED = [*BAD_INPUT, '{"type":"result","id":"unknown","error":1}']
 LATE = [encode(Result("unknown", 1)), encode(Yield("unknown", 1)), encode(Cancel("unknown"))]
 
 
-@pytest.mark.parametrize("text", MALFORMED, ids=lambda t: repr(t)[:50])
+@pytest.mark.parametrize("text", MALFORMED, ids=plain_id)
 def test_each_malformed_frame_is_one_warning(text: str, caplog: pytest.LogCaptureFixture) -> None:
     state = make_state()
     caplog.set_level(logging.DEBUG)
@@ -488,7 +491,7 @@ def test_each_malformed_frame_is_one_warning(text: str, caplog: pytest.LogCaptur
     assert (records[0].name, records[0].levelno) == ("astral.protocol", logging.WARNING)
 
 
-@pytest.mark.parametrize("text", LATE, ids=lambda t: repr(t)[:50])
+@pytest.mark.parametrize("text", LATE, ids=plain_id)
 def test_each_late_frame_is_logged_once_at_debug(
     text: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -74,7 +74,7 @@ async def test_an_expired_session_is_closed_at_once() -> None:
 
 async def test_expiry_can_be_switched_off() -> None:
     async def nap(_: Any) -> str:
-        await anyio.sleep(0.2)  # the session outlives the token's exp meanwhile
+        await anyio.sleep(0.2)  # a call in progress while exp lies in the past: what is tested
         return "still here"
 
     async with running_principal(

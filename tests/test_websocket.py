@@ -655,6 +655,7 @@ async def test_backpressure_and_cancelled_send_leave_no_partial_frame(reporter: 
         async with open_websocket(f"ws://{HOST}:{port}/") as ws:
             sent = 0
             while True:  # until the kernel buffers fill and send() blocks
+                # The cancelled send is what is tested; the timer only decides when.
                 with anyio.move_on_after(0.3) as scope:
                     await ws.send(f"{sent:08d}" + chunk)
                 if scope.cancelled_caught:

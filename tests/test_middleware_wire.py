@@ -1,0 +1,237 @@
+"""With middleware installed, a callee answers on the wire exactly as without.
+
+A peer with middleware serves its calls on a path of its own (the plain path
+is kept lean), so each way a call can end is tried here on both, with a
+hand-written caller reading the frames: cancelled by the caller, past its
+deadline, flooded with input, failing, or yielding an item that cannot be
+sent. With middleware, what the middleware saw is checked too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+import astral
+from astral import CallInfo
+from astral.testing import memory_transport_pair
+
+from .helpers import eventually
+
+
+class Seen:
+    """A middleware that keeps each call it saw, and signals when one ends."""
+
+    def __init__(self) -> None:
+        self.ended: list[CallInfo] = []
+        self.one_ended = anyio.Event()
+
+    @asynccontextmanager
+    async def __call__(self, call: CallInfo) -> AsyncIterator[None]:
+        yield
+        self.ended.append(call)
+        self.one_ended.set()
+
+
+class Capabilities:
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+
+    async def forever(self, _: Any) -> None:
+        self.started.set()
+        await anyio.sleep_forever()
+
+    async def hold(self, _: Any, items: AsyncIterator[int]) -> None:
+        self.started.set()
+        await anyio.sleep_forever()  # reads nothing: the window fills
+
+    async def fail(self, _: Any) -> None:
+        raise astral.Failure("no luck", code="unlucky")
+
+    async def unsendable(self, _: Any) -> AsyncIterator[Any]:
+        yield 1
+        yield object()
+
+    async def which(self, _: Any) -> list[str]:
+        call = astral.current_call()
+        return [call.id, call.capability]
+
+    async def huge(self, _: Any) -> AsyncIterator[str]:
+        yield "x"
+        yield "x" * 5000
+
+
+@asynccontextmanager
+async def raw_caller(observed: bool) -> AsyncIterator[tuple[Any, Capabilities, Seen | None]]:
+    """A peer serving a hand-written caller; on the way out, no call is left in its table."""
+    caps = Capabilities()
+    seen = Seen() if observed else None
+    mine, theirs = memory_transport_pair(buffer=100)
+    capabilities = {
+        "forever": caps.forever,
+        "hold": caps.hold,
+        "fail": caps.fail,
+        "unsendable": caps.unsendable,
+        "huge": caps.huge,
+        "which": caps.which,
+    }
+    async with (
+        mine,
+        theirs,
+        astral.Peer(
+            theirs,
+            capabilities=capabilities,
+            max_buffered_items=2,
+            middleware=[seen] if seen is not None else [],
+            remote_max_message_size=2000,
+        ) as peer,
+    ):
+        yield mine, caps, seen
+        # The terminal frame is sent before the table entry goes.
+        await eventually(lambda: peer._state.inbound == {})
+
+
+async def frames_until_result(mine: Any) -> list[dict[str, Any]]:
+    frames = []
+    while True:
+        frames.append(json.loads(await mine.receive()))
+        if frames[-1]["type"] == "result":
+            return frames
+
+
+async def outcome(seen: Seen | None) -> CallInfo | None:
+    if seen is None:
+        return None
+    if not seen.ended:
+        await seen.one_ended.wait()
+    [info] = seen.ended
+    return info
+
+
+observed = pytest.mark.parametrize("observed", [False, True], ids=["plain", "middleware"])
+
+
+@observed
+async def test_a_call_cancelled_by_the_caller_is_answered_cancelled(observed: bool) -> None:
+    async with raw_caller(observed) as (mine, caps, seen):
+        await mine.send('{"type":"call","id":"1","capability":"forever"}')
+        await caps.started.wait()
+        await mine.send('{"type":"cancel","id":"1"}')
+        assert json.loads(await mine.receive()) == {
+            "type": "result",
+            "id": "1",
+            "error": "cancelled",
+        }
+        info = await outcome(seen)
+        if info is not None:
+            assert (info.call_id, info.outcome) == ("1", "cancelled")
+
+
+@observed
+async def test_a_call_past_its_deadline_is_answered_deadline_exceeded(observed: bool) -> None:
+    async with raw_caller(observed) as (mine, _, seen):
+        await mine.send('{"type":"call","id":"1","capability":"forever","deadline":50}')
+        assert json.loads(await mine.receive()) == {
+            "type": "result",
+            "id": "1",
+            "error": "deadline exceeded",
+            "code": "deadline_exceeded",
+        }
+        info = await outcome(seen)
+        if info is not None:
+            assert (info.call_id, info.outcome) == ("1", "error")
+            assert isinstance(info.error, astral.ProtocolError)
+            assert str(info.error) == "deadline exceeded"
+
+
+@observed
+async def test_a_caller_flooding_input_is_answered_input_stream_overrun(observed: bool) -> None:
+    async with raw_caller(observed) as (mine, caps, seen):
+        await mine.send('{"type":"call","id":"1","capability":"hold","input_stream":true}')
+        assert json.loads(await mine.receive()) == {"type": "want", "id": "1", "n": 2}
+        await caps.started.wait()
+        for i in range(3):
+            await mine.send(json.dumps({"type": "item", "id": "1", "value": i}))
+        assert json.loads(await mine.receive()) == {
+            "type": "result",
+            "id": "1",
+            "error": "input stream overrun",
+        }
+        info = await outcome(seen)
+        if info is not None:
+            assert (info.call_id, info.outcome) == ("1", "error")
+            assert str(info.error) == "input stream overrun"
+
+
+@observed
+async def test_a_failing_capability_is_answered_with_its_failure(observed: bool) -> None:
+    async with raw_caller(observed) as (mine, _, seen):
+        await mine.send('{"type":"call","id":"1","capability":"fail"}')
+        assert json.loads(await mine.receive()) == {
+            "type": "result",
+            "id": "1",
+            "error": "no luck",
+            "code": "unlucky",
+        }
+        info = await outcome(seen)
+        if info is not None:
+            assert (info.call_id, info.outcome) == ("1", "error")
+            assert isinstance(info.error, astral.Failure)
+            assert str(info.error) == "no luck"
+
+
+@observed
+async def test_a_stream_item_that_cannot_be_sent_ends_the_stream_with_an_error(
+    observed: bool,
+) -> None:
+    async with raw_caller(observed) as (mine, _, seen):
+        await mine.send('{"type":"call","id":"1","capability":"unsendable"}')
+        first, last = await frames_until_result(mine)
+        assert first == {"type": "yield", "id": "1", "output": 1}
+        assert (last["id"], last["code"]) == ("1", "internal")
+        assert "object" in last["error"]
+        info = await outcome(seen)
+        if info is not None:
+            assert (info.call_id, info.outcome, info.items) == ("1", "error", 1)
+            assert isinstance(info.error, astral.ProtocolError)
+            assert str(info.error) == last["error"]
+
+
+@observed
+async def test_a_stream_item_too_big_for_the_caller_ends_the_stream_with_an_error(
+    observed: bool,
+) -> None:
+    async with raw_caller(observed) as (mine, _, seen):
+        await mine.send('{"type":"call","id":"1","capability":"huge"}')
+        first, last = await frames_until_result(mine)
+        assert first == {"type": "yield", "id": "1", "output": "x"}
+        assert last["id"] == "1"
+        assert "2000" in last["error"]
+        info = await outcome(seen)
+        if info is not None:
+            assert (info.call_id, info.outcome, info.items) == ("1", "error", 1)
+            assert isinstance(info.error, astral.ProtocolError)
+            assert str(info.error) == last["error"]
+
+
+@observed
+async def test_a_capability_sees_the_call_id_and_capability_the_caller_sent(observed: bool) -> None:
+    async with raw_caller(observed) as (mine, _, seen):
+        await mine.send('{"type":"call","id":"abc-7","capability":"which"}')
+        assert json.loads(await mine.receive()) == {
+            "type": "result",
+            "id": "abc-7",
+            "output": ["abc-7", "which"],
+        }
+        info = await outcome(seen)
+        if info is not None:
+            assert (info.call_id, info.outcome, info.output) == (
+                "abc-7",
+                "result",
+                ["abc-7", "which"],
+            )
