@@ -82,9 +82,22 @@ class Routing(RegistryBase):
             self._enqueue(node, part)
 
     def _enqueue(self, node: str, part: bytes) -> None:
-        # The outbound task publishes everything queued when it wakes, all
-        # in one send on the link's RESP connection (see _flush).
-        self._outbox.setdefault(node, []).append(part)
+        publisher = self._publisher
+        if not self._outbox and not self._burst and publisher is not None and publisher.direct:
+            # Nothing is waiting to go: publish now, from the poster's task,
+            # straight onto the socket (one task hop less on a call's path).
+            # Whatever comes next, until the outbound task has run, waits in
+            # the outbox and goes out as one batch. Only a call wants Redis's
+            # reply (see _flush).
+            publisher.write_publish(
+                node,
+                self._node_channel(node),
+                batch(self.node, [part]),
+                part.startswith(b'["call",'),
+            )
+            self._burst = True
+        else:
+            self._outbox.setdefault(node, []).append(part)
         self._outbox_ready.set()
 
     def forget(self, call: RemoteCall, *, cancel: bool) -> None:
@@ -98,6 +111,7 @@ class Routing(RegistryBase):
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready = anyio.Event()
+            self._burst = False
             try:
                 await self._flush()
             except Exception as exc:
@@ -117,11 +131,13 @@ class Routing(RegistryBase):
                 size += len(part) + 1
                 calls = calls or part.startswith(b'["call",')
             payloads.append((node, batch(self.node, parts[start:]), calls))
-        if not payloads:
-            return
         publisher = self._publisher
+        if not payloads:
+            if publisher is not None:
+                await publisher.drain()  # what a poster wrote, if the socket was full
+            return
         if publisher is not None:
-            # The hot path: every PUBLISH in one send on the link's own RESP
+            # The hot path: every PUBLISH in one write on the link's own RESP
             # connection (astral._cluster_wire says why not coredis). Only a
             # batch holding a call wants Redis's reply (how many listened:
             # none means its process is gone, and the caller learns it at
