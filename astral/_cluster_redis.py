@@ -193,7 +193,7 @@ class RegistryBase:
     _presence: str
     _channel: str
     _publisher: RespConnection | None
-    _burst: bool
+    _last_direct: float
     _local: dict[str, Local]
     _unlisted: dict[str, Local]
     _waiters: dict[str, anyio.Event]

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Routing"]
 
+#: Seconds after a message went straight out during which the next ones are
+#: batched by the outbound task instead (a burst of frames is one publish).
+BURST_GAP = 0.0002
+
 
 class Routing(RegistryBase):
     """Calls this process makes to workers elsewhere, and every frame in and out."""
@@ -83,21 +87,25 @@ class Routing(RegistryBase):
 
     def _enqueue(self, node: str, part: bytes) -> None:
         publisher = self._publisher
-        if not self._outbox and not self._burst and publisher is not None and publisher.direct:
-            # Nothing is waiting to go: publish now, from the poster's task,
-            # straight onto the socket (one task hop less on a call's path).
-            # Whatever comes next, until the outbound task has run, waits in
-            # the outbox and goes out as one batch. Only a call wants Redis's
-            # reply (see _flush).
-            publisher.write_publish(
-                node,
-                self._node_channel(node),
-                batch(self.node, [part]),
-                part.startswith(b'["call",'),
-            )
-            self._burst = True
-        else:
-            self._outbox.setdefault(node, []).append(part)
+        if not self._outbox and publisher is not None and publisher.direct:
+            now = anyio.current_time()
+            if now - self._last_direct >= BURST_GAP:
+                # Nothing is waiting to go, and nothing went straight out just
+                # now: publish from the poster's task, straight onto the
+                # socket (no task hop on a call's path). What comes next
+                # within BURST_GAP waits in the outbox and goes out as one
+                # batch. Only a call wants Redis's reply (see _flush).
+                self._last_direct = now
+                publisher.write_publish(
+                    node,
+                    self._node_channel(node),
+                    batch(self.node, [part]),
+                    part.startswith(b'["call",'),
+                )
+                if not publisher.idle:
+                    self._outbox_ready.set()  # the rest, when the socket takes it
+                return
+        self._outbox.setdefault(node, []).append(part)
         self._outbox_ready.set()
 
     def forget(self, call: RemoteCall, *, cancel: bool) -> None:
@@ -111,7 +119,6 @@ class Routing(RegistryBase):
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready = anyio.Event()
-            self._burst = False
             try:
                 await self._flush()
             except Exception as exc:

@@ -185,6 +185,8 @@ class RespConnection:
         Raises:
             OSError: The connection broke.
         """
+        if not self._out and self._broken is None:
+            return  # the usual case: no lock, no checkpoint
         async with self._drain_lock:
             while True:
                 if self._broken is not None:

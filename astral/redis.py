@@ -199,9 +199,8 @@ class RedisRegistry(Presence, Routing, Serving):
         self._link_scope: anyio.CancelScope | None = None
         # The link's RESP connection for PUBLISH, while it is up.
         self._publisher: RespConnection | None = None
-        # A message went out from its poster; the next ones wait for the
-        # outbound task, so that a burst still goes out in batches.
-        self._burst = False
+        # When a message last went out from its poster (see Routing._enqueue).
+        self._last_direct = float("-inf")
         self._local: dict[str, Local] = {}
         self._unlisted: dict[str, Local] = {}  # superseded, still connected
         self._waiters: dict[str, anyio.Event] = {}
