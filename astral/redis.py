@@ -30,7 +30,10 @@ link to Redis, the lookups) is made of three private parts, each a module:
 ``_cluster_presence`` (listing and heartbeats), ``_cluster_routing`` (frames
 to and from other processes: the caller's side) and ``_cluster_serving``
 (calls from other processes run here); ``_cluster_redis`` holds what they
-share (their state, the Lua scripts, failure handling). Lookups and listings
+share (their state, the Lua scripts, failure handling). The two hot
+connections (this process's subscription and its publisher) speak RESP
+themselves (``_cluster_wire`` over the sans-IO ``_resp``); coredis is the
+client for the rest. Lookups and listings
 are Lua scripts that build key names from the namespace, which a single Redis
 (or a primary with replicas) runs; Redis Cluster's sharding is not supported.
 
