@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 
 from astral import _resp
+from astral._cluster_wire import RespConnection, Target
 from astral._resp import Parser, RespError, RespProtocolError, encode
 
 # Every kind of reply, in one stream, with what it parses to.
@@ -136,3 +141,93 @@ def test_a_partial_bulk_string_longer_than_a_line_waits() -> None:
     assert parser.replies() == []
     parser.feed(body[-5:] + b"\r\n")
     assert parser.replies() == [body]
+
+
+# -- the driver (astral._cluster_wire) against a stand-in Redis on a real socket
+
+
+@asynccontextmanager
+async def stand_in(
+    handler: Callable[[anyio.abc.SocketStream], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 running ``handler`` per connection; yields its port."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+
+    async def run(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await handler(stream)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, run)
+            yield port
+            tg.cancel_scope.cancel()
+    finally:
+        await listener.aclose()
+
+
+async def test_login_and_database_then_a_large_write_waits_for_the_socket() -> None:
+    size = 32 * 1024 * 1024  # far beyond what a socket buffer takes at once
+    got = bytearray()
+    done = anyio.Event()
+
+    async def redis(stream: anyio.abc.SocketStream) -> None:
+        parser = Parser()
+        hello: list[Any] = []
+        while len(hello) < 2:
+            parser.feed(await stream.receive())
+            hello += parser.replies()
+        assert hello == [[b"AUTH", b"u", b"p w"], [b"SELECT", b"5"]]
+        await stream.send(b"+OK\r\n+OK\r\n")
+        while len(got) < size:
+            got.extend(await stream.receive())
+        done.set()
+        await stream.send(b":1\r\n")
+
+    async with stand_in(redis) as port:
+        conn = await RespConnection.open(Target(f"redis://u:p%20w@127.0.0.1:{port}/5", None, 5))
+        try:
+            assert conn.direct
+            conn.write(b"x" * size)  # more than the socket takes at once
+            assert not conn.idle
+            assert not conn.direct
+            await conn.drain()
+            assert conn.idle
+            await done.wait()
+            assert got == b"x" * size
+            assert await conn.reply() == 1
+        finally:
+            await conn.aclose()
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "match"),
+    [
+        (b"-WRONGPASS invalid username-password pair\r\n", RespError, "WRONGPASS"),
+        (b"", ConnectionResetError, "closed the connection"),
+        (b"HTTP/1.1 400 Bad Request\r\n", RespProtocolError, "not a RESP2 reply"),
+    ],
+)
+async def test_a_refused_login_a_closed_or_foreign_server_is_a_clear_error(
+    answer: bytes, error: type[Exception], match: str
+) -> None:
+    async def redis(stream: anyio.abc.SocketStream) -> None:
+        await stream.receive()
+        if answer:
+            await stream.send(answer)
+        await stream.aclose()
+
+    async with stand_in(redis) as port:
+        with pytest.raises(error, match=match):
+            await RespConnection.open(Target(f"redis://:pw@127.0.0.1:{port}/0", None, 5))
+
+
+async def test_nobody_listening_is_an_oserror() -> None:
+    async def redis(stream: anyio.abc.SocketStream) -> None:
+        await stream.aclose()
+
+    async with stand_in(redis) as port:
+        pass  # the port is free again
+    with pytest.raises(OSError, match=r"127\.0\.0\.1"):
+        await RespConnection.open(Target(f"redis://127.0.0.1:{port}", None, 5))
