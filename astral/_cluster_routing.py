@@ -103,7 +103,9 @@ class Routing(RegistryBase):
                     part.startswith(b'["call",'),
                 )
                 if not publisher.idle:
-                    self._outbox_ready.set()  # the rest, when the socket takes it
+                    # The rest when the socket takes it, or the failure to
+                    # the outbound task (which takes the link down).
+                    self._outbox_ready.set()
                 return
         self._outbox.setdefault(node, []).append(part)
         self._outbox_ready.set()

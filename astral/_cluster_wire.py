@@ -153,8 +153,8 @@ class RespConnection:
 
     @property
     def idle(self) -> bool:
-        """Whether everything written has been sent."""
-        return not self._out
+        """Whether everything written has been sent (and the connection is whole)."""
+        return not self._out and self._broken is None
 
     def write(self, data: bytes) -> None:
         """Send ``data`` now if the socket takes it; keep the rest for :meth:`drain`."""
