@@ -23,18 +23,19 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("astral.redis needs coredis: pip install 'astral-rpc[redis]'") from exc
 
+import anyio
+import anyio.abc
+
 from ._cluster import load
+from ._resp import RespError, RespProtocolError
 
 if TYPE_CHECKING:
     import itertools
-    from collections import deque
-
-    import anyio
-    import anyio.abc
 
     from ._cluster import RemoteCall
     from ._cluster_presence import Local
     from ._cluster_serving import Served, _Slot
+    from ._cluster_wire import RespConnection
     from ._middleware import Middleware
 
 __all__ = ["RegistryBase"]
@@ -102,7 +103,15 @@ return out
 def is_redis_failure(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(is_redis_failure(e) for e in exc.exceptions)
-    return isinstance(exc, coredis.exceptions.RedisError | OSError | TimeoutError)
+    return isinstance(
+        exc,
+        coredis.exceptions.RedisError
+        | OSError
+        | TimeoutError
+        | RespError
+        | RespProtocolError
+        | anyio.ClosedResourceError,
+    )
 
 
 def leaves(exc: BaseException) -> list[BaseException]:
@@ -183,9 +192,8 @@ class RegistryBase:
     _k_subjects: str
     _presence: str
     _channel: str
-    _publisher: Any
-    _replies: deque[tuple[str, Any]]
-    _burst: bool
+    _publisher: RespConnection | None
+    _last_direct: float
     _local: dict[str, Local]
     _unlisted: dict[str, Local]
     _waiters: dict[str, anyio.Event]

@@ -3,22 +3,30 @@
 This side of :class:`astral.redis.RemoteWorker` (the ``Router`` of
 ``astral._cluster``): outgoing calls, their inboxes, and the outbox. Frames
 for one process are batched into one pub/sub message and published on the
-link's own connection; when nothing is queued or on its way, a frame is
-published by its poster at once (one task hop less on a call's path). What
-arrives on this process's channel is dispatched here without waiting.
+link's own RESP connection (``astral._cluster_wire``), everything queued in
+one send. What arrives on this process's channel is dispatched here, from
+the task that reads the subscription.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 
 from ._cluster import RemoteCall, batch, dump, parse
-from ._cluster_redis import MAX_BATCH_BYTES, RegistryBase, is_redis_failure, logger, text
+from ._cluster_redis import MAX_BATCH_BYTES, RegistryBase, is_redis_failure, logger
 from ._exceptions import ClusterError, ConnectionClosed
+from ._resp import RespError, RespProtocolError
+
+if TYPE_CHECKING:
+    from ._cluster_wire import RespConnection
 
 __all__ = ["Routing"]
+
+#: Seconds after a message went straight out during which the next ones are
+#: batched by the outbound task instead (a burst of frames is one publish).
+BURST_GAP = 0.0002
 
 
 class Routing(RegistryBase):
@@ -79,43 +87,25 @@ class Routing(RegistryBase):
 
     def _enqueue(self, node: str, part: bytes) -> None:
         publisher = self._publisher
-        if (
-            not self._outbox
-            and not self._replies
-            and not self._burst
-            and publisher is not None
-            and publisher.usable
-        ):
-            # Nothing is waiting to go, nothing is on its way: publish now,
-            # without waking the outbound task first (one task hop less on a
-            # call's path). coredis only queues the command here. Whatever
-            # comes next, until the outbound task has run, waits in the
-            # outbox and goes out as one batch.
-            #
-            # Only a call needs Redis's reply (how many listened: none means
-            # its process is gone, and the caller learns it at once). The
-            # rest (answers, items, credit, cancel) goes with CLIENT REPLY
-            # SKIP: no reply to read, so no wake-up of this process for it.
-            # A process that left is still found by the heartbeat.
-            wants_reply = part.startswith(b'["call",')
-            try:
-                request = publisher.create_request(
-                    b"PUBLISH",
+        if not self._outbox and publisher is not None and publisher.direct:
+            now = anyio.current_time()
+            if now - self._last_direct >= BURST_GAP:
+                # Nothing is waiting to go, and nothing went straight out just
+                # now: publish from the poster's task, straight onto the
+                # socket (no task hop on a call's path). What comes next
+                # within BURST_GAP waits in the outbox and goes out as one
+                # batch. Only a call wants Redis's reply (see _flush).
+                self._last_direct = now
+                publisher.write_publish(
+                    node,
                     self._node_channel(node),
                     batch(self.node, [part]),
-                    noreply=not wants_reply,
-                    timeout=self._op_timeout,
+                    part.startswith(b'["call",'),
                 )
-            except Exception as exc:
-                if not is_redis_failure(exc):
-                    raise
-                # The connection just broke: the outbox path reports it.
-            else:
-                if wants_reply:
-                    self._replies.append((node, request))
-                else:
-                    self._burst = True
-                self._outbox_ready.set()
+                if not publisher.idle:
+                    # The rest when the socket takes it, or the failure to
+                    # the outbound task (which takes the link down).
+                    self._outbox_ready.set()
                 return
         self._outbox.setdefault(node, []).append(part)
         self._outbox_ready.set()
@@ -131,9 +121,7 @@ class Routing(RegistryBase):
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready = anyio.Event()
-            self._burst = False
             try:
-                await self._settle()
                 await self._flush()
             except Exception as exc:
                 if not is_redis_failure(exc):
@@ -142,61 +130,77 @@ class Routing(RegistryBase):
 
     async def _flush(self) -> None:
         outbox, self._outbox = self._outbox, {}
-        payloads: list[tuple[str, bytes]] = []
+        payloads: list[tuple[str, bytes, bool]] = []
         for node, parts in outbox.items():
-            start, size = 0, 0
+            start, size, calls = 0, 0, False
             for i, part in enumerate(parts):
                 if size and size + len(part) > MAX_BATCH_BYTES:
-                    payloads.append((node, batch(self.node, parts[start:i])))
-                    start, size = i, 0
+                    payloads.append((node, batch(self.node, parts[start:i]), calls))
+                    start, size, calls = i, 0, False
                 size += len(part) + 1
-            payloads.append((node, batch(self.node, parts[start:])))
-        if not payloads:
-            return
+                calls = calls or part.startswith(b'["call",')
+            payloads.append((node, batch(self.node, parts[start:]), calls))
         publisher = self._publisher
-        if publisher is not None and publisher.usable:
-            # The hot path: queue every PUBLISH on the link's own connection
-            # (coredis sends what is queued in one write), then read the
-            # replies. coredis's lower-level connection API, because a client
-            # command costs a pool lease, retries and telemetry per call.
-            # Each request has its own deadline (command_timeout).
-            for node, payload in payloads:
-                request = publisher.create_request(
-                    b"PUBLISH", self._node_channel(node), payload, timeout=self._op_timeout
+        if not payloads:
+            if publisher is not None:
+                await publisher.drain()  # what a poster wrote, if the socket was full
+            return
+        if publisher is not None:
+            # The hot path: every PUBLISH in one write on the link's own RESP
+            # connection (astral._cluster_wire says why not coredis). Only a
+            # batch holding a call wants Redis's reply (how many listened:
+            # none means its process is gone, and the caller learns it at
+            # once); the link's reply reader reads it. The rest (answers,
+            # items, credit, cancel) go with CLIENT REPLY SKIP: no reply, no
+            # wake-up of this process for it. A process that left is still
+            # found by the heartbeat.
+            with anyio.fail_after(self._op_timeout):
+                await publisher.publish(
+                    (node, self._node_channel(node), payload, calls)
+                    for node, payload, calls in payloads
                 )
-                self._replies.append((node, request))
-            await self._settle()
             return
         # Leaving after the link broke: through the pool, if Redis is back.
         with anyio.fail_after(self._op_timeout):
             async with self._client.pipeline(transaction=False) as pipe:
-                for node, payload in payloads:
+                for node, payload, _ in payloads:
                     pipe.publish(self._node_channel(node), payload)
-        for (node, _), count in zip(payloads, pipe.results or (), strict=False):
+        for (node, _, _), count in zip(payloads, pipe.results or (), strict=False):
             if not count:
                 self._node_left(node)
 
-    async def _settle(self) -> None:
-        """Read the replies to the publishes on their way, oldest first."""
-        replies = self._replies
-        while replies:
-            node, request = replies[0]
-            count = await request
-            if replies and replies[0][1] is request:
-                replies.popleft()
-            if not count:
-                # Nobody listens on that process's channel: it is gone.
-                self._node_left(node)
+    async def _reply_loop(self, publisher: RespConnection) -> None:
+        """Read the replies to the publishes that want one, oldest first."""
+        pending = publisher.pending
+        while True:
+            for reply in await publisher.replies():
+                if not pending:
+                    raise RespProtocolError("a reply from Redis that nobody asked for")
+                node = pending.popleft()
+                if isinstance(reply, RespError):
+                    raise reply
+                if not reply:
+                    # Nobody listens on that process's channel: it is gone.
+                    self._node_left(node)
+
+    async def _subscription_loop(self, subscription: RespConnection) -> None:
+        """Dispatch what arrives on this process's channels, without a task hop."""
+        channel, presence = self._channel.encode(), self._presence.encode()
+        while True:
+            for reply in await subscription.replies():
+                if isinstance(reply, RespError):
+                    raise reply
+                if not isinstance(reply, list) or len(reply) != 3 or reply[0] != b"message":
+                    continue  # subscribe confirmations
+                if reply[1] == presence:
+                    self._on_presence(reply[2])
+                elif reply[1] == channel:
+                    self._on_pubsub(reply[2])
 
     # -- what arrives --------------------------------------------------------
 
-    def _on_pubsub(self, message: Any) -> None:
-        channel, data = text(message.get("channel")), message.get("data")
-        if not isinstance(data, bytes | str):
-            return
-        if channel == self._presence:
-            self._on_presence(data if isinstance(data, bytes) else data.encode())
-            return
+    def _on_pubsub(self, data: bytes) -> None:
+        channel = self._channel
         try:
             sender, messages, dropped = parse(data)
         except ValueError as exc:

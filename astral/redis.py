@@ -30,7 +30,10 @@ link to Redis, the lookups) is made of three private parts, each a module:
 ``_cluster_presence`` (listing and heartbeats), ``_cluster_routing`` (frames
 to and from other processes: the caller's side) and ``_cluster_serving``
 (calls from other processes run here); ``_cluster_redis`` holds what they
-share (their state, the Lua scripts, failure handling). Lookups and listings
+share (their state, the Lua scripts, failure handling). The two hot
+connections (this process's subscription and its publisher) speak RESP
+themselves (``_cluster_wire`` over the sans-IO ``_resp``); coredis is the
+client for the rest. Lookups and listings
 are Lua scripts that build key names from the namespace, which a single Redis
 (or a primary with replicas) runs; Redis Cluster's sharding is not supported.
 
@@ -51,7 +54,6 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections import deque
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
@@ -79,8 +81,10 @@ from ._cluster_redis import (
 )
 from ._cluster_routing import Routing
 from ._cluster_serving import Serving
+from ._cluster_wire import RespConnection, Target
 from ._exceptions import ClusterError, ConnectionClosed
 from ._peer import DEFAULT_TIMEOUT, Peer
+from ._resp import RespError, RespProtocolError, encode
 
 if TYPE_CHECKING:
     import ssl as _ssl
@@ -196,12 +200,10 @@ class RedisRegistry(Presence, Routing, Serving):
         self._up = False
         self._closing = False
         self._link_scope: anyio.CancelScope | None = None
-        self._publisher: Any = None  # the link's connection for PUBLISH, while it is up
-        # Publishes sent, whose replies (how many listened) are still to read.
-        self._replies: deque[tuple[str, Any]] = deque()
-        # A message went out without a reply to wait for; the next ones wait
-        # for the outbound task, so that a burst still goes out in batches.
-        self._burst = False
+        # The link's RESP connection for PUBLISH, while it is up.
+        self._publisher: RespConnection | None = None
+        # When a message last went out from its poster (see Routing._enqueue).
+        self._last_direct = float("-inf")
         self._local: dict[str, Local] = {}
         self._unlisted: dict[str, Local] = {}  # superseded, still connected
         self._waiters: dict[str, anyio.Event] = {}
@@ -335,35 +337,36 @@ class RedisRegistry(Presence, Routing, Serving):
             try:
                 with anyio.CancelScope() as scope:
                     self._link_scope = scope
-                    # Messages go straight to _on_pubsub from coredis's own
-                    # consumer task (a handler per channel), not through the
-                    # pubsub's iterator: one task wake less per message. The
-                    # publisher is a connection of our own, held while the link
-                    # is up, so a flush neither queues for the pool nor pays for
-                    # coredis's per-command machinery (see _flush).
-                    async with (
-                        self._client.pubsub(
-                            channel_handlers={
-                                self._channel: self._on_pubsub,
-                                self._presence: self._on_pubsub,
-                            },
-                            retry_policy=None,
-                            ignore_subscribe_messages=True,
-                            subscription_timeout=self._connect_timeout,
-                        ),
-                        self._client.connection_pool.acquire() as publisher,
-                    ):
-                        self._publisher = publisher
-                        await self._rejoin()  # each Redis round trip has a deadline
-                        self._up = True
-                        delay = 0.05
-                        if started:
-                            logger.warning("reconnected to Redis at %s", self.where)
-                        else:
-                            started = True
-                            task_status.started()
-                        self._wake_all()
-                        await anyio.sleep_forever()  # until the subscription breaks
+                    # The two hot connections (the subscription to this
+                    # process's channels, and the one that publishes frames)
+                    # speak RESP themselves: see astral._cluster_wire for why.
+                    # Messages are dispatched by the subscription's reader,
+                    # without a task hop; coredis does everything else.
+                    target = Target(self._url, self._ssl_context, self._connect_timeout)
+                    subscription = await RespConnection.open(target)
+                    try:
+                        publisher = await RespConnection.open(target)
+                        try:
+                            await self._subscribe(subscription)
+                            async with anyio.create_task_group() as link:
+                                link.start_soon(self._subscription_loop, subscription)
+                                link.start_soon(self._reply_loop, publisher)
+                                self._publisher = publisher
+                                await self._rejoin()  # each Redis round trip has a deadline
+                                self._up = True
+                                delay = 0.05
+                                if started:
+                                    logger.warning("reconnected to Redis at %s", self.where)
+                                else:
+                                    started = True
+                                    task_status.started()
+                                self._wake_all()
+                                await anyio.sleep_forever()  # until the link breaks
+                        finally:
+                            self._publisher = None
+                            await publisher.aclose()
+                    finally:
+                        await subscription.aclose()
             except Exception as exc:
                 self._publisher = None
                 if not is_redis_failure(exc):
@@ -373,6 +376,16 @@ class RedisRegistry(Presence, Routing, Serving):
                 self._link_down(self._unreachable(exc))
             await anyio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def _subscribe(self, subscription: RespConnection) -> None:
+        await subscription.send(encode(b"SUBSCRIBE", self._channel, self._presence))
+        with anyio.fail_after(self._connect_timeout):
+            for _ in range(2):
+                reply = await subscription.reply()
+                if isinstance(reply, RespError):
+                    raise reply
+                if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
+                    raise RespProtocolError(f"Redis answered SUBSCRIBE with {reply!r:.80}")
 
     def _link_down(self, reason: str) -> None:
         if self._link_scope is not None:
@@ -389,7 +402,6 @@ class RedisRegistry(Presence, Routing, Serving):
         for served in self._served.values():
             served.scope.cancel()
         self._outbox.clear()
-        self._replies.clear()
         self._wake_all()
 
     # -- lookups -------------------------------------------------------------

@@ -978,3 +978,55 @@ async def test_serving_tasks_wait_for_the_next_call(
             tg.cancel_scope.cancel()
         await work.stopped.wait()
         assert await there.call("echo", "after") == "after"
+
+
+async def test_acl_user_and_database_in_the_url() -> None:
+    # The hot path's own connections log in as the URL says (AUTH user
+    # password) and select its database, as coredis does for the rest.
+    with redis_server(
+        "--user", "default", "off", "--user", "astral", "on", ">pw-9", "~*", "&*", "+@all"
+    ) as server:
+        good = f"redis://astral:pw-9@127.0.0.1:{server.port}/3"
+        async with (
+            node(good, "acl") as a,
+            node(good, "acl") as b,
+            astral.connect(b.url, token=token("w1"), capabilities=Worker().capabilities()),
+        ):
+            there = await a.registry.wait_for("w1")
+            assert isinstance(there, redis.RemoteWorker)
+            assert await there.call("echo", "acl") == "acl"
+            # Presence went to database 3, and every connection (the hot
+            # path's subscription and publisher too) logged in and selected it.
+            assert await a.registry._client.dbsize() > 0
+            clients = await a.registry._client.client_list()
+            subscribed = [c for c in clients if int(c["sub"]) > 0]
+            assert len(subscribed) == 2  # one subscription per process
+            assert {(c["user"], str(c["db"])) for c in clients} == {("astral", "3")}
+        bad = f"redis://astral:wrong-9@127.0.0.1:{server.port}/3"
+        with pytest.raises(astral.ClusterError, match="Redis") as caught:
+            async with redis.RedisRegistry(bad, connect_timeout=2):
+                pass
+        assert "wrong-9" not in str(caught.value)
+
+
+async def test_a_killed_hot_connection_is_a_redis_failure_and_heals(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis drops the subscription (the hot path's own connection): calls in
+    # flight fail with ClusterError, and the registry reconnects by itself.
+    with redis_server() as server:
+        async with (
+            node(server.url, namespace, connect_timeout=2) as a,
+            node(server.url, namespace, connect_timeout=2) as b,
+            astral.connect(b.url, token=token("w1"), capabilities=Worker().capabilities()),
+        ):
+            there = await a.registry.wait_for("w1")
+            assert await there.call("echo", 1) == 1
+            caplog.set_level(logging.WARNING, logger="astral.redis")
+            assert await a.registry._client.client_kill(type_=coredis.PureToken.PUBSUB) >= 2
+            # Each process noticed, and came back (the log is monotonic; the
+            # up flag could flip back before a poll saw it down).
+            await eventually(lambda: caplog.text.count("reconnected to Redis") >= 2)
+            await eventually(lambda: a.registry._up and b.registry._up)
+            there = await a.registry.wait_for("w1")
+            assert await there.call("echo", 2) == 2
