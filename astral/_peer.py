@@ -73,7 +73,6 @@ if TYPE_CHECKING:
         AsyncIterator,
         Awaitable,
         Callable,
-        Coroutine,
         Iterable,
         Mapping,
         Sequence,
@@ -703,7 +702,6 @@ class Peer:
         try_send = getattr(transport, "try_send", None)
         self._send_now: Callable[[str], bool] | None = try_send if callable(try_send) else None
         self._control_started = False
-        self._close_coro: Coroutine[Any, Any, None] | None = None  # see _close_after
         self._control_busy = False  # the control loop holds a frame it is sending
         # Set each time the control loop sends one; made only while the reader
         # waits for replies to go out (see _wait_for_replies).
@@ -783,8 +781,6 @@ class Peer:
                 # cancelling the group's scope stops it with the others.
                 await self._read_loop()
         finally:
-            if self._close_coro is not None:
-                self._close_coro.close()  # a no-op unless it never started
             self._shutdown(ConnectionClosed("peer stopped"))
             try:
                 # However the peer stopped (the remote left, a flood was cut
@@ -856,20 +852,6 @@ class Peer:
         idle = self._idle
         if idle is not None and not self._state.inbound and not self._state.outbound:
             idle.set()
-
-    def _close_after(self, delay: float, code: int, reason: str) -> None:
-        """Close the connection with ``code`` once ``delay`` seconds have passed."""
-        assert self._tasks is not None
-        # Kept, so that _run can close it if the peer stopped before the task
-        # took its first step (AnyIO leaves the coroutine of a task cancelled
-        # that early never awaited, and Python warns about it).
-        coro = self._close_coro = self._close_later(delay, code, reason)
-        self._tasks.start_soon(lambda: coro)
-
-    async def _close_later(self, delay: float, code: int, reason: str) -> None:
-        await anyio.sleep(delay)
-        logger.info("closing the connection: %s", reason)
-        await self.aclose(code, reason)
 
     async def _close_transport(self, code: int = 1000, reason: str = "") -> None:
         with anyio.CancelScope(shield=True):

@@ -307,6 +307,10 @@ async def _host(
     shield = anyio.CancelScope(shield=True)
     running: list[Peer] = []
     finished = anyio.Event()
+    # The token's expiry is a deadline on the wait below, not a sleeping task
+    # of its own: one task less per connection. ``expired`` tells a peer that
+    # was not yet running when the deadline passed to close at once.
+    expired = False
 
     async def run() -> None:
         try:
@@ -318,12 +322,12 @@ async def _host(
                     running.append(peer)
                     if hosted is not None:
                         hosted.add(peer)
-                    if expires_in is not None:
-                        peer._close_after(expires_in, TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
                     if subject is not None:
                         assert registry is not None
                         registry._add(subject, peer)
                     try:
+                        if expired:
+                            await _expire(peer)
                         await _serve_worker(peer, close, closing, on_connect, where)
                     finally:
                         if hosted is not None:
@@ -337,6 +341,14 @@ async def _host(
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
         try:
+            if expires_in is not None:
+                with anyio.move_on_after(expires_in):
+                    await finished.wait()
+                if not finished.is_set():
+                    expired = True
+                    if running:
+                        with anyio.CancelScope(shield=True):
+                            await _expire(running[0])
             await finished.wait()
         except anyio.get_cancelled_exc_class():
             # The server is shutting down: drain, say so, then stop the rest.
@@ -348,6 +360,12 @@ async def _host(
                     await close(1001, "server shutting down")
                 shield.cancel()
             raise
+
+
+async def _expire(peer: Peer) -> None:
+    """Close a session whose token has expired, with 4401."""
+    logger.info("closing the connection: %s", TOKEN_EXPIRED)
+    await peer.aclose(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
 
 
 async def _serve_worker(
