@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import struct
 from collections import deque
 from contextlib import asynccontextmanager
@@ -372,10 +373,13 @@ class WebSocketConnection:
         self._pong_owed: bytes | None = None
         self._pings_unread = 0
 
-        # Keepalive.
+        # Keepalive: a deadline on the reader's cancel scope, not a task of
+        # its own (see _read_main). ``_keepalive_at`` is when the next ping is
+        # due, or, while a pong is awaited, when it is overdue.
         self._ping_payload = b""
-        self._pong: anyio.Event | None = None
+        self._pong_wanted = False
         self._ping_count = 0
+        self._keepalive_at = math.inf
 
         # Closing.
         self._close_code: int | None = None
@@ -522,8 +526,6 @@ class WebSocketConnection:
             self._tasks = tg
             if self._direct is None or self._out:
                 self._start_writer()
-            if self._ping_interval is not None:
-                tg.start_soon(self._shielded, self._keepalive_main)
             try:
                 yield
             except BaseException as exc:  # noqa: BLE001 - re-raised below, unwrapped
@@ -688,32 +690,62 @@ class WebSocketConnection:
 
     # --- keepalive --------------------------------------------------------
 
-    async def _keepalive_main(self) -> None:
-        assert self._ping_interval is not None
-        while True:
-            await anyio.sleep(self._ping_interval)
-            if self._write_closed:
-                return
-            self._ping_count += 1
-            self._ping_payload = payload = struct.pack("!Q", self._ping_count)
-            pong = self._pong = anyio.Event()
-            self._queue(self._ws.send(Ping(payload=payload)))
-            if self._ping_timeout is None:
-                continue
-            with anyio.move_on_after(self._ping_timeout):
-                await pong.wait()
-            if not pong.is_set():
-                logger.info("no pong within %s s; closing", self._ping_timeout)
-                self._fail(1011, "keepalive ping timeout")
-                return
+    def _keep_alive(self, scope: anyio.CancelScope) -> bool:
+        """The reader's scope ``scope`` ended: act if it was the keepalive deadline.
+
+        Returns whether to read on (in a new scope, whose deadline is then
+        ``_keepalive_at``). Every other way the scope ends (a close deadline,
+        ``_fail``, ``_lost``) leaves a flag that says so, and stops the reader.
+        """
+        if (
+            not scope.cancelled_caught
+            or self._write_closed
+            or self._broken
+            or self._close_deadline is not None
+            or self._ping_interval is None
+            or anyio.current_time() < self._keepalive_at
+        ):
+            return False
+        if self._pong_wanted:
+            logger.info("no pong within %s s; closing", self._ping_timeout)
+            self._fail(1011, "keepalive ping timeout")
+            return False
+        self._ping_count += 1
+        self._ping_payload = payload = struct.pack("!Q", self._ping_count)
+        self._queue(self._ws.send(Ping(payload=payload)))
+        if self._ping_timeout is None:
+            self._keepalive_at = anyio.current_time() + self._ping_interval
+        else:
+            self._pong_wanted = True
+            self._keepalive_at = anyio.current_time() + self._ping_timeout
+        return True
+
+    def _on_pong(self, payload: bytes | bytearray) -> None:
+        if self._pong_wanted and payload == self._ping_payload:
+            self._pong_wanted = False
+            assert self._ping_interval is not None
+            self._keepalive_at = anyio.current_time() + self._ping_interval
+            if self._close_deadline is None:
+                self._read_scope.deadline = self._keepalive_at
 
     # --- reader -----------------------------------------------------------
 
     async def _read_main(self) -> None:
         try:
-            with self._read_scope:
+            scope = self._read_scope
+            if self._ping_interval is not None and self._close_deadline is None:
+                self._keepalive_at = anyio.current_time() + self._ping_interval
+                scope.deadline = self._keepalive_at
+            with scope:
                 # wsproto may hold frames that came in with the handshake.
                 if not self._handle_events():
+                    await self._read_loop()
+            # The keepalive is this task's deadline: when it passes, the read
+            # is cancelled (no data is lost: the stream keeps what it holds),
+            # a ping goes out or a missing pong closes, and reading resumes.
+            while self._keep_alive(scope):
+                scope = self._read_scope = anyio.CancelScope(deadline=self._keepalive_at)
+                with scope:
                     await self._read_loop()
             deadline = self._close_deadline
             if not self._broken and deadline is not None:
@@ -733,7 +765,7 @@ class WebSocketConnection:
             finally:
                 self._closed.set()
                 for scope in self._task_scopes:
-                    scope.cancel()  # the writer and keepalive (the reader is done)
+                    scope.cancel()  # the writer (the reader is done)
 
     async def _read_loop(self) -> None:
         receive = self._stream.receive
@@ -772,10 +804,7 @@ class WebSocketConnection:
                 if not self._write_closed and self._on_ping(event):
                     return True
             elif isinstance(event, Pong):
-                pong = self._pong
-                if pong is not None and event.payload == self._ping_payload:
-                    self._pong = None
-                    pong.set()
+                self._on_pong(event.payload)
             elif isinstance(event, CloseConnection):
                 return self._on_close(event)
         if got_message:
