@@ -652,6 +652,44 @@ class Peer:
         ValueError: If a limit is not positive.
     """
 
+    # One per connection: slots, not a dict of some 35 entries (memory per idle connection).
+    __slots__ = (
+        "_claims",
+        "_close_error",
+        "_close_with",
+        "_closed",
+        "_control_busy",
+        "_control_receive",
+        "_control_send",
+        "_control_sent",
+        "_control_started",
+        "_credit_batch",
+        "_deadlines",
+        "_features",
+        "_hide_internal_errors",
+        "_idle",
+        "_idle_workers",
+        "_json_default",
+        "_max_buffered",
+        "_max_inbound",
+        "_middleware",
+        "_outer",
+        "_send_deadline",
+        "_send_now",
+        "_state",
+        "_stopped",
+        "_tasks",
+        "_thread",
+        "_timeout",
+        "_timer_started",
+        "_timer_target",
+        "_timer_wake",
+        "_transport",
+        "_unstarted",
+        "_until",
+        "_work_closed",
+    )
+
     def __init__(
         self,
         transport: AnyTransport,
@@ -1791,6 +1829,8 @@ def _encoded(result: Result, json_default: JsonDefault | None) -> tuple[Result, 
 
 class AcceptedPeer(Peer):
     """A :class:`Peer` fed by your own server: see :func:`accept`."""
+
+    __slots__ = ()
 
     async def receive(self, text: str) -> None:
         """Hand the peer one text message your server received.

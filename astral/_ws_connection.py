@@ -310,6 +310,56 @@ class WebSocketConnection:
     Binary messages from the peer are decoded as UTF-8 and delivered as text.
     """
 
+    # One per connection: slots, not a dict of some 50 entries (memory per idle connection).
+    __slots__ = (
+        "_broken",
+        "_client",
+        "_close_code",
+        "_close_deadline",
+        "_close_reason",
+        "_close_timeout",
+        "_closed",
+        "_direct",
+        "_flush_pending",
+        "_fragments",
+        "_keepalive_at",
+        "_max_chars_cheap",
+        "_max_fragments",
+        "_max_size",
+        "_messages",
+        "_out",
+        "_partial",
+        "_peer_done",
+        "_ping_count",
+        "_ping_interval",
+        "_ping_payload",
+        "_ping_timeout",
+        "_pings_unread",
+        "_pong_owed",
+        "_pong_wanted",
+        "_queued",
+        "_read_scope",
+        "_reassembling",
+        "_recv_closed",
+        "_recv_high",
+        "_recv_low",
+        "_recv_waiter",
+        "_remote_address",
+        "_request",
+        "_resume",
+        "_space",
+        "_stream",
+        "_task_scopes",
+        "_tasks",
+        "_wakeup",
+        "_write_closed",
+        "_writer_busy",
+        "_writer_done",
+        "_writer_started",
+        "_ws",
+        "response_headers",
+    )
+
     def __init__(
         self,
         stream: ByteStream,
@@ -387,7 +437,8 @@ class WebSocketConnection:
         self._close_deadline: float | None = None
         self._broken = False  # the stream failed: nothing left to flush
         self._peer_done = False  # close handshake complete (client waits for EOF)
-        self._closed = anyio.Event()  # the stream is closed
+        # The stream is closed: True, or an event while aclose waits for it.
+        self._closed: anyio.Event | bool = False
         self._read_scope = anyio.CancelScope()
         self._task_scopes: list[anyio.CancelScope] = []
 
@@ -496,17 +547,20 @@ class WebSocketConnection:
         """
         check_close_code(code)
         self._start_close(code, reason)
-        if self._closed.is_set():
+        closed = self._closed
+        if closed is True:
             await anyio.lowlevel.checkpoint()
             return
+        if closed is False:
+            closed = self._closed = anyio.Event()
         deadline = self._close_deadline
         if deadline is None:  # the stream broke; the reader is finishing
             deadline = anyio.current_time() + self._close_timeout
         try:
             with anyio.CancelScope(deadline=deadline):
-                await self._closed.wait()
+                await closed.wait()
         finally:
-            if not self._closed.is_set():
+            if not closed.is_set():
                 self._abort()
 
     # --- lifetime ---------------------------------------------------------
@@ -763,7 +817,9 @@ class WebSocketConnection:
             try:
                 await anyio.aclose_forcefully(self._stream)
             finally:
-                self._closed.set()
+                closed, self._closed = self._closed, True
+                if not isinstance(closed, bool):
+                    closed.set()
                 for scope in self._task_scopes:
                     scope.cancel()  # the writer (the reader is done)
 
