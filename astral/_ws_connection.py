@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 
 wsproto is the sans-IO core: it turns bytes into frames and frames into bytes.
-This module only moves those bytes and keeps the books, with three background
-tasks per connection, all inside the task group of :meth:`_run`:
+This module only moves those bytes and keeps the books, with at most two
+background tasks per connection, both inside the task group of :meth:`_run`:
 
 * the **reader** reads the stream, feeds wsproto, and turns its events into
   whole messages in a deque (fragments are gathered in one growing buffer,
@@ -21,8 +21,12 @@ tasks per connection, all inside the task group of :meth:`_run`:
   buffer is instead written straight to the transport at the end of the
   loop's turn (:class:`DirectWriter`), and the writer task is started only
   once the transport stops taking data or a close frame is left to flush.
-* the **keepalive** task pings every ``ping_interval`` seconds and fails the
-  connection with 1011 when no pong comes back within ``ping_timeout``.
+* the **keepalive** is not a task: it is the deadline of the reader's cancel
+  scope. When it passes, the pending read is cancelled (the stream keeps what
+  it holds; nothing is lost), a ping goes out, and reading resumes in a fresh
+  scope whose deadline is ``ping_timeout`` away; a matching pong moves the
+  deadline ``ping_interval`` on, and a deadline that passes while a pong is
+  still awaited fails the connection with 1011.
 
 The background tasks run inside shielded cancel scopes of their own, so that
 when the code using the connection is cancelled (the server shutting down,
