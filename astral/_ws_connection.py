@@ -26,7 +26,10 @@ background tasks per connection, both inside the task group of :meth:`_run`:
   it holds; nothing is lost), a ping goes out, and reading resumes in a fresh
   scope whose deadline is ``ping_timeout`` away; a matching pong moves the
   deadline ``ping_interval`` on, and a deadline that passes while a pong is
-  still awaited fails the connection with 1011.
+  still awaited fails the connection with 1011. That is on a plain socket,
+  whose reads lose nothing when cancelled; under TLS a read may be flushing a
+  TLS record of its own, so there the same deadline is slept on by a
+  keepalive task instead.
 
 The background tasks run inside shielded cancel scopes of their own, so that
 when the code using the connection is cancelled (the server shutting down,
@@ -335,6 +338,7 @@ class WebSocketConnection:
         "_partial",
         "_peer_done",
         "_ping_count",
+        "_ping_in_reader",
         "_ping_interval",
         "_ping_payload",
         "_ping_timeout",
@@ -434,6 +438,11 @@ class WebSocketConnection:
         self._pong_wanted = False
         self._ping_count = 0
         self._keepalive_at = math.inf
+        # A plain socket's reads may be cancelled and lose nothing: there the
+        # keepalive is the reader's deadline. Elsewhere (TLS) it is a task.
+        self._ping_in_reader = ping_interval is not None and isinstance(
+            stream, anyio.abc.SocketStream
+        )
 
         # Closing.
         self._close_code: int | None = None
@@ -580,6 +589,10 @@ class WebSocketConnection:
         """
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
+            if self._ping_interval is not None:
+                self._keepalive_at = anyio.current_time() + self._ping_interval
+                if not self._ping_in_reader:
+                    tg.start_soon(self._shielded, self._keepalive_main)
             tg.start_soon(self._shielded, self._read_main)
             self._tasks = tg
             if self._direct is None or self._out:
@@ -756,7 +769,8 @@ class WebSocketConnection:
         ``_fail``, ``_lost``) leaves a flag that says so, and stops the reader.
         """
         if (
-            not scope.cancelled_caught
+            not self._ping_in_reader
+            or not scope.cancelled_caught
             or self._write_closed
             or self._broken
             or self._close_deadline is not None
@@ -764,6 +778,11 @@ class WebSocketConnection:
             or anyio.current_time() < self._keepalive_at
         ):
             return False
+        return self._ping_due()
+
+    def _ping_due(self) -> bool:
+        """The keepalive deadline passed: ping, or fail; return whether to go on."""
+        assert self._ping_interval is not None
         if self._pong_wanted:
             logger.info("no pong within %s s; closing", self._ping_timeout)
             self._fail(1011, "keepalive ping timeout")
@@ -783,16 +802,32 @@ class WebSocketConnection:
             self._pong_wanted = False
             assert self._ping_interval is not None
             self._keepalive_at = anyio.current_time() + self._ping_interval
-            if self._close_deadline is None:
+            if self._ping_in_reader and self._close_deadline is None:
                 self._read_scope.deadline = self._keepalive_at
+
+    async def _keepalive_main(self) -> None:
+        """The keepalive as a task, for streams whose reads must not be cancelled.
+
+        Under TLS a read may be flushing a TLS record of its own, and AnyIO
+        marks the stream broken if that is cancelled; so there the keepalive
+        sleeps in a task of its own, on the same deadline, instead of
+        cancelling the reader.
+        """
+        while True:
+            await anyio.sleep_until(self._keepalive_at)
+            if self._write_closed or self._broken:
+                return
+            if anyio.current_time() < self._keepalive_at:
+                continue  # a pong moved the deadline on
+            if not self._ping_due():
+                return
 
     # --- reader -----------------------------------------------------------
 
     async def _read_main(self) -> None:
         try:
             scope = self._read_scope
-            if self._ping_interval is not None and self._close_deadline is None:
-                self._keepalive_at = anyio.current_time() + self._ping_interval
+            if self._ping_in_reader and self._close_deadline is None:
                 scope.deadline = self._keepalive_at
             with scope:
                 # wsproto may hold frames that came in with the handshake.
