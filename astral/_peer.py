@@ -73,7 +73,6 @@ if TYPE_CHECKING:
         AsyncIterator,
         Awaitable,
         Callable,
-        Coroutine,
         Iterable,
         Mapping,
         Sequence,
@@ -653,6 +652,44 @@ class Peer:
         ValueError: If a limit is not positive.
     """
 
+    # One per connection: slots, not a dict of some 35 entries (memory per idle connection).
+    __slots__ = (
+        "_claims",
+        "_close_error",
+        "_close_with",
+        "_closed",
+        "_control_busy",
+        "_control_receive",
+        "_control_send",
+        "_control_sent",
+        "_control_started",
+        "_credit_batch",
+        "_deadlines",
+        "_features",
+        "_hide_internal_errors",
+        "_idle",
+        "_idle_workers",
+        "_json_default",
+        "_max_buffered",
+        "_max_inbound",
+        "_middleware",
+        "_outer",
+        "_send_deadline",
+        "_send_now",
+        "_state",
+        "_stopped",
+        "_tasks",
+        "_thread",
+        "_timeout",
+        "_timer_started",
+        "_timer_target",
+        "_timer_wake",
+        "_transport",
+        "_unstarted",
+        "_until",
+        "_work_closed",
+    )
+
     def __init__(
         self,
         transport: AnyTransport,
@@ -703,7 +740,6 @@ class Peer:
         try_send = getattr(transport, "try_send", None)
         self._send_now: Callable[[str], bool] | None = try_send if callable(try_send) else None
         self._control_started = False
-        self._close_coro: Coroutine[Any, Any, None] | None = None  # see _close_after
         self._control_busy = False  # the control loop holds a frame it is sending
         # Set each time the control loop sends one; made only while the reader
         # waits for replies to go out (see _wait_for_replies).
@@ -783,8 +819,6 @@ class Peer:
                 # cancelling the group's scope stops it with the others.
                 await self._read_loop()
         finally:
-            if self._close_coro is not None:
-                self._close_coro.close()  # a no-op unless it never started
             self._shutdown(ConnectionClosed("peer stopped"))
             try:
                 # However the peer stopped (the remote left, a flood was cut
@@ -856,20 +890,6 @@ class Peer:
         idle = self._idle
         if idle is not None and not self._state.inbound and not self._state.outbound:
             idle.set()
-
-    def _close_after(self, delay: float, code: int, reason: str) -> None:
-        """Close the connection with ``code`` once ``delay`` seconds have passed."""
-        assert self._tasks is not None
-        # Kept, so that _run can close it if the peer stopped before the task
-        # took its first step (AnyIO leaves the coroutine of a task cancelled
-        # that early never awaited, and Python warns about it).
-        coro = self._close_coro = self._close_later(delay, code, reason)
-        self._tasks.start_soon(lambda: coro)
-
-    async def _close_later(self, delay: float, code: int, reason: str) -> None:
-        await anyio.sleep(delay)
-        logger.info("closing the connection: %s", reason)
-        await self.aclose(code, reason)
 
     async def _close_transport(self, code: int = 1000, reason: str = "") -> None:
         with anyio.CancelScope(shield=True):
@@ -1819,6 +1839,8 @@ def _encoded(result: Result, json_default: JsonDefault | None) -> tuple[Result, 
 
 class AcceptedPeer(Peer):
     """A :class:`Peer` fed by your own server: see :func:`accept`."""
+
+    __slots__ = ()
 
     async def receive(self, text: str) -> None:
         """Hand the peer one text message your server received.

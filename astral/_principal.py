@@ -240,6 +240,7 @@ async def host_worker(
     grace: float = 0.0,
     expiry_leeway: float | None = 0.0,
     hosted: set[Peer] | None = None,
+    hosting: Hosting | None = None,
     **peer_options: Any,
 ) -> None:
     """Serve one authenticated worker until it leaves, its token expires or the server stops.
@@ -265,6 +266,9 @@ async def host_worker(
             it for that.
         hosted: A set the peer is kept in while it runs (for a server that
             drains them all itself, as the ASGI app does on lifespan shutdown).
+        hosting: When given, the server drains its peers itself when it
+            stops (see :class:`Hosting`): the peer then runs in this task,
+            shielded, with no task of its own waiting for the server to stop.
         **peer_options: For :class:`~astral.Peer` (``timeout``, limits).
     """
     sub = claims.get("sub")
@@ -284,6 +288,7 @@ async def host_worker(
             grace=grace,
             expires_in=_expires_in(claims, expiry_leeway),
             hosted=hosted,
+            hosting=hosting,
             **peer_options,
         )
 
@@ -302,11 +307,32 @@ async def _host(
     grace: float,
     expires_in: float | None,
     hosted: set[Peer] | None,
+    hosting: Hosting | None,
     **peer_options: Any,
 ) -> None:
+    if hosting is not None:
+        await _host_inline(
+            transport,
+            close,
+            claims,
+            closing,
+            capabilities=capabilities,
+            registry=registry,
+            subject=subject,
+            on_connect=on_connect,
+            where=where,
+            expires_in=expires_in,
+            hosting=hosting,
+            **peer_options,
+        )
+        return
     shield = anyio.CancelScope(shield=True)
     running: list[Peer] = []
     finished = anyio.Event()
+    # The token's expiry is a deadline on the wait below, not a sleeping task
+    # of its own: one task less per connection. ``expired`` tells a peer that
+    # was not yet running when the deadline passed to close at once.
+    expired = False
 
     async def run() -> None:
         try:
@@ -318,12 +344,12 @@ async def _host(
                     running.append(peer)
                     if hosted is not None:
                         hosted.add(peer)
-                    if expires_in is not None:
-                        peer._close_after(expires_in, TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
                     if subject is not None:
                         assert registry is not None
                         registry._add(subject, peer)
                     try:
+                        if expired:
+                            await _expire(peer)
                         await _serve_worker(peer, close, closing, on_connect, where)
                     finally:
                         if hosted is not None:
@@ -337,6 +363,14 @@ async def _host(
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
         try:
+            if expires_in is not None:
+                with anyio.move_on_after(expires_in):
+                    await finished.wait()
+                if not finished.is_set():
+                    expired = True
+                    if running:
+                        with anyio.CancelScope(shield=True):
+                            await _expire(running[0])
             await finished.wait()
         except anyio.get_cancelled_exc_class():
             # The server is shutting down: drain, say so, then stop the rest.
@@ -348,6 +382,98 @@ async def _host(
                     await close(1001, "server shutting down")
                 shield.cancel()
             raise
+
+
+class Hosting:
+    """The peers of one server, drained together when it stops.
+
+    With it a connection needs no task of its own waiting for the server to
+    stop (memory per idle connection): the server runs :meth:`drain_on_stop`
+    beside its listener, and when that is cancelled it drains every peer at
+    once, then cancels what is left of each (``on_connect`` included). A
+    peer that starts while the server is stopping drains itself.
+
+    Args:
+        grace: Seconds calls in flight may take to finish when the server stops.
+    """
+
+    __slots__ = ("_entries", "grace", "stopping")
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.stopping = False
+        self._entries: dict[Peer, tuple[anyio.CancelScope, ClosingLog]] = {}
+
+    async def drain_on_stop(self) -> None:
+        """Wait until cancelled, then drain every peer (shielded) and return."""
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.stopping = True
+            with anyio.CancelScope(shield=True):
+                async with anyio.create_task_group() as tg:
+                    for peer in list(self._entries):
+                        tg.start_soon(self._stop, peer)
+
+    async def _stop(self, peer: Peer) -> None:
+        entry = self._entries.get(peer)
+        if entry is None:
+            return
+        scope, closing = entry
+        closing.code = 1001
+        try:
+            await peer.drain(self.grace, code=1001, reason="server shutting down")
+        finally:
+            scope.cancel()
+
+
+async def _host_inline(
+    transport: AnyTransport,
+    close: Callable[[int, str], Awaitable[None]],
+    claims: Mapping[str, Any],
+    closing: ClosingLog,
+    *,
+    capabilities: Capabilities | None,
+    registry: Registry | None,
+    subject: str | None,
+    on_connect: Callable[[Peer], Awaitable[None]] | None,
+    where: str,
+    expires_in: float | None,
+    hosting: Hosting,
+    **peer_options: Any,
+) -> None:
+    """:func:`_host` in the calling task, for a server that drains through ``hosting``."""
+    with anyio.CancelScope(shield=True) as shield:
+        async with Peer(
+            transport, capabilities=capabilities, claims=claims, **peer_options
+        ) as peer:
+            closing.opened("accepted connection from %s", peer)
+            hosting._entries[peer] = (shield, closing)
+            if subject is not None:
+                assert registry is not None
+                registry._add(subject, peer)
+            try:
+                if hosting.stopping:
+                    await hosting._stop(peer)
+                elif expires_in is None:
+                    await _serve_worker(peer, close, closing, on_connect, where)
+                else:
+                    # The token's expiry is a deadline here, not a task.
+                    with anyio.move_on_after(expires_in) as expiry:
+                        await _serve_worker(peer, close, closing, on_connect, where)
+                    if expiry.cancelled_caught:
+                        await _expire(peer)
+            finally:
+                del hosting._entries[peer]
+                if subject is not None:
+                    assert registry is not None
+                    registry._remove(subject, peer)
+
+
+async def _expire(peer: Peer) -> None:
+    """Close a session whose token has expired, with 4401."""
+    logger.info("closing the connection: %s", TOKEN_EXPIRED)
+    await peer.aclose(TOKEN_EXPIRED_CODE, TOKEN_EXPIRED)
 
 
 async def _serve_worker(

@@ -27,7 +27,7 @@ from ._peer import (
     Peer,
     check_limits,
 )
-from ._principal import Registry, expiry_leeway, host_worker, token_from
+from ._principal import Hosting, Registry, expiry_leeway, host_worker, token_from
 from ._websocket import HandshakeRequest, Rejection, WebSocketConnection, serve_websocket
 
 if TYPE_CHECKING:
@@ -158,6 +158,9 @@ async def serve(
     if not grace >= 0:
         raise ValueError("grace must not be negative")
     leeway = expiry_leeway(verifier, close_on_token_expiry)
+    # Drains every connection when the server stops, so that no connection
+    # needs a task of its own waiting for that.
+    hosting = Hosting(grace)
 
     async def process_request(request: HandshakeRequest) -> Rejection | None:
         if path is not None and request.path.partition("?")[0] != path:
@@ -181,6 +184,7 @@ async def serve(
             where=_address(websocket.request),
             **RemoteLimits.from_headers(websocket.request.headers).peer_options(),
             grace=grace,
+            hosting=hosting,
             expiry_leeway=leeway,
             timeout=timeout,
             max_inbound_calls=max_inbound_calls,
@@ -190,23 +194,31 @@ async def serve(
             json_default=json_default,
         )
 
-    await serve_websocket(
-        run_connection,
-        host,
-        port,
-        ssl_context=ssl,
-        process_request=process_request,
-        open_timeout=open_timeout,
-        ping_interval=ping_interval,
-        ping_timeout=ping_timeout,
-        close_timeout=close_timeout,
-        max_message_size=max_message_size,
-        max_header_size=max_header_size,
-        response_headers=advertise(max_message_size),
-        max_connections=max_connections,
-        max_handshakes=max_handshakes,
-        task_status=task_status,
-    )
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hosting.drain_on_stop)
+            await serve_websocket(
+                run_connection,
+                host,
+                port,
+                ssl_context=ssl,
+                process_request=process_request,
+                open_timeout=open_timeout,
+                ping_interval=ping_interval,
+                ping_timeout=ping_timeout,
+                close_timeout=close_timeout,
+                max_message_size=max_message_size,
+                max_header_size=max_header_size,
+                response_headers=advertise(max_message_size),
+                max_connections=max_connections,
+                max_handshakes=max_handshakes,
+                task_status=task_status,
+            )
+    except BaseExceptionGroup as group:
+        # The error of the listener (say, an address in use) as it was raised.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def _address(request: HandshakeRequest) -> str:

@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 
 wsproto is the sans-IO core: it turns bytes into frames and frames into bytes.
-This module only moves those bytes and keeps the books, with three background
-tasks per connection, all inside the task group of :meth:`_run`:
+This module only moves those bytes and keeps the books, with at most two
+background tasks per connection, both inside the task group of :meth:`_run`:
 
 * the **reader** reads the stream, feeds wsproto, and turns its events into
   whole messages in a deque (fragments are gathered in one growing buffer,
@@ -21,8 +21,15 @@ tasks per connection, all inside the task group of :meth:`_run`:
   buffer is instead written straight to the transport at the end of the
   loop's turn (:class:`DirectWriter`), and the writer task is started only
   once the transport stops taking data or a close frame is left to flush.
-* the **keepalive** task pings every ``ping_interval`` seconds and fails the
-  connection with 1011 when no pong comes back within ``ping_timeout``.
+* the **keepalive** is not a task: it is the deadline of the reader's cancel
+  scope. When it passes, the pending read is cancelled (the stream keeps what
+  it holds; nothing is lost), a ping goes out, and reading resumes in a fresh
+  scope whose deadline is ``ping_timeout`` away; a matching pong moves the
+  deadline ``ping_interval`` on, and a deadline that passes while a pong is
+  still awaited fails the connection with 1011. That is on a plain socket,
+  whose reads lose nothing when cancelled; under TLS a read may be flushing a
+  TLS record of its own, so there the same deadline is slept on by a
+  keepalive task instead.
 
 The background tasks run inside shielded cancel scopes of their own, so that
 when the code using the connection is cancelled (the server shutting down,
@@ -54,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import struct
 from collections import deque
 from contextlib import asynccontextmanager
@@ -309,6 +317,57 @@ class WebSocketConnection:
     Binary messages from the peer are decoded as UTF-8 and delivered as text.
     """
 
+    # One per connection: slots, not a dict of some 50 entries (memory per idle connection).
+    __slots__ = (
+        "_broken",
+        "_client",
+        "_close_code",
+        "_close_deadline",
+        "_close_reason",
+        "_close_timeout",
+        "_closed",
+        "_direct",
+        "_flush_pending",
+        "_fragments",
+        "_keepalive_at",
+        "_max_chars_cheap",
+        "_max_fragments",
+        "_max_size",
+        "_messages",
+        "_out",
+        "_partial",
+        "_peer_done",
+        "_ping_count",
+        "_ping_in_reader",
+        "_ping_interval",
+        "_ping_payload",
+        "_ping_timeout",
+        "_pings_unread",
+        "_pong_owed",
+        "_pong_wanted",
+        "_queued",
+        "_read_scope",
+        "_reassembling",
+        "_recv_closed",
+        "_recv_high",
+        "_recv_low",
+        "_recv_waiter",
+        "_remote_address",
+        "_request",
+        "_resume",
+        "_space",
+        "_stream",
+        "_task_scopes",
+        "_tasks",
+        "_wakeup",
+        "_write_closed",
+        "_writer_busy",
+        "_writer_done",
+        "_writer_started",
+        "_ws",
+        "response_headers",
+    )
+
     def __init__(
         self,
         stream: ByteStream,
@@ -372,10 +431,18 @@ class WebSocketConnection:
         self._pong_owed: bytes | None = None
         self._pings_unread = 0
 
-        # Keepalive.
+        # Keepalive: a deadline on the reader's cancel scope, not a task of
+        # its own (see _read_main). ``_keepalive_at`` is when the next ping is
+        # due, or, while a pong is awaited, when it is overdue.
         self._ping_payload = b""
-        self._pong: anyio.Event | None = None
+        self._pong_wanted = False
         self._ping_count = 0
+        self._keepalive_at = math.inf
+        # A plain socket's reads may be cancelled and lose nothing: there the
+        # keepalive is the reader's deadline. Elsewhere (TLS) it is a task.
+        self._ping_in_reader = ping_interval is not None and isinstance(
+            stream, anyio.abc.SocketStream
+        )
 
         # Closing.
         self._close_code: int | None = None
@@ -383,7 +450,8 @@ class WebSocketConnection:
         self._close_deadline: float | None = None
         self._broken = False  # the stream failed: nothing left to flush
         self._peer_done = False  # close handshake complete (client waits for EOF)
-        self._closed = anyio.Event()  # the stream is closed
+        # The stream is closed: True, or an event while aclose waits for it.
+        self._closed: anyio.Event | bool = False
         self._read_scope = anyio.CancelScope()
         self._task_scopes: list[anyio.CancelScope] = []
 
@@ -492,17 +560,20 @@ class WebSocketConnection:
         """
         check_close_code(code)
         self._start_close(code, reason)
-        if self._closed.is_set():
+        closed = self._closed
+        if closed is True:
             await anyio.lowlevel.checkpoint()
             return
+        if closed is False:
+            closed = self._closed = anyio.Event()
         deadline = self._close_deadline
         if deadline is None:  # the stream broke; the reader is finishing
             deadline = anyio.current_time() + self._close_timeout
         try:
             with anyio.CancelScope(deadline=deadline):
-                await self._closed.wait()
+                await closed.wait()
         finally:
-            if not self._closed.is_set():
+            if not closed.is_set():
                 self._abort()
 
     # --- lifetime ---------------------------------------------------------
@@ -518,12 +589,14 @@ class WebSocketConnection:
         """
         error: BaseException | None = None
         async with anyio.create_task_group() as tg:
+            if self._ping_interval is not None:
+                self._keepalive_at = anyio.current_time() + self._ping_interval
+                if not self._ping_in_reader:
+                    tg.start_soon(self._shielded, self._keepalive_main)
             tg.start_soon(self._shielded, self._read_main)
             self._tasks = tg
             if self._direct is None or self._out:
                 self._start_writer()
-            if self._ping_interval is not None:
-                tg.start_soon(self._shielded, self._keepalive_main)
             try:
                 yield
             except BaseException as exc:  # noqa: BLE001 - re-raised below, unwrapped
@@ -688,32 +761,84 @@ class WebSocketConnection:
 
     # --- keepalive --------------------------------------------------------
 
-    async def _keepalive_main(self) -> None:
+    def _keep_alive(self, scope: anyio.CancelScope) -> bool:
+        """The reader's scope ``scope`` ended: act if it was the keepalive deadline.
+
+        Returns whether to read on (in a new scope, whose deadline is then
+        ``_keepalive_at``). Every other way the scope ends (a close deadline,
+        ``_fail``, ``_lost``) leaves a flag that says so, and stops the reader.
+        """
+        if (
+            not self._ping_in_reader
+            or not scope.cancelled_caught
+            or self._write_closed
+            or self._broken
+            or self._close_deadline is not None
+            or self._ping_interval is None
+            or anyio.current_time() < self._keepalive_at
+        ):
+            return False
+        return self._ping_due()
+
+    def _ping_due(self) -> bool:
+        """The keepalive deadline passed: ping, or fail; return whether to go on."""
         assert self._ping_interval is not None
+        if self._pong_wanted:
+            logger.info("no pong within %s s; closing", self._ping_timeout)
+            self._fail(1011, "keepalive ping timeout")
+            return False
+        self._ping_count += 1
+        self._ping_payload = payload = struct.pack("!Q", self._ping_count)
+        self._queue(self._ws.send(Ping(payload=payload)))
+        if self._ping_timeout is None:
+            self._keepalive_at = anyio.current_time() + self._ping_interval
+        else:
+            self._pong_wanted = True
+            self._keepalive_at = anyio.current_time() + self._ping_timeout
+        return True
+
+    def _on_pong(self, payload: bytes | bytearray) -> None:
+        if self._pong_wanted and payload == self._ping_payload:
+            self._pong_wanted = False
+            assert self._ping_interval is not None
+            self._keepalive_at = anyio.current_time() + self._ping_interval
+            if self._ping_in_reader and self._close_deadline is None:
+                self._read_scope.deadline = self._keepalive_at
+
+    async def _keepalive_main(self) -> None:
+        """The keepalive as a task, for streams whose reads must not be cancelled.
+
+        Under TLS a read may be flushing a TLS record of its own, and AnyIO
+        marks the stream broken if that is cancelled; so there the keepalive
+        sleeps in a task of its own, on the same deadline, instead of
+        cancelling the reader.
+        """
         while True:
-            await anyio.sleep(self._ping_interval)
-            if self._write_closed:
+            await anyio.sleep_until(self._keepalive_at)
+            if self._write_closed or self._broken:
                 return
-            self._ping_count += 1
-            self._ping_payload = payload = struct.pack("!Q", self._ping_count)
-            pong = self._pong = anyio.Event()
-            self._queue(self._ws.send(Ping(payload=payload)))
-            if self._ping_timeout is None:
-                continue
-            with anyio.move_on_after(self._ping_timeout):
-                await pong.wait()
-            if not pong.is_set():
-                logger.info("no pong within %s s; closing", self._ping_timeout)
-                self._fail(1011, "keepalive ping timeout")
+            if anyio.current_time() < self._keepalive_at:
+                continue  # a pong moved the deadline on
+            if not self._ping_due():
                 return
 
     # --- reader -----------------------------------------------------------
 
     async def _read_main(self) -> None:
         try:
-            with self._read_scope:
+            scope = self._read_scope
+            if self._ping_in_reader and self._close_deadline is None:
+                scope.deadline = self._keepalive_at
+            with scope:
                 # wsproto may hold frames that came in with the handshake.
                 if not self._handle_events():
+                    await self._read_loop()
+            # The keepalive is this task's deadline: when it passes, the read
+            # is cancelled (no data is lost: the stream keeps what it holds),
+            # a ping goes out or a missing pong closes, and reading resumes.
+            while self._keep_alive(scope):
+                scope = self._read_scope = anyio.CancelScope(deadline=self._keepalive_at)
+                with scope:
                     await self._read_loop()
             deadline = self._close_deadline
             if not self._broken and deadline is not None:
@@ -731,9 +856,11 @@ class WebSocketConnection:
             try:
                 await anyio.aclose_forcefully(self._stream)
             finally:
-                self._closed.set()
+                closed, self._closed = self._closed, True
+                if not isinstance(closed, bool):
+                    closed.set()
                 for scope in self._task_scopes:
-                    scope.cancel()  # the writer and keepalive (the reader is done)
+                    scope.cancel()  # the writer (the reader is done)
 
     async def _read_loop(self) -> None:
         receive = self._stream.receive
@@ -772,10 +899,7 @@ class WebSocketConnection:
                 if not self._write_closed and self._on_ping(event):
                     return True
             elif isinstance(event, Pong):
-                pong = self._pong
-                if pong is not None and event.payload == self._ping_payload:
-                    self._pong = None
-                    pong.set()
+                self._on_pong(event.payload)
             elif isinstance(event, CloseConnection):
                 return self._on_close(event)
         if got_message:

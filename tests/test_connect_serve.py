@@ -518,3 +518,12 @@ async def test_ws_to_a_tls_server_suggests_wss() -> None:
         assert caught.value.status is None
         assert "TLS" in str(caught.value)
         assert "try wss://" in str(caught.value)
+
+
+async def test_serve_on_a_port_in_use_raises_oserror_itself() -> None:
+    # astral.serve runs its drain task beside the listener; the listener's
+    # error still comes out as raised, not wrapped in an exception group.
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as taken:
+        port = taken.extra(anyio.abc.SocketAttribute.local_port)
+        with pytest.raises(OSError):
+            await astral.serve(verifier=astral.JWTVerifier(SECRET, algorithms=["HS256"]), port=port)

@@ -43,6 +43,8 @@ from astral._websocket import (
 )
 from astral._ws_client import redact
 
+from .helpers import eventually
+
 if TYPE_CHECKING:
     from anyio.abc import SocketStream, TaskGroup, TaskStatus
 
@@ -978,3 +980,33 @@ async def test_tls_listener_survives_plaintext_and_broken_clients(
             await ws.send("still serving")
             assert await ws.receive() == "still serving"
     assert all(r.levelno <= logging.WARNING for r in caplog.records)
+
+
+async def test_keepalive_over_tls_pings_from_a_task_of_its_own(
+    server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    # On a plain socket the keepalive is the reader's deadline (it cancels the
+    # pending read); a TLS read may be flushing a record of its own, which must
+    # not be cancelled, so there it runs as a task. Pings and pongs flow both
+    # ways and the connection stays open and usable.
+    async with server(ssl_context=server_ssl, ping_interval=0.01, ping_timeout=0.5) as port:
+        async with open_websocket(
+            f"wss://{HOST}:{port}/", ssl_context=client_ssl, ping_interval=0.01, ping_timeout=0.5
+        ) as ws:
+            assert ws._ping_in_reader is False
+            await eventually(lambda: ws._ping_count >= 5)
+            await ws.send("still here")
+            assert await ws.receive() == "still here"
+            assert ws.close_code is None
+
+
+async def test_keepalive_on_a_plain_socket_is_the_readers_deadline() -> None:
+    async with server(ping_interval=0.01, ping_timeout=0.5) as port:
+        async with open_websocket(
+            f"ws://{HOST}:{port}/", ping_interval=0.01, ping_timeout=0.5
+        ) as ws:
+            assert ws._ping_in_reader is True
+            await eventually(lambda: ws._ping_count >= 5)
+            await ws.send("still here")
+            assert await ws.receive() == "still here"
+            assert ws.close_code is None
