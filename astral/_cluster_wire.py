@@ -21,6 +21,7 @@ which the registry counts as Redis's (``is_redis_failure``).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
@@ -93,6 +94,10 @@ class RespConnection:
         self._broken: OSError | None = None
         self._drain_lock = anyio.Lock()
         self._reads = 0
+        #: asyncio only: the event loop watches the socket for as long as
+        #: reads keep coming (see :meth:`_wait_readable`), ``None`` otherwise.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
         #: For the publishing connection: the node of each ``PUBLISH`` whose
         #: reply (how many listened) is still to come, oldest first.
         self.pending: deque[str] = deque()
@@ -143,6 +148,7 @@ class RespConnection:
         if self._stream is not None:
             await anyio.aclose_forcefully(self._stream)
         elif self._sock is not None and self._sock.fileno() >= 0:
+            self._unwatch()
             anyio.notify_closing(self._sock)
             self._sock.close()
 
@@ -274,7 +280,7 @@ class RespConnection:
                 data = sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
                 self._reads = 0
-                await anyio.wait_readable(sock)
+                await self._wait_readable(sock)
                 continue
             if not data:
                 raise ConnectionResetError("Redis closed the connection")
@@ -284,6 +290,59 @@ class RespConnection:
                 self._reads = 0
                 await anyio.lowlevel.checkpoint()
             return data
+
+    async def _wait_readable(self, sock: socket.socket) -> None:
+        """Wait until ``sock`` is readable (or may be: a spurious wake-up is harmless).
+
+        On asyncio, :func:`anyio.wait_readable` registers the socket with the
+        event loop and unregisters it on every wait (two ``epoll_ctl`` calls
+        and a future per read). Here the registration stays while reads keep
+        coming: the loop's callback wakes the waiting reader, and unregisters
+        the socket only if it fires while nobody waits (a level-triggered
+        selector would otherwise call it on every turn of the loop). On trio
+        (and an asyncio loop without ``add_reader``) it is anyio's wait.
+        """
+        loop = self._loop
+        if loop is None:
+            task = _asyncio_task()
+            if task is None:
+                await anyio.wait_readable(sock)
+                return
+            loop = task.get_loop()
+            try:
+                loop.add_reader(sock.fileno(), self._on_readable)
+            except NotImplementedError:  # pragma: no cover - the proactor loop (Windows)
+                await anyio.wait_readable(sock)
+                return
+            self._loop = loop
+        waiter = self._waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _on_readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            self._unwatch()  # nobody reads now: stop watching until someone does
+        elif not waiter.done():
+            waiter.set_result(None)
+
+    def _unwatch(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and self._sock is not None and self._sock.fileno() >= 0:
+            loop.remove_reader(self._sock.fileno())
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # the read that follows finds the socket closed
+
+
+def _asyncio_task() -> asyncio.Task[Any] | None:
+    """The asyncio task running, ``None`` on trio (even as asyncio's guest)."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no asyncio loop runs in this thread
+        return None
 
 
 async def _connect(host: str, port: int) -> socket.socket:

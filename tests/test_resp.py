@@ -9,10 +9,18 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+import sniffio
 
 from astral import _resp
 from astral._cluster_wire import RespConnection, Target
 from astral._resp import Parser, RespError, RespProtocolError, encode
+
+from .helpers import eventually
+
+
+def _backend() -> str:
+    return sniffio.current_async_library()
+
 
 # Every kind of reply, in one stream, with what it parses to.
 STREAM = (
@@ -199,6 +207,57 @@ async def test_login_and_database_then_a_large_write_waits_for_the_socket() -> N
             assert await conn.reply() == 1
         finally:
             await conn.aclose()
+
+
+async def test_a_reply_that_comes_while_nobody_reads_is_read_later() -> None:
+    # On asyncio the connection keeps the socket watched by the event loop
+    # between reads, and stops watching it when it is readable while nobody
+    # reads (else the loop would call back on every turn); either way every
+    # reply is read, whenever it comes.
+    async def redis(stream: anyio.abc.SocketStream) -> None:
+        await stream.send(b":1\r\n")
+        await stream.receive()  # the client read the first reply
+        await stream.send(b":2\r\n")
+        await stream.receive()
+
+    async with stand_in(redis) as port:
+        conn = await RespConnection.open(Target(f"redis://127.0.0.1:{port}", None, 5))
+        try:
+            assert await conn.reply() == 1
+            await conn.send(b"+next\r\n")
+            if _backend() == "asyncio":
+                # ":2" comes while nobody reads: the loop stops watching.
+                await eventually(lambda: conn._loop is None)
+            assert await conn.reply() == 2
+            await conn.send(b"+bye\r\n")
+        finally:
+            await conn.aclose()
+
+
+async def test_closing_the_connection_ends_a_read_that_waits() -> None:
+    async def redis(stream: anyio.abc.SocketStream) -> None:
+        # Nothing is ever sent: the client's read can only end by closing.
+        with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            await stream.receive()
+
+    async with stand_in(redis) as port:
+        conn = await RespConnection.open(Target(f"redis://127.0.0.1:{port}", None, 5))
+        failed: list[BaseException] = []
+
+        async def read() -> None:
+            try:
+                await conn.reply()
+            except (OSError, anyio.ClosedResourceError) as exc:
+                failed.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            if _backend() == "asyncio":
+                await eventually(lambda: conn._waiter is not None)
+            else:
+                await anyio.wait_all_tasks_blocked()  # nothing comes: the reader waits
+            await conn.aclose()
+        assert len(failed) == 1
 
 
 @pytest.mark.parametrize(
