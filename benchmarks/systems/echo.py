@@ -205,7 +205,17 @@ class WsprotoEcho:
             await guarded(closed, echo_server, conn, app)
 
         async with anyio.create_task_group() as tg:
-            port = await tg.start(functools.partial(serve_websocket, handler, "127.0.0.1", 0))
+            # F holds 10,000 workers: above the default caps (1,024 connections,
+            # 128 in the handshake), as for astral's own systems.
+            serve = functools.partial(
+                serve_websocket,
+                handler,
+                "127.0.0.1",
+                0,
+                max_connections=20_000,
+                max_handshakes=1_024,
+            )
+            port = await tg.start(serve)
             task_status.started(port)
 
     @asynccontextmanager
