@@ -463,7 +463,7 @@ class RemoteStream:
     async def _leave(self, error: BaseException | None, outcome: str | None = None) -> None:
         chain, self._chain = self._chain, None
         assert chain is not None
-        failed = await _leave_chain(chain, error, outcome)
+        failed = await chain.end(error, outcome)
         if failed is not None and error is None and outcome is None:
             raise failed
 
@@ -502,20 +502,6 @@ class RemoteStream:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-async def _leave_chain(
-    chain: Chain, error: BaseException | None, outcome: str | None = None
-) -> Exception | None:
-    """Record how an outbound call ended and leave its middleware (as a Peer does)."""
-    info = chain.info
-    if outcome == "cancelled" or isinstance(error, anyio.get_cancelled_exc_class()):
-        info.end("cancelled")
-    elif error is not None:
-        info.end("error", error=error)
-    else:
-        info.end("result", output=info.output)
-    return await chain.leave()
 
 
 class RemoteWorker:
@@ -648,11 +634,11 @@ class RemoteWorker:
         try:
             refused = await chain.enter()
         except BaseException as exc:
-            await _leave_chain(chain, exc)
+            await chain.end(exc)
             raise
         if refused is not None:
             log_refusal(info, refused)
-            await _leave_chain(chain, refused)
+            await chain.end(refused)
             raise refused
         return chain
 
@@ -673,7 +659,7 @@ class RemoteWorker:
                 self._router.forget(call, cancel=True)
                 raise
         except BaseException as exc:
-            await _leave_chain(chain, exc)
+            await chain.end(exc)
             raise
         kind = message[0]
         if kind == "item":
@@ -685,7 +671,7 @@ class RemoteWorker:
             error = failure(*message[2:])
         else:
             info.output = message[2] if kind == "done" else None
-        failed = await _leave_chain(chain, error)
+        failed = await chain.end(error)
         if error is not None:
             raise error
         if failed is not None:
@@ -753,7 +739,7 @@ class _StreamContext:
         try:
             call, seconds = await worker._open(capability, input, timeout, deadline, chain.info)
         except BaseException as exc:
-            await _leave_chain(chain, exc)
+            await chain.end(exc)
             raise
         self._stream = RemoteStream(worker._router, call, None, seconds, chain)
         return self._stream

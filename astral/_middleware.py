@@ -221,6 +221,23 @@ class Chain:
                         self.info.error = exc
         return failure
 
+    async def end(
+        self, error: BaseException | None, outcome: str | None = None
+    ) -> Exception | None:
+        """Record how an outbound call ended (``error``, or ``outcome="cancelled"``), then leave.
+
+        Returns:
+            What :meth:`leave` returns.
+        """
+        info = self.info
+        if outcome == "cancelled" or isinstance(error, anyio.get_cancelled_exc_class()):
+            info.end("cancelled")
+        elif error is not None:
+            info.end("error", error=error)
+        else:
+            info.end("result", output=info.output)
+        return await self.leave()
+
 
 def log_refusal(info: CallInfo, exc: Exception, when: str = "entering") -> None:
     """Log a middleware that failed a call: DEBUG for a Failure, else ERROR."""

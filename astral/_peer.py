@@ -549,7 +549,7 @@ class Stream(Generic[T]):
     async def _leave(self, error: BaseException | None, outcome: str | None = None) -> None:
         chain, self._chain = self._chain, None
         assert chain is not None
-        failure = await self._peer._leave_outbound(chain, error, outcome)
+        failure = await chain.end(error, outcome)
         if failure is not None and error is None and outcome is None:
             raise failure
 
@@ -1662,26 +1662,13 @@ class Peer:
         try:
             refused = await chain.enter()
         except BaseException as exc:
-            await self._leave_outbound(chain, exc)
+            await chain.end(exc)
             raise
         if refused is not None:
             log_refusal(info, refused)
-            await self._leave_outbound(chain, refused)
+            await chain.end(refused)
             raise refused
         return chain
-
-    async def _leave_outbound(
-        self, chain: Chain, error: BaseException | None, outcome: str | None = None
-    ) -> Exception | None:
-        """Record how an outbound call ended and leave its middleware."""
-        info = chain.info
-        if outcome == "cancelled" or isinstance(error, anyio.get_cancelled_exc_class()):
-            info.end("cancelled")
-        elif error is not None:
-            info.end("error", error=error)
-        else:
-            info.end("result", output=info.output)
-        return await chain.leave()
 
     async def _call_observed(  # noqa: PLR0917 - private
         self,
@@ -1702,7 +1689,7 @@ class Peer:
                 self._abandon(channel)
                 raise
         except BaseException as exc:
-            await self._leave_outbound(chain, exc)
+            await chain.end(exc)
             raise
         if isinstance(frame, Yield):
             info.streaming = True
@@ -1713,7 +1700,7 @@ class Peer:
             error = _remote_error(frame, capability)
         else:
             info.output = frame.output
-        failure = await self._leave_outbound(chain, error)
+        failure = await chain.end(error)
         if error is not None:
             raise error
         if failure is not None:
@@ -1807,7 +1794,7 @@ class Peer:
                 capability, input, timeout, chain.info, deadline, input_stream
             )
         except BaseException as exc:
-            await self._leave_outbound(chain, exc)
+            await chain.end(exc)
             raise
         stream = Stream(self, channel, None, chain=chain, convert=convert)
         try:
