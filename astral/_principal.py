@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -344,19 +344,14 @@ async def _host(
                     running.append(peer)
                     if hosted is not None:
                         hosted.add(peer)
-                    if subject is not None:
-                        assert registry is not None
-                        registry._add(subject, peer)
                     try:
-                        if expired:
-                            await _expire(peer)
-                        await _serve_worker(peer, close, closing, on_connect, where)
+                        with _listed(registry, subject, peer):
+                            if expired:
+                                await _expire(peer)
+                            await _serve_worker(peer, close, closing, on_connect, where)
                     finally:
                         if hosted is not None:
                             hosted.discard(peer)
-                        if subject is not None:
-                            assert registry is not None
-                            registry._remove(subject, peer)
         finally:
             finished.set()
 
@@ -449,25 +444,34 @@ async def _host_inline(
         ) as peer:
             closing.opened("accepted connection from %s", peer)
             hosting._entries[peer] = (shield, closing)
-            if subject is not None:
-                assert registry is not None
-                registry._add(subject, peer)
             try:
-                if hosting.stopping:
-                    await hosting._stop(peer)
-                elif expires_in is None:
-                    await _serve_worker(peer, close, closing, on_connect, where)
-                else:
-                    # The token's expiry is a deadline here, not a task.
-                    with anyio.move_on_after(expires_in) as expiry:
+                with _listed(registry, subject, peer):
+                    if hosting.stopping:
+                        await hosting._stop(peer)
+                    elif expires_in is None:
                         await _serve_worker(peer, close, closing, on_connect, where)
-                    if expiry.cancelled_caught:
-                        await _expire(peer)
+                    else:
+                        # The token's expiry is a deadline here, not a task.
+                        with anyio.move_on_after(expires_in) as expiry:
+                            await _serve_worker(peer, close, closing, on_connect, where)
+                        if expiry.cancelled_caught:
+                            await _expire(peer)
             finally:
                 del hosting._entries[peer]
-                if subject is not None:
-                    assert registry is not None
-                    registry._remove(subject, peer)
+
+
+@contextmanager
+def _listed(registry: Registry | None, subject: str | None, peer: Peer) -> Iterator[None]:
+    """``peer`` in ``registry`` under ``subject`` while the block runs (nothing without one)."""
+    if subject is None:
+        yield
+        return
+    assert registry is not None
+    registry._add(subject, peer)
+    try:
+        yield
+    finally:
+        registry._remove(subject, peer)
 
 
 async def _expire(peer: Peer) -> None:
