@@ -27,6 +27,11 @@ __all__ = ["Routing"]
 #: Seconds after a message went straight out during which the next ones are
 #: batched by the outbound task instead (a burst of frames is one publish).
 BURST_GAP = 0.0002
+#: Seconds the replies to calls' publishes gather before they are read. A
+#: reply only says how many processes listened (none: the callee's process is
+#: gone); reading each as it came would wake this process once more per call,
+#: while its answer wakes it anyway.
+REPLY_GATHER = 0.01
 
 
 class Routing(RegistryBase):
@@ -170,9 +175,18 @@ class Routing(RegistryBase):
                 self._node_left(node)
 
     async def _reply_loop(self, publisher: RespConnection) -> None:
-        """Read the replies to the publishes that want one, oldest first."""
+        """Read the replies to the publishes that want one, oldest first.
+
+        Once one is due, the replies gather for :data:`REPLY_GATHER` seconds
+        and are read together: at most one wake-up per period for them, and a
+        call to a process that is gone fails within that much of being sent.
+        A connection Redis closed is found then too (or by the subscription,
+        which reads all the time).
+        """
         pending = publisher.pending
         while True:
+            await publisher.wait_pending()
+            await anyio.sleep(REPLY_GATHER)
             for reply in await publisher.replies():
                 if not pending:
                     raise RespProtocolError("a reply from Redis that nobody asked for")

@@ -212,13 +212,21 @@ def read_ahead_limiter(stream: ByteStream) -> Callable[[], None] | None:
     reads without bound (measured: 64 MiB of pings grew the server by 64 MiB
     on asyncio, none on trio). The returned function pauses the transport once
     two reads are queued; ``receive()`` resumes it when the queue runs dry.
+    It also makes the transport read :data:`READ_SIZE` at a time.
     Returns ``None`` for any other stream (trio's reads only what is asked).
     """
     inner: Any = getattr(stream, "transport_stream", stream)  # under TLS, the socket
     queue = getattr(getattr(inner, "_protocol", None), "read_queue", None)
-    pause = getattr(getattr(inner, "_transport", None), "pause_reading", None)
+    transport: Any = getattr(inner, "_transport", None)
+    pause = getattr(transport, "pause_reading", None)
     if not isinstance(queue, deque) or pause is None:
         return None
+    if getattr(transport, "max_size", 0) > READ_SIZE:
+        # asyncio reads 256 KiB at a time, and Python allocates the whole
+        # buffer for every read: above glibc's mmap threshold (128 KiB) each
+        # read maps and unmaps it (about 10 µs a read, measured). We ask for
+        # READ_SIZE at most anyway.
+        transport.max_size = READ_SIZE
 
     def limit() -> None:
         if len(queue) >= 2:
