@@ -235,3 +235,93 @@ async def test_a_capability_sees_the_call_id_and_capability_the_caller_sent(obse
                 "result",
                 ["abc-7", "which"],
             )
+
+
+async def test_a_middleware_refusing_a_call_is_answered_internal_error_when_errors_are_hidden() -> (
+    None
+):
+    @asynccontextmanager
+    async def refuse(info: CallInfo) -> AsyncIterator[None]:
+        raise RuntimeError("secret detail")
+        yield  # pragma: no cover - never reached
+
+    mine, theirs = memory_transport_pair()
+    async with (
+        mine,
+        theirs,
+        astral.Peer(
+            theirs,
+            capabilities={"which": Capabilities().which},
+            middleware=[refuse],
+            hide_internal_errors=True,
+        ),
+    ):
+        await mine.send('{"type":"call","id":"1","capability":"which"}')
+        assert json.loads(await mine.receive()) == {
+            "type": "result",
+            "id": "1",
+            "error": "internal error",
+            "code": "internal",
+        }
+
+
+# --- the caller's side, with middleware: outbound calls take a path of their own --------
+
+
+@asynccontextmanager
+async def raw_callee() -> AsyncIterator[tuple[Any, astral.Peer, Seen]]:
+    """A peer with middleware whose calls a hand-written remote answers."""
+    seen = Seen()
+    mine, theirs = memory_transport_pair(buffer=100)
+    async with mine, theirs, astral.Peer(theirs, middleware=[seen]) as peer:
+        yield mine, peer, seen
+
+
+async def test_concurrent_calls_each_get_their_own_answer() -> None:
+    async with raw_callee() as (mine, peer, seen):
+        outputs: dict[str, Any] = {}
+
+        async def call(name: str) -> None:
+            outputs[name] = await peer.call(name)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "first")
+            first = json.loads(await mine.receive())
+            tg.start_soon(call, "second")
+            second = json.loads(await mine.receive())
+            assert (first["capability"], second["capability"]) == ("first", "second")
+            assert first["id"] != second["id"]
+            # Answered in the other order, each to its own call.
+            for frame in (second, first):
+                answer = {"type": "result", "id": frame["id"], "output": frame["capability"]}
+                await mine.send(json.dumps(answer))
+    assert outputs == {"first": "first", "second": "second"}
+    assert sorted((info.capability, info.call_id) for info in seen.ended) == [
+        ("first", first["id"]),
+        ("second", second["id"]),
+    ]
+
+
+async def test_a_deadline_exceeded_answer_is_a_call_timeout_naming_the_capability() -> None:
+    async with raw_callee() as (mine, peer, seen):
+        async with anyio.create_task_group() as tg:
+
+            async def answer() -> None:
+                call = json.loads(await mine.receive())
+                await mine.send(
+                    json.dumps(
+                        {
+                            "type": "result",
+                            "id": call["id"],
+                            "error": "deadline exceeded",
+                            "code": "deadline_exceeded",
+                        }
+                    )
+                )
+
+            tg.start_soon(answer)
+            with pytest.raises(astral.CallTimeout) as caught:
+                await peer.call("slow", deadline=60)
+    assert str(caught.value) == "call slow missed its deadline"
+    [info] = seen.ended
+    assert (info.capability, info.outcome, info.error) == ("slow", "error", caught.value)
