@@ -732,3 +732,19 @@ async def test_an_upload_stops_at_exactly_the_window_and_resumes_as_items_are_ta
             # Credit came back as items were taken: a window ahead, no more.
             assert len(handed) == 3 * WINDOW + WINDOW
             tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+async def test_an_upload_completes_with_the_smallest_windows(window: int) -> None:
+    """Credit goes back for every item taken when the window is one: no stall."""
+
+    async def produce() -> AsyncIterator[int]:
+        for i in range(4 * window + 1):
+            yield i
+
+    async def total(_: Any, items: AsyncIterator[int]) -> list[int]:
+        return [item async for item in items]
+
+    async with connected_pair({"total": total}, {}, max_buffered_items=window) as (_, b):
+        got = await b.call("total", None, input_stream=produce(), timeout=None)
+    assert got == list(range(4 * window + 1))

@@ -261,6 +261,65 @@ async def test_an_item_that_cannot_be_sent_fails_the_call() -> None:
             await b.call("collect", None, input_stream=odd())
 
 
+async def test_input_items_are_converted_by_the_callers_json_default() -> None:
+    """An item outside the value rule goes through ``json_default``, as inputs and outputs do."""
+
+    async def items() -> AsyncIterator[Any]:
+        yield dataclasses.make_dataclass("Point", ["x"])(1)
+
+    mine, theirs = memory_transport_pair()
+    async with (
+        mine,
+        theirs,
+        astral.Peer(
+            theirs, json_default=lambda value: {"x": value.x}, features=["input-stream"]
+        ) as peer,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(lambda: peer.call("collect", None, input_stream=items(), timeout=None))
+        call = json.loads(await mine.receive())
+        await mine.send(json.dumps({"type": "want", "id": call["id"], "n": 5}))
+        assert json.loads(await mine.receive()) == {
+            "type": "item",
+            "id": call["id"],
+            "value": {"x": 1},
+        }
+        assert json.loads(await mine.receive()) == {"type": "end", "id": call["id"]}
+        tg.cancel_scope.cancel()
+
+
+async def test_an_input_item_larger_than_the_remote_accepts_fails_the_call() -> None:
+    async def items() -> AsyncIterator[str]:
+        yield "small"
+        yield "x" * 300
+
+    mine, theirs = memory_transport_pair()
+    async with (
+        mine,
+        theirs,
+        astral.Peer(theirs, remote_max_message_size=200, features=["input-stream"]) as peer,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def callee() -> None:
+            call = json.loads(await mine.receive())
+            await mine.send(json.dumps({"type": "want", "id": call["id"], "n": 5}))
+            assert json.loads(await mine.receive())["value"] == "small"
+            ids.append(call["id"])
+            got_small.set()
+
+        ids: list[str] = []
+        got_small = anyio.Event()
+        tg.start_soon(callee)
+        with pytest.raises(astral.ProtocolError) as caught:
+            await peer.call("collect", None, input_stream=items(), timeout=None)
+        await got_small.wait()
+        # The remote is told to stop; nothing of the item was sent.
+        assert json.loads(await mine.receive()) == {"type": "cancel", "id": ids[0]}
+    assert str(caught.value) == "input item larger than the 200 bytes the remote accepts"
+    assert (caught.value.frame_id, caught.value.frame_type) == (ids[0], "item")
+
+
 async def test_a_caller_that_ignores_the_window_is_stopped() -> None:
     """A hand-written caller floods items beyond what was asked for."""
 
