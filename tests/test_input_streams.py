@@ -18,6 +18,7 @@ import pytest
 
 import astral
 from astral._frames import End, Item, Want, decode, encode
+from astral._websocket import open_websocket
 from astral._protocol import InputInbound, PeerState, StartInbound, WantOutbound
 from astral.testing import connected_pair, memory_transport_pair
 from tests.helpers import running_principal, token
@@ -383,6 +384,27 @@ async def test_an_upload_and_a_two_way_stream_over_a_websocket() -> None:
             assert await worker.call("collect", None, input_stream=numbers(300)) == list(range(300))
             async with worker.stream("doubles", input_stream=numbers(100)) as out:
                 assert [item async for item in out] == [2 * i for i in range(100)]
+
+
+async def test_over_a_websocket_each_credit_frame_is_sent_once() -> None:
+    """A hand-written caller reads every frame: one ``want`` per half window taken, no more."""
+    async with running_principal(capabilities={"collect": collect}) as p:
+        headers = [("Authorization", f"Bearer {token()}"), ("Astral-Features", "input-stream")]
+        async with open_websocket(p.url, headers=headers) as raw:
+            await raw.send('{"type":"call","id":"1","capability":"collect","input_stream":true}')
+            first = json.loads(await raw.receive())
+            assert (first["type"], first["id"]) == ("want", "1")
+            window = first["n"]
+            assert window >= 2
+            for i in range(window):
+                await raw.send(json.dumps({"type": "item", "id": "1", "value": i}))
+            await raw.send('{"type":"end","id":"1"}')
+            frames = []
+            while not frames or frames[-1]["type"] != "result":
+                frames.append(json.loads(await raw.receive()))
+    half = window // 2
+    wants = [{"type": "want", "id": "1", "n": half}] * (window // half)
+    assert frames == [*wants, {"type": "result", "id": "1", "output": list(range(window))}]
 
 
 def test_the_state_routes_input_frames_by_direction() -> None:
