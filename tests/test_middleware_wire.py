@@ -325,3 +325,63 @@ async def test_a_deadline_exceeded_answer_is_a_call_timeout_naming_the_capabilit
     assert str(caught.value) == "call slow missed its deadline"
     [info] = seen.ended
     assert (info.capability, info.outcome, info.error) == ("slow", "error", caught.value)
+
+
+async def test_a_drain_ends_as_soon_as_the_last_observed_call_has_finished() -> None:
+    """The drain waits for calls in flight, not for its grace, with middleware too."""
+    release = anyio.Event()
+    started = anyio.Event()
+
+    async def gate(_: Any) -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    seen = Seen()
+    mine, theirs = memory_transport_pair(buffer=100)
+    async with (
+        mine,
+        theirs,
+        astral.Peer(theirs, capabilities={"gate": gate}, middleware=[seen]) as peer,
+    ):
+        await mine.send('{"type":"call","id":"1","capability":"gate"}')
+        await started.wait()
+        async with anyio.create_task_group() as tg:
+            # A grace longer than the test's own limit: only the call's end lets it go.
+            tg.start_soon(peer.drain, 3600)
+            await anyio.wait_all_tasks_blocked()  # in memory: the drain waits on the call
+            assert not peer.closed
+            release.set()
+        assert peer.closed
+        assert json.loads(await mine.receive()) == {"type": "result", "id": "1", "output": "done"}
+    assert [info.outcome for info in seen.ended] == ["result"]
+
+
+async def test_a_failure_raised_by_a_middleware_on_the_way_out_goes_through_json_default() -> None:
+    class Point:
+        x = 1
+
+    @asynccontextmanager
+    async def fail_after(info: CallInfo) -> AsyncIterator[None]:
+        yield
+        raise astral.Failure("refused after all", code="late", data=Point())
+
+    mine, theirs = memory_transport_pair()
+    async with (
+        mine,
+        theirs,
+        astral.Peer(
+            theirs,
+            capabilities={"which": Capabilities().which},
+            middleware=[fail_after],
+            json_default=lambda value: {"x": value.x},
+        ),
+    ):
+        await mine.send('{"type":"call","id":"1","capability":"which"}')
+        assert json.loads(await mine.receive()) == {
+            "type": "result",
+            "id": "1",
+            "error": "refused after all",
+            "code": "late",
+            "data": {"x": 1},
+        }
