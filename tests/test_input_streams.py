@@ -386,6 +386,29 @@ async def test_an_upload_and_a_two_way_stream_over_a_websocket() -> None:
                 assert [item async for item in out] == [2 * i for i in range(100)]
 
 
+class _Countdown:
+    """An async iterator that is not a generator: it has no ``aclose``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __aiter__(self) -> _Countdown:
+        return self
+
+    async def __anext__(self) -> int:
+        if not self.n:
+            raise StopAsyncIteration
+        self.n -= 1
+        return self.n
+
+
+async def test_an_input_stream_without_aclose_is_sent_whole() -> None:
+    async with connected_pair({"collect": collect}, {}) as (_, b):
+        assert await b.call("collect", None, input_stream=_Countdown(3)) == [2, 1, 0]
+        # The peer goes on serving after the pump ended.
+        assert await b.call("collect", None, input_stream=_Countdown(1)) == [0]
+
+
 async def test_over_a_websocket_each_credit_frame_is_sent_once() -> None:
     """A hand-written caller reads every frame: one ``want`` per half window taken, no more."""
     async with running_principal(capabilities={"collect": collect}) as p:
