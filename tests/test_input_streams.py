@@ -484,6 +484,77 @@ async def test_a_callee_stopped_by_its_deadline_ends_the_upload() -> None:
         assert b._state.outbound == {}
 
 
+@pytest.mark.parametrize("ending", ["result", "connection closed"])
+async def test_a_producer_whose_cleanup_awaits_is_closed_in_full(ending: str) -> None:
+    """The call ends, or the connection, while the pump waits for credit: the
+    producer's ``finally`` runs to its end even though it awaits."""
+    cleaned = anyio.Event()
+    started = anyio.Event()
+
+    async def produce() -> AsyncIterator[int]:
+        try:
+            for i in range(100):
+                yield i
+        finally:
+            await anyio.lowlevel.checkpoint()  # e.g. closing a resource of its own
+            cleaned.set()
+
+    async def first(_: Any, items: AsyncIterator[int]) -> int:
+        async for item in items:
+            if ending == "result":
+                return item
+            started.set()  # the producer has started: it has a finally to run
+            await anyio.sleep_forever()
+        return -1  # pragma: no cover - the stream is never empty
+
+    async with connected_pair({"first": first}, {}, max_buffered_items=2) as (_, b):
+        if ending == "result":
+            assert await b.call("first", None, input_stream=produce()) == 0
+        else:
+            async with anyio.create_task_group() as tg:
+
+                async def call() -> None:
+                    with pytest.raises(astral.ConnectionClosed):
+                        await b.call("first", None, input_stream=produce(), timeout=None)
+
+                tg.start_soon(call)
+                await started.wait()
+                await b.aclose()
+    await cleaned.wait()
+
+
+async def test_a_producer_whose_cleanup_hangs_does_not_hold_the_peer_open() -> None:
+    """Its ``aclose`` is given a bounded time (1 s): the peer still closes."""
+    started = anyio.Event()
+    cleanup_started = anyio.Event()
+
+    async def produce() -> AsyncIterator[int]:
+        try:
+            for i in range(100):
+                yield i
+        finally:
+            cleanup_started.set()
+            await anyio.sleep_forever()  # a cleanup that never ends
+
+    async def hold(_: Any, items: AsyncIterator[int]) -> None:
+        async for _item in items:
+            started.set()
+            await anyio.sleep_forever()
+
+    async with connected_pair({"hold": hold}, {}, max_buffered_items=2) as (_, b):
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                with pytest.raises(astral.ConnectionClosed):
+                    await b.call("hold", None, input_stream=produce(), timeout=None)
+
+            tg.start_soon(call)
+            await started.wait()
+            await b.aclose()
+    # Leaving the peers' blocks above needed the pump task to end.
+    assert cleanup_started.is_set()
+
+
 @dataclasses.dataclass
 class Options:
     lang: str

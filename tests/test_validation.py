@@ -531,7 +531,9 @@ async def test_a_ref_converts_output_and_stream_items_when_middleware_observe_th
         # A call that turns out to stream converts its items too.
         streamed = await caller.call(users, 2)
         assert [item async for item in streamed] == [User("u0", 0), User("u1", 1)]
-    assert [(info.direction, info.capability) for info in ended if info.direction == "outbound"] == [
+    assert [
+        (info.direction, info.capability) for info in ended if info.direction == "outbound"
+    ] == [
         ("outbound", "struct"),
         ("outbound", "users"),
         ("outbound", "users"),
