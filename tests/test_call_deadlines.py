@@ -309,9 +309,7 @@ def test_the_deadline_field_on_the_wire() -> None:
 # --- a capability whose own call fails with CallTimeout ---------------------------------
 
 
-async def test_a_capability_failing_because_its_inherited_deadline_passed_is_deadline_exceeded() -> (
-    None
-):
+async def test_a_capability_failing_as_its_inherited_deadline_passed_is_deadline_exceeded() -> None:
     """Its call fails at once (the budget it inherited is spent): the caller is told
     "deadline exceeded", as if the capability had been stopped, not that it failed."""
     raised: list[BaseException] = []

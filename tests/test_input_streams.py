@@ -18,8 +18,8 @@ import pytest
 
 import astral
 from astral._frames import End, Item, Want, decode, encode
-from astral._websocket import open_websocket
 from astral._protocol import InputInbound, PeerState, StartInbound, WantOutbound
+from astral._websocket import open_websocket
 from astral.testing import connected_pair, memory_transport_pair
 from tests.helpers import running_principal, token
 
