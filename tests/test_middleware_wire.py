@@ -385,3 +385,40 @@ async def test_a_failure_raised_by_a_middleware_on_the_way_out_goes_through_json
             "code": "late",
             "data": {"x": 1},
         }
+
+
+@pytest.mark.parametrize("observed", [False, True], ids=["plain", "middleware"])
+async def test_a_stream_ended_by_deadline_exceeded_is_a_call_timeout_naming_the_capability(
+    observed: bool,
+) -> None:
+    seen = Seen()
+    mine, theirs = memory_transport_pair(buffer=100)
+    middleware = [seen] if observed else []
+    async with mine, theirs, astral.Peer(theirs, middleware=middleware) as peer:
+        async with anyio.create_task_group() as tg:
+
+            async def answer() -> None:
+                call = json.loads(await mine.receive())
+                for frame in (
+                    {"type": "yield", "id": call["id"], "output": 1},
+                    {
+                        "type": "result",
+                        "id": call["id"],
+                        "error": "deadline exceeded",
+                        "code": "deadline_exceeded",
+                    },
+                ):
+                    await mine.send(json.dumps(frame))
+
+            tg.start_soon(answer)
+            items: list[Any] = []
+            with pytest.raises(astral.CallTimeout) as caught:
+                async with peer.stream("ticks", deadline=60) as stream:
+                    async for item in stream:
+                        items.append(item)
+    assert items == [1]
+    assert str(caught.value) == "call ticks missed its deadline"
+    if observed:
+        [info] = seen.ended
+        assert (info.capability, info.outcome, info.items) == ("ticks", "error", 1)
+        assert info.error is caught.value
