@@ -422,3 +422,24 @@ async def test_a_stream_ended_by_deadline_exceeded_is_a_call_timeout_naming_the_
         [info] = seen.ended
         assert (info.capability, info.outcome, info.items) == ("ticks", "error", 1)
         assert info.error is caught.value
+
+
+async def test_a_middleware_sees_a_stream_cut_by_the_connection_end_as_an_error() -> None:
+    async with raw_callee() as (mine, peer, seen):
+        async with anyio.create_task_group() as tg:
+
+            async def answer_then_close() -> None:
+                call = json.loads(await mine.receive())
+                await mine.send(json.dumps({"type": "yield", "id": call["id"], "output": 1}))
+                await got_one.wait()
+                await mine.aclose()
+
+            got_one = anyio.Event()
+            tg.start_soon(answer_then_close)
+            with pytest.raises(astral.ConnectionClosed) as caught:
+                async with peer.stream("ticks") as stream:
+                    async for _item in stream:
+                        got_one.set()
+    [info] = seen.ended
+    assert (info.capability, info.outcome, info.items) == ("ticks", "error", 1)
+    assert info.error is caught.value
