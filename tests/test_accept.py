@@ -234,6 +234,39 @@ async def test_a_flood_through_receive_closes_the_peer(monkeypatch: pytest.Monke
         assert len(replies) == 1
 
 
+@pytest.mark.parametrize("limit", [1, 4])
+async def test_the_reader_pauses_with_exactly_max_inbound_calls_replies_waiting(limit: int) -> None:
+    """One refusal is being sent (the remote reads nothing), ``limit`` wait behind it:
+    the peer reads no further call until one goes out, then reads on."""
+    replies: list[str] = []
+    reading = anyio.Event()
+
+    async def send_when_read(text: str) -> None:
+        await reading.wait()
+        replies.append(text)
+
+    fed: list[int] = []
+
+    async def feed() -> None:
+        for i in range(3 * limit):
+            await peer.receive(encode(Call(str(i), "unknown")))
+            fed.append(i)
+
+    async with (
+        accept(send=send_when_read, max_inbound_calls=limit, input_buffer=0) as peer,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(feed)
+        await anyio.wait_all_tasks_blocked()  # in memory: proves it reads no more
+        # Taken by the reader: the one being sent, and the limit waiting behind it.
+        assert len(fed) == 1 + limit
+        assert replies == []
+        reading.set()
+        await anyio.wait_all_tasks_blocked()  # in memory: everything has gone through
+        assert len(fed) == 3 * limit
+        assert [decode(text).id for text in replies] == [str(i) for i in range(3 * limit)]
+
+
 async def test_accept_checks_capabilities() -> None:
     async def send(_: str) -> None:  # pragma: no cover
         pass

@@ -107,6 +107,39 @@ async def test_max_buffered_items_is_the_window_the_principal_announces() -> Non
             assert (frame["type"], frame["capability"], frame["window"]) == ("call", "items", 4)
 
 
+async def test_json_default_converts_what_a_capability_returns_and_the_principal_sends() -> None:
+    class Stamp:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+    async def when(_: Any) -> Any:
+        return Stamp("2024-01-02")
+
+    async with connected({"json_default": lambda value: value.text}, when=when) as conn:
+        await conn.send_frame({"type": "call", "id": "1", "capability": "when", "input": None})
+        assert await conn.receive_frame() == {"type": "result", "id": "1", "output": "2024-01-02"}
+        principal_side = await conn.registry.wait_for("worker-1")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: principal_side.call("echo", Stamp("sent"), timeout=None))
+            frame = await conn.receive_frame()
+            assert (frame["capability"], frame["input"]) == ("echo", "sent")
+            tg.cancel_scope.cancel()
+
+
+async def test_by_default_a_raised_exceptions_message_is_sent() -> None:
+    async def boom(_: Any) -> None:
+        raise KeyError("detail")
+
+    async with connected({}, boom=boom) as conn:
+        await conn.send_frame({"type": "call", "id": "1", "capability": "boom", "input": None})
+        assert await conn.receive_frame() == {
+            "type": "result",
+            "id": "1",
+            "error": "'detail'",
+            "code": "internal",
+        }
+
+
 @pytest.mark.parametrize(
     "options",
     [{"timeout": 0}, {"timeout": -1.0}, {"max_inbound_calls": 0}, {"max_buffered_items": 0}],
@@ -114,6 +147,13 @@ async def test_max_buffered_items_is_the_window_the_principal_announces() -> Non
 def test_bad_limits_are_refused_at_construction(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="must be"):
         astral.asgi.App(verifier=astral.JWTVerifier(SECRET, algorithms=["HS256"]), **options)
+
+
+def test_the_smallest_message_size_is_accepted_and_zero_refused() -> None:
+    verifier = astral.JWTVerifier(SECRET, algorithms=["HS256"])
+    astral.asgi.App(verifier=verifier, max_message_size=1)
+    with pytest.raises(ValueError, match="max_message_size must be positive"):
+        astral.asgi.App(verifier=verifier, max_message_size=0)
 
 
 def app() -> astral.asgi.App:

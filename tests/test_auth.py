@@ -157,6 +157,12 @@ def test_repr_never_shows_the_secret() -> None:
     assert "['a', 'b']" in text
 
 
+def test_repr_of_a_verifier_without_audience_or_issuer() -> None:
+    assert repr(make_verifier()) == (
+        "JWTVerifier(algorithms=['HS256'], issuer=None, audience=None, keys=1)"
+    )
+
+
 # --- configuration -------------------------------------------------------------------
 
 

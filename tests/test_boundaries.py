@@ -34,6 +34,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode
 
 import astral
 import astral.asgi
+from astral._exceptions import MAX_CODE_LENGTH
 from astral._frames import MAX_TRACE_FIELDS, MAX_TRACE_VALUE
 from astral._principal import host_worker
 from astral._websocket import WebSocketConnection, open_websocket, serve_websocket
@@ -732,3 +733,27 @@ async def test_an_upload_stops_at_exactly_the_window_and_resumes_as_items_are_ta
             # Credit came back as items were taken: a window ahead, no more.
             assert len(handed) == 3 * WINDOW + WINDOW
             tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+async def test_an_upload_completes_with_the_smallest_windows(window: int) -> None:
+    """Credit goes back for every item taken when the window is one: no stall."""
+
+    async def produce() -> AsyncIterator[int]:
+        for i in range(4 * window + 1):
+            yield i
+
+    async def total(_: Any, items: AsyncIterator[int]) -> list[int]:
+        return [item async for item in items]
+
+    async with connected_pair({"total": total}, {}, max_buffered_items=window) as (_, b):
+        got = await b.call("total", None, input_stream=produce(), timeout=None)
+    assert got == list(range(4 * window + 1))
+
+
+@pytest.mark.parametrize("length", [1, MAX_CODE_LENGTH, MAX_CODE_LENGTH + 1])
+def test_an_error_code_is_kept_up_to_its_limit_and_dropped_past_it(length: int) -> None:
+    """A ``code`` past the limit is dropped; the error itself still ends the call."""
+    code = "c" * length
+    frame = astral.decode(json.dumps({"type": "result", "id": "1", "error": "no", "code": code}))
+    assert frame == astral.Result("1", error="no", code=code if length <= MAX_CODE_LENGTH else None)

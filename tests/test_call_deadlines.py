@@ -304,3 +304,79 @@ def test_the_deadline_field_on_the_wire() -> None:
     assert text == '{"type":"call","id":"1","capability":"f","deadline":2500}'
     assert astral.decode(text) == call
     assert astral.decode('{"type":"call","id":"1","capability":"f","deadline":0}').deadline == 0
+
+
+# --- a capability whose own call fails with CallTimeout ---------------------------------
+
+
+async def test_a_capability_failing_as_its_inherited_deadline_passed_is_deadline_exceeded() -> None:
+    """Its call fails at once (the budget it inherited is spent): the caller is told
+    "deadline exceeded", as if the capability had been stopped, not that it failed."""
+    raised: list[BaseException] = []
+
+    async def late(_: Any) -> None:
+        with anyio.CancelScope(shield=True):
+            # The deadline is what is under test: wait it out, not a guess.
+            while remaining := astral.current_call().time_remaining():
+                await anyio.sleep(remaining)
+            try:
+                await astral.current_peer().call("anything")
+            except astral.CallTimeout as exc:
+                raised.append(exc)
+                raise
+
+    mine, theirs = memory_transport_pair()
+    async with mine, theirs, astral.Peer(theirs, capabilities={"late": late}):
+        await mine.send('{"type":"call","id":"7","capability":"late","deadline":50}')
+        answer = json.loads(await mine.receive())
+    assert [str(exc) for exc in raised] == ["call anything missed its deadline"]
+    assert answer == {
+        "type": "result",
+        "id": "7",
+        "error": "deadline exceeded",
+        "code": "deadline_exceeded",
+    }
+
+
+async def test_a_capability_failing_because_its_own_shorter_deadline_passed_is_a_failure() -> None:
+    """The caller's deadline is far off: the capability's own timeout is its failure."""
+    mine, theirs = memory_transport_pair()
+
+    async def impatient(_: Any) -> None:
+        await astral.current_peer().call("slow", deadline=0.05)
+
+    async with mine, theirs, astral.Peer(theirs, capabilities={"impatient": impatient}):
+        await mine.send('{"type":"call","id":"7","capability":"impatient","deadline":60000}')
+        inner = json.loads(await mine.receive())
+        assert (inner["type"], inner["capability"]) == ("call", "slow")
+        # Never answered: the capability's own deadline ends its call.
+        answer = json.loads(await mine.receive())
+        if answer["type"] == "cancel":
+            answer = json.loads(await mine.receive())
+    assert answer == {
+        "type": "result",
+        "id": "7",
+        "error": "call slow missed its deadline",
+        "code": "internal",
+    }
+
+
+async def test_a_capability_without_a_deadline_failing_with_a_call_timeout_is_a_failure() -> None:
+    mine, theirs = memory_transport_pair()
+
+    async def impatient(_: Any) -> None:
+        await astral.current_peer().call("slow", timeout=0.05)
+
+    async with mine, theirs, astral.Peer(theirs, capabilities={"impatient": impatient}):
+        await mine.send('{"type":"call","id":"7","capability":"impatient"}')
+        inner = json.loads(await mine.receive())
+        assert (inner["type"], inner["capability"]) == ("call", "slow")
+        answer = json.loads(await mine.receive())
+        if answer["type"] == "cancel":
+            answer = json.loads(await mine.receive())
+    assert answer == {
+        "type": "result",
+        "id": "7",
+        "error": "call slow timed out",
+        "code": "internal",
+    }

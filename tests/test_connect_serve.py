@@ -211,14 +211,20 @@ async def test_registry_newest_connection_wins() -> None:
             assert not first.closed
 
 
+@pytest.mark.parametrize("expiring", [True, False], ids=["session-ends-at-exp", "no-expiry"])
 async def test_on_connect_failure_closes_only_that_connection(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, expiring: bool
 ) -> None:
+    """Sessions that end at the token's ``exp`` and sessions that never do are
+    served on two paths: ``on_connect`` runs, and its failure is handled, on both."""
+
     async def on_connect(peer: astral.Peer) -> None:
         if peer.claims["sub"] == "bad":
             raise RuntimeError("handler bug")
 
-    async with running_principal(on_connect=on_connect) as principal:
+    async with running_principal(
+        on_connect=on_connect, close_on_token_expiry=expiring
+    ) as principal:
         async with astral.connect(principal.url, token=token("bad")) as bad:
             error = await bad.wait_closed()
             assert (error.code, error.reason) == (1011, "internal error")

@@ -8,6 +8,8 @@ import datetime
 import decimal
 import enum
 import fractions
+import json
+import math
 import random
 import re
 import uuid
@@ -838,6 +840,34 @@ def test_json_default_results_are_converted_again_and_checked() -> None:
 def test_json_default_that_keeps_returning_other_types_is_refused() -> None:
     with pytest.raises(ProtocolError, match="keeps returning"):
         encode(Result("1", {1, 2}), json_default=lambda item: item)
+
+
+class _Nested:
+    """A value ``json_default`` turns into another one ``depth`` times before a plain one."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+
+
+def _unwrap(value: Any) -> Any:
+    return _Nested(value.depth - 1) if value.depth else "plain"
+
+
+@pytest.mark.parametrize(
+    "place", [lambda v: v, lambda v: [v], lambda v: {"k": v}], ids=["output", "list", "object"]
+)
+def test_json_default_may_convert_a_value_sixteen_times_wherever_it_is(place: Any) -> None:
+    """The limit counts the conversions of one value, the same at any depth."""
+    sixteen = encode(Result("1", place(_Nested(15))), json_default=_unwrap)
+    assert json.loads(sixteen)["output"] == place("plain")
+    with pytest.raises(ProtocolError, match="json_default keeps returning values to convert"):
+        encode(Result("1", place(_Nested(16))), json_default=_unwrap)
+
+
+def test_a_non_finite_float_is_sent_as_null_on_the_slow_path_too() -> None:
+    """As JSON.stringify writes it, also when a lone surrogate sends the frame the slow way."""
+    text = encode(Result("1", [math.nan, math.inf, -math.inf, "\ud800"]))
+    assert text == '{"type":"result","id":"1","output":[null,null,null,"\\ud800"]}'
 
 
 def test_json_default_does_not_convert_keys() -> None:

@@ -19,6 +19,7 @@ import pytest
 import astral
 from astral._frames import End, Item, Want, decode, encode
 from astral._protocol import InputInbound, PeerState, StartInbound, WantOutbound
+from astral._websocket import open_websocket
 from astral.testing import connected_pair, memory_transport_pair
 from tests.helpers import running_principal, token
 
@@ -261,6 +262,65 @@ async def test_an_item_that_cannot_be_sent_fails_the_call() -> None:
             await b.call("collect", None, input_stream=odd())
 
 
+async def test_input_items_are_converted_by_the_callers_json_default() -> None:
+    """An item outside the value rule goes through ``json_default``, as inputs and outputs do."""
+
+    async def items() -> AsyncIterator[Any]:
+        yield dataclasses.make_dataclass("Point", ["x"])(1)
+
+    mine, theirs = memory_transport_pair()
+    async with (
+        mine,
+        theirs,
+        astral.Peer(
+            theirs, json_default=lambda value: {"x": value.x}, features=["input-stream"]
+        ) as peer,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(lambda: peer.call("collect", None, input_stream=items(), timeout=None))
+        call = json.loads(await mine.receive())
+        await mine.send(json.dumps({"type": "want", "id": call["id"], "n": 5}))
+        assert json.loads(await mine.receive()) == {
+            "type": "item",
+            "id": call["id"],
+            "value": {"x": 1},
+        }
+        assert json.loads(await mine.receive()) == {"type": "end", "id": call["id"]}
+        tg.cancel_scope.cancel()
+
+
+async def test_an_input_item_larger_than_the_remote_accepts_fails_the_call() -> None:
+    async def items() -> AsyncIterator[str]:
+        yield "small"
+        yield "x" * 300
+
+    mine, theirs = memory_transport_pair()
+    async with (
+        mine,
+        theirs,
+        astral.Peer(theirs, remote_max_message_size=200, features=["input-stream"]) as peer,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def callee() -> None:
+            call = json.loads(await mine.receive())
+            await mine.send(json.dumps({"type": "want", "id": call["id"], "n": 5}))
+            assert json.loads(await mine.receive())["value"] == "small"
+            ids.append(call["id"])
+            got_small.set()
+
+        ids: list[str] = []
+        got_small = anyio.Event()
+        tg.start_soon(callee)
+        with pytest.raises(astral.ProtocolError) as caught:
+            await peer.call("collect", None, input_stream=items(), timeout=None)
+        await got_small.wait()
+        # The remote is told to stop; nothing of the item was sent.
+        assert json.loads(await mine.receive()) == {"type": "cancel", "id": ids[0]}
+    assert str(caught.value) == "input item larger than the 200 bytes the remote accepts"
+    assert (caught.value.frame_id, caught.value.frame_type) == (ids[0], "item")
+
+
 async def test_a_caller_that_ignores_the_window_is_stopped() -> None:
     """A hand-written caller floods items beyond what was asked for."""
 
@@ -326,6 +386,50 @@ async def test_an_upload_and_a_two_way_stream_over_a_websocket() -> None:
                 assert [item async for item in out] == [2 * i for i in range(100)]
 
 
+class _Countdown:
+    """An async iterator that is not a generator: it has no ``aclose``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __aiter__(self) -> _Countdown:
+        return self
+
+    async def __anext__(self) -> int:
+        if not self.n:
+            raise StopAsyncIteration
+        self.n -= 1
+        return self.n
+
+
+async def test_an_input_stream_without_aclose_is_sent_whole() -> None:
+    async with connected_pair({"collect": collect}, {}) as (_, b):
+        assert await b.call("collect", None, input_stream=_Countdown(3)) == [2, 1, 0]
+        # The peer goes on serving after the pump ended.
+        assert await b.call("collect", None, input_stream=_Countdown(1)) == [0]
+
+
+async def test_over_a_websocket_each_credit_frame_is_sent_once() -> None:
+    """A hand-written caller reads every frame: one ``want`` per half window taken, no more."""
+    async with running_principal(capabilities={"collect": collect}) as p:
+        headers = [("Authorization", f"Bearer {token()}"), ("Astral-Features", "input-stream")]
+        async with open_websocket(p.url, headers=headers) as raw:
+            await raw.send('{"type":"call","id":"1","capability":"collect","input_stream":true}')
+            first = json.loads(await raw.receive())
+            assert (first["type"], first["id"]) == ("want", "1")
+            window = first["n"]
+            assert window >= 2
+            for i in range(window):
+                await raw.send(json.dumps({"type": "item", "id": "1", "value": i}))
+            await raw.send('{"type":"end","id":"1"}')
+            frames = []
+            while not frames or frames[-1]["type"] != "result":
+                frames.append(json.loads(await raw.receive()))
+    half = window // 2
+    wants = [{"type": "want", "id": "1", "n": half}] * (window // half)
+    assert frames == [*wants, {"type": "result", "id": "1", "output": list(range(window))}]
+
+
 def test_the_state_routes_input_frames_by_direction() -> None:
     """item/end name the remote's calls (inbound), want names ours (outbound)."""
     state: PeerState[str, object] = PeerState({"collect": collect}, object, max_inbound_calls=5)
@@ -378,6 +482,77 @@ async def test_a_callee_stopped_by_its_deadline_ends_the_upload() -> None:
         await ended.wait()
         await closed.wait()
         assert b._state.outbound == {}
+
+
+@pytest.mark.parametrize("ending", ["result", "connection closed"])
+async def test_a_producer_whose_cleanup_awaits_is_closed_in_full(ending: str) -> None:
+    """The call ends, or the connection, while the pump waits for credit: the
+    producer's ``finally`` runs to its end even though it awaits."""
+    cleaned = anyio.Event()
+    started = anyio.Event()
+
+    async def produce() -> AsyncIterator[int]:
+        try:
+            for i in range(100):
+                yield i
+        finally:
+            await anyio.lowlevel.checkpoint()  # e.g. closing a resource of its own
+            cleaned.set()
+
+    async def first(_: Any, items: AsyncIterator[int]) -> int:
+        async for item in items:
+            if ending == "result":
+                return item
+            started.set()  # the producer has started: it has a finally to run
+            await anyio.sleep_forever()
+        return -1  # pragma: no cover - the stream is never empty
+
+    async with connected_pair({"first": first}, {}, max_buffered_items=2) as (_, b):
+        if ending == "result":
+            assert await b.call("first", None, input_stream=produce()) == 0
+        else:
+            async with anyio.create_task_group() as tg:
+
+                async def call() -> None:
+                    with pytest.raises(astral.ConnectionClosed):
+                        await b.call("first", None, input_stream=produce(), timeout=None)
+
+                tg.start_soon(call)
+                await started.wait()
+                await b.aclose()
+    await cleaned.wait()
+
+
+async def test_a_producer_whose_cleanup_hangs_does_not_hold_the_peer_open() -> None:
+    """Its ``aclose`` is given a bounded time (1 s): the peer still closes."""
+    started = anyio.Event()
+    cleanup_started = anyio.Event()
+
+    async def produce() -> AsyncIterator[int]:
+        try:
+            for i in range(100):
+                yield i
+        finally:
+            cleanup_started.set()
+            await anyio.sleep_forever()  # a cleanup that never ends
+
+    async def hold(_: Any, items: AsyncIterator[int]) -> None:
+        async for _item in items:
+            started.set()
+            await anyio.sleep_forever()
+
+    async with connected_pair({"hold": hold}, {}, max_buffered_items=2) as (_, b):
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                with pytest.raises(astral.ConnectionClosed):
+                    await b.call("hold", None, input_stream=produce(), timeout=None)
+
+            tg.start_soon(call)
+            await started.wait()
+            await b.aclose()
+    # Leaving the peers' blocks above needed the pump task to end.
+    assert cleanup_started.is_set()
 
 
 @dataclasses.dataclass

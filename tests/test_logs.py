@@ -169,3 +169,39 @@ async def test_a_hostile_peer_cannot_flood_the_logs(caplog: pytest.LogCaptureFix
 
 async def _echo(value: Any) -> Any:
     return value
+
+
+async def test_capability_records_carry_the_documented_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failure on purpose is DEBUG, anything else ERROR with its traceback; both carry
+    ``astral_capability``, ``astral_call_id`` and ``astral_remote`` (docs/logging.md)."""
+
+    async def fail(_: Any) -> None:
+        raise astral.Failure("no", code="nope")
+
+    async def boom(_: Any) -> None:
+        raise KeyError("k")
+
+    caplog.set_level(logging.DEBUG, logger="astral.capability")
+    mine, theirs = astral.testing.memory_transport_pair()
+    async with mine, theirs, astral.Peer(theirs, capabilities={"fail": fail, "boom": boom}):
+        await mine.send('{"type":"call","id":"c1","capability":"fail"}')
+        await mine.receive()
+        await mine.send('{"type":"call","id":"c2","capability":"boom"}')
+        await mine.receive()
+    records = [r for r in caplog.records if r.name == "astral.capability"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (
+            logging.DEBUG,
+            "capability 'fail' failed on purpose (call 'c1' from the remote peer): code 'nope'",
+        ),
+        (logging.ERROR, "capability 'boom' raised KeyError (call 'c2' from the remote peer)"),
+    ]
+    fields = [
+        (r.astral_capability, r.astral_call_id, r.astral_remote)  # type: ignore[attr-defined]
+        for r in records
+    ]
+    assert fields == [("fail", "c1", "the remote peer"), ("boom", "c2", "the remote peer")]
+    assert records[1].exc_info is not None
+    assert isinstance(records[1].exc_info[1], KeyError)

@@ -235,3 +235,211 @@ async def test_a_capability_sees_the_call_id_and_capability_the_caller_sent(obse
                 "result",
                 ["abc-7", "which"],
             )
+
+
+async def test_a_middleware_refusing_a_call_is_answered_internal_error_when_errors_are_hidden() -> (
+    None
+):
+    @asynccontextmanager
+    async def refuse(info: CallInfo) -> AsyncIterator[None]:
+        raise RuntimeError("secret detail")
+        yield  # pragma: no cover - never reached
+
+    mine, theirs = memory_transport_pair()
+    async with (
+        mine,
+        theirs,
+        astral.Peer(
+            theirs,
+            capabilities={"which": Capabilities().which},
+            middleware=[refuse],
+            hide_internal_errors=True,
+        ),
+    ):
+        await mine.send('{"type":"call","id":"1","capability":"which"}')
+        assert json.loads(await mine.receive()) == {
+            "type": "result",
+            "id": "1",
+            "error": "internal error",
+            "code": "internal",
+        }
+
+
+# --- the caller's side, with middleware: outbound calls take a path of their own --------
+
+
+@asynccontextmanager
+async def raw_callee() -> AsyncIterator[tuple[Any, astral.Peer, Seen]]:
+    """A peer with middleware whose calls a hand-written remote answers."""
+    seen = Seen()
+    mine, theirs = memory_transport_pair(buffer=100)
+    async with mine, theirs, astral.Peer(theirs, middleware=[seen]) as peer:
+        yield mine, peer, seen
+
+
+async def test_concurrent_calls_each_get_their_own_answer() -> None:
+    async with raw_callee() as (mine, peer, seen):
+        outputs: dict[str, Any] = {}
+
+        async def call(name: str) -> None:
+            outputs[name] = await peer.call(name)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "first")
+            first = json.loads(await mine.receive())
+            tg.start_soon(call, "second")
+            second = json.loads(await mine.receive())
+            assert (first["capability"], second["capability"]) == ("first", "second")
+            assert first["id"] != second["id"]
+            # Answered in the other order, each to its own call.
+            for frame in (second, first):
+                answer = {"type": "result", "id": frame["id"], "output": frame["capability"]}
+                await mine.send(json.dumps(answer))
+    assert outputs == {"first": "first", "second": "second"}
+    assert sorted((info.capability, info.call_id) for info in seen.ended) == [
+        ("first", first["id"]),
+        ("second", second["id"]),
+    ]
+
+
+async def test_a_deadline_exceeded_answer_is_a_call_timeout_naming_the_capability() -> None:
+    async with raw_callee() as (mine, peer, seen):
+        async with anyio.create_task_group() as tg:
+
+            async def answer() -> None:
+                call = json.loads(await mine.receive())
+                await mine.send(
+                    json.dumps(
+                        {
+                            "type": "result",
+                            "id": call["id"],
+                            "error": "deadline exceeded",
+                            "code": "deadline_exceeded",
+                        }
+                    )
+                )
+
+            tg.start_soon(answer)
+            with pytest.raises(astral.CallTimeout) as caught:
+                await peer.call("slow", deadline=60)
+    assert str(caught.value) == "call slow missed its deadline"
+    [info] = seen.ended
+    assert (info.capability, info.outcome, info.error) == ("slow", "error", caught.value)
+
+
+async def test_a_drain_ends_as_soon_as_the_last_observed_call_has_finished() -> None:
+    """The drain waits for calls in flight, not for its grace, with middleware too."""
+    release = anyio.Event()
+    started = anyio.Event()
+
+    async def gate(_: Any) -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    seen = Seen()
+    mine, theirs = memory_transport_pair(buffer=100)
+    async with (
+        mine,
+        theirs,
+        astral.Peer(theirs, capabilities={"gate": gate}, middleware=[seen]) as peer,
+    ):
+        await mine.send('{"type":"call","id":"1","capability":"gate"}')
+        await started.wait()
+        async with anyio.create_task_group() as tg:
+            # A grace longer than the test's own limit: only the call's end lets it go.
+            tg.start_soon(peer.drain, 3600)
+            await anyio.wait_all_tasks_blocked()  # in memory: the drain waits on the call
+            assert not peer.closed
+            release.set()
+        assert peer.closed
+        assert json.loads(await mine.receive()) == {"type": "result", "id": "1", "output": "done"}
+    assert [info.outcome for info in seen.ended] == ["result"]
+
+
+async def test_a_failure_raised_by_a_middleware_on_the_way_out_goes_through_json_default() -> None:
+    class Point:
+        x = 1
+
+    @asynccontextmanager
+    async def fail_after(info: CallInfo) -> AsyncIterator[None]:
+        yield
+        raise astral.Failure("refused after all", code="late", data=Point())
+
+    mine, theirs = memory_transport_pair()
+    async with (
+        mine,
+        theirs,
+        astral.Peer(
+            theirs,
+            capabilities={"which": Capabilities().which},
+            middleware=[fail_after],
+            json_default=lambda value: {"x": value.x},
+        ),
+    ):
+        await mine.send('{"type":"call","id":"1","capability":"which"}')
+        assert json.loads(await mine.receive()) == {
+            "type": "result",
+            "id": "1",
+            "error": "refused after all",
+            "code": "late",
+            "data": {"x": 1},
+        }
+
+
+@pytest.mark.parametrize("observed", [False, True], ids=["plain", "middleware"])
+async def test_a_stream_ended_by_deadline_exceeded_is_a_call_timeout_naming_the_capability(
+    observed: bool,
+) -> None:
+    seen = Seen()
+    mine, theirs = memory_transport_pair(buffer=100)
+    middleware = [seen] if observed else []
+    async with mine, theirs, astral.Peer(theirs, middleware=middleware) as peer:
+        async with anyio.create_task_group() as tg:
+
+            async def answer() -> None:
+                call = json.loads(await mine.receive())
+                for frame in (
+                    {"type": "yield", "id": call["id"], "output": 1},
+                    {
+                        "type": "result",
+                        "id": call["id"],
+                        "error": "deadline exceeded",
+                        "code": "deadline_exceeded",
+                    },
+                ):
+                    await mine.send(json.dumps(frame))
+
+            tg.start_soon(answer)
+            items: list[Any] = []
+            with pytest.raises(astral.CallTimeout) as caught:
+                async with peer.stream("ticks", deadline=60) as stream:
+                    async for item in stream:
+                        items.append(item)  # noqa: PERF401 - kept up to the error
+    assert items == [1]
+    assert str(caught.value) == "call ticks missed its deadline"
+    if observed:
+        [info] = seen.ended
+        assert (info.capability, info.outcome, info.items) == ("ticks", "error", 1)
+        assert info.error is caught.value
+
+
+async def test_a_middleware_sees_a_stream_cut_by_the_connection_end_as_an_error() -> None:
+    async with raw_callee() as (mine, peer, seen):
+        async with anyio.create_task_group() as tg:
+
+            async def answer_then_close() -> None:
+                call = json.loads(await mine.receive())
+                await mine.send(json.dumps({"type": "yield", "id": call["id"], "output": 1}))
+                await got_one.wait()
+                await mine.aclose()
+
+            got_one = anyio.Event()
+            tg.start_soon(answer_then_close)
+            with pytest.raises(astral.ConnectionClosed) as caught:
+                async with peer.stream("ticks") as stream:
+                    async for _item in stream:
+                        got_one.set()
+    [info] = seen.ended
+    assert (info.capability, info.outcome, info.items) == ("ticks", "error", 1)
+    assert info.error is caught.value

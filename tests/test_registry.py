@@ -38,3 +38,14 @@ async def test_a_peer_subject_is_its_sub_claim_when_a_string() -> None:
         assert left.subject is None
     async with running_principal() as principal, astral.connect(principal.url, token=token("s")):
         assert (await principal.registry.wait_for("s")).subject == "s"
+
+
+async def test_a_closed_peer_still_listed_is_neither_looked_up_nor_a_subject() -> None:
+    """Between its close and the end of its hosting block, a peer is gone for callers."""
+    registry = astral.PeerRegistry()
+    async with astral.testing.connected_pair() as (left, _right):
+        async with registry.hosting("x", left):
+            await left.aclose()
+            assert left.closed
+            assert await registry.lookup("x") is None
+            assert await registry.subjects() == []

@@ -7,6 +7,7 @@ import functools
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, TypedDict
 
 import anyio
@@ -510,3 +511,30 @@ def test_ref_is_an_immutable_value() -> None:
         bash.name = "other"  # type: ignore[misc]
     with pytest.raises(TypeError):
         astral.ref(1, input=str, output=str)  # type: ignore[arg-type]
+
+
+async def test_a_ref_converts_output_and_stream_items_when_middleware_observe_the_call() -> None:
+    """With middleware installed a call takes another path: conversion must not stay behind."""
+    ended: list[astral.CallInfo] = []
+
+    @asynccontextmanager
+    async def observe(info: astral.CallInfo) -> AsyncIterator[None]:
+        yield
+        ended.append(info)
+
+    struct = astral.ref("struct", input=User, output=User)
+    users = astral.ref("users", input=int, output=User)
+    async with connected_pair(Recorder().capabilities(), {}, middleware=[observe]) as (_, caller):
+        assert await caller.call(struct, User("alice", 41)) == User("ALICE", 42)
+        async with caller.stream(users, 2) as items:
+            assert [item async for item in items] == [User("u0", 0), User("u1", 1)]
+        # A call that turns out to stream converts its items too.
+        streamed = await caller.call(users, 2)
+        assert [item async for item in streamed] == [User("u0", 0), User("u1", 1)]
+    assert [
+        (info.direction, info.capability) for info in ended if info.direction == "outbound"
+    ] == [
+        ("outbound", "struct"),
+        ("outbound", "users"),
+        ("outbound", "users"),
+    ]
