@@ -7,17 +7,20 @@ test noticing; docs/testing.md and the issue-15 notes list the mutants.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import anyio
 import pytest
 
 import astral
+import astral.asgi
 from astral._principal import Hosting, host_worker
 from astral._websocket import WebSocketConnection, serve_websocket
 from astral.testing import connected_pair
 
 from .helpers import SECRET, running_principal, token
+from .test_asgi import PATH, SERVERS, run
 
 HOST = "127.0.0.1"
 
@@ -124,6 +127,36 @@ async def test_on_connect_runs_and_its_failure_closes_only_that_connection_witho
             assert await good.call("echo", 1) == 1
             await ran["good"].wait()  # set by on_connect, in the principal
             assert await good.call("echo", 2) == 2
+
+
+# --- token expiry of a running session behind an ASGI server ---------------------------
+
+
+@pytest.mark.parametrize(("anyio_backend", "server"), [SERVERS[0], SERVERS[3]])
+async def test_the_asgi_app_closes_a_running_session_when_its_token_expires(
+    anyio_backend: str, server: str
+) -> None:
+    async def hold(_: Any) -> None:
+        await anyio.sleep_forever()
+
+    app = astral.asgi.App(
+        verifier=astral.JWTVerifier(SECRET, algorithms=["HS256"], leeway=0),
+        capabilities={"hold": hold},
+        path=PATH,
+    )
+    minted_at = time.time()
+    # exp is one to two seconds away (iat is rounded down to the second).
+    expiring = token(expires_in=2, now=minted_at)
+    async with (
+        run(server, anyio_backend, app) as running,
+        astral.connect(running.url + PATH, token=expiring) as worker,
+    ):
+        with pytest.raises(astral.ConnectionClosed) as info:
+            await worker.call("hold", timeout=None)
+        assert (info.value.code, info.value.reason) == (4401, "token expired")
+        assert time.time() >= int(minted_at) + 2
+        closed = await worker.wait_closed()
+        assert (closed.code, closed.reason) == (4401, "token expired")
 
 
 # --- the verifier's repr ----------------------------------------------------------------
