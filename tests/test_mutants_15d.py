@@ -11,13 +11,14 @@ import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import astral
 import astral.asgi
 from astral._principal import Hosting, host_worker
 from astral._websocket import WebSocketConnection, serve_websocket
-from astral.testing import connected_pair
+from astral.testing import connected_pair, memory_transport_pair
 
 from .helpers import SECRET, running_principal, token
 from .test_asgi import PATH, SERVERS, run
@@ -81,6 +82,34 @@ async def test_a_connection_hosted_once_the_server_is_stopping_is_closed_with_10
         await hosted.wait()
         assert "late" not in registry
         tg.cancel_scope.cancel()
+
+
+async def test_a_server_stopping_before_the_peer_started_closes_the_connection_with_1001() -> None:
+    """Cancelled before its peer runs, a connection is closed with 1001, shielded."""
+    principal_end, worker_end = memory_transport_pair()
+    closes: list[tuple[int, str]] = []
+
+    async def close(code: int, reason: str) -> None:
+        await anyio.lowlevel.checkpoint()  # a real close sends a frame: it waits
+        closes.append((code, reason))
+        await principal_end.aclose()
+
+    registry = astral.PeerRegistry()
+    async with principal_end, worker_end:
+        with anyio.CancelScope() as server:
+            server.cancel()  # the server is stopping as the connection arrives
+            await host_worker(
+                principal_end,
+                close,
+                {"sub": "early"},
+                capabilities={},
+                registry=registry,
+                on_connect=None,
+                where="memory",
+            )
+        assert server.cancelled_caught
+        assert closes == [(1001, "server shutting down")]
+        assert "early" not in registry
 
 
 # --- on_connect when the session never expires -----------------------------------------
