@@ -25,9 +25,10 @@ async def test_in_flight_calls_fail_with_token_expired_on_both_sides() -> None:
         await anyio.sleep_forever()
 
     async with running_principal(STRICT) as principal:
-        # exp is at most one second away (iat is rounded down to the second).
+        # exp is one to two seconds away (iat is rounded down to the second): never
+        # so close that the token expires before the handshake checks it.
         async with astral.connect(
-            principal.url, token=token(expires_in=1), capabilities={"hold": hold}
+            principal.url, token=token(expires_in=2), capabilities={"hold": hold}
         ) as worker:
             server_side = await principal.registry.wait_for("worker-1")
             failures: list[astral.ConnectionClosed] = []
