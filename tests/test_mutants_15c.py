@@ -1,0 +1,107 @@
+"""Behaviour that surviving mutants of ``_ws_connection`` and ``asgi`` showed no test pinned.
+
+Each test here pins one behaviour a plausible bug would break: the keepalive
+deadline a pong moves on, and how the ASGI application reads a request (the
+root path, the optional ``query_string``, a blank ``token`` parameter).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from wsproto.events import Ping, TextMessage
+
+import astral
+import astral.asgi
+
+from .helpers import SECRET, token
+from .test_websocket import echo, raw_client, server
+
+# --- keepalive: a pong moves the next ping a whole interval on ---------------------------
+
+
+@pytest.mark.time_limit(15)
+async def test_answered_pings_keep_a_connection_open_when_the_interval_exceeds_the_timeout() -> (
+    None
+):
+    # ping_interval > ping_timeout: after each pong the reader's deadline must
+    # move to the next ping, ping_interval away. A reader that kept the pong's
+    # deadline (ping_timeout after the ping) would wake before the next ping
+    # is due and drop a healthy connection.
+    async with (
+        server(echo, ping_interval=0.6, ping_timeout=0.5) as port,
+        raw_client(port) as peer,
+    ):
+        for _ in range(2):  # the second ping comes after the first ping's timeout
+            event = await peer.next_event()
+            assert isinstance(event, Ping)
+            await peer.stream.send(peer.ws.send(event.response()))
+        await peer.send_frame(1, b"still here")
+        while not isinstance(event := await peer.next_event(), TextMessage):
+            assert isinstance(event, Ping), event  # open, and still pinging
+            await peer.stream.send(peer.ws.send(event.response()))
+        assert event.data == "still here"
+
+
+# --- the ASGI application's reading of the request ----------------------------------------
+
+
+VERIFIER = astral.JWTVerifier(SECRET, algorithms=["HS256"])
+
+
+async def first_answer(app: astral.asgi.App, scope: dict[str, Any]) -> dict[str, Any]:
+    """Run ``app`` on ``scope`` in memory; return its first message after websocket.connect."""
+    to_app, app_in = anyio.create_memory_object_stream[dict[str, Any]](10)
+    app_out, from_app = anyio.create_memory_object_stream[dict[str, Any]](10)
+    async with to_app, app_in, app_out, from_app, anyio.create_task_group() as tg:
+        await to_app.send({"type": "websocket.connect"})
+        tg.start_soon(app, scope, app_in.receive, app_out.send)
+        answer = await from_app.receive()
+        tg.cancel_scope.cancel()  # an accepted worker would stay connected
+    return answer
+
+
+def websocket_scope(path: str, **extra: Any) -> dict[str, Any]:
+    scope: dict[str, Any] = {
+        "type": "websocket",
+        "path": path,
+        "headers": [],
+        "extensions": {"websocket.http.response": {}},
+    }
+    scope.update(extra)
+    return scope
+
+
+async def test_an_asgi_app_at_the_root_path_serves_the_root_and_only_it() -> None:
+    app = astral.asgi.App(verifier=VERIFIER, path="/")
+    query = f"token={token()}".encode()
+    for path in ("/", "//"):  # a trailing slash aside, the root itself
+        answer = await first_answer(app, websocket_scope(path, query_string=query))
+        assert answer["type"] == "websocket.accept", path
+    answer = await first_answer(app, websocket_scope("/astral", query_string=query))
+    assert (answer["type"], answer["status"]) == ("websocket.http.response.start", 404)
+
+
+async def test_an_asgi_scope_without_its_optional_keys_is_served() -> None:
+    # The ASGI spec makes a websocket scope's query_string (and client,
+    # root_path, scheme...) optional: a bearer header is all it takes.
+    app = astral.asgi.App(verifier=VERIFIER)
+    scope = websocket_scope("/", headers=[(b"authorization", f"Bearer {token()}".encode())])
+    answer = await first_answer(app, scope)
+    assert answer["type"] == "websocket.accept"
+
+
+async def test_the_first_token_parameter_counts_even_when_blank() -> None:
+    # As with serve (HandshakeRequest.query_param): the first ``token`` is the
+    # token, so a blank one is refused whatever follows it.
+    app = astral.asgi.App(verifier=VERIFIER)
+    good = token()
+    blank_first = websocket_scope("/", query_string=f"token=&token={good}".encode())
+    answer = await first_answer(app, blank_first)
+    assert (answer["type"], answer["status"]) == ("websocket.http.response.start", 401)
+    # The control: the same token first is accepted.
+    good_first = websocket_scope("/", query_string=f"token={good}&token=".encode())
+    answer = await first_answer(app, good_first)
+    assert answer["type"] == "websocket.accept"
