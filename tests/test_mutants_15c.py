@@ -1,7 +1,9 @@
 """Behaviour that surviving mutants of ``_ws_connection`` and ``asgi`` showed no test pinned.
 
 Each test here pins one behaviour a plausible bug would break: the keepalive
-deadline a pong moves on, and how the ASGI application reads a request (the
+deadline a pong moves on; pings that come while a write is stuck (one late
+pong, a count that starts again from the last completed write, the 1008 cut-off
+exactly past the limit); and how the ASGI application reads a request (the
 root path, the optional ``query_string``, a blank ``token`` parameter).
 """
 
@@ -11,13 +13,16 @@ from typing import Any
 
 import anyio
 import pytest
-from wsproto.events import Ping, TextMessage
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
 import astral
 import astral.asgi
+from astral._ws_connection import MAX_PINGS_UNREAD, WRITE_HIGH_WATER, WebSocketConnection
 
 from .helpers import SECRET, token
 from .test_websocket import echo, raw_client, server
+from .test_ws_read_pause import Feed, open_over
 
 # --- keepalive: a pong moves the next ping a whole interval on ---------------------------
 
@@ -105,3 +110,71 @@ async def test_the_first_token_parameter_counts_even_when_blank() -> None:
     good_first = websocket_scope("/", query_string=f"token={good}&token=".encode())
     answer = await first_answer(app, good_first)
     assert answer["type"] == "websocket.accept"
+
+
+# --- pings while a write is stuck: owed, answered once, counted from the last write ------
+
+
+class StuckFeed(Feed):
+    """An in-memory stream whose ``send`` waits while the test holds it shut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = anyio.Event()
+
+    def hold(self) -> None:
+        self.open = anyio.Event()
+
+    async def send(self, item: bytes) -> None:
+        await self.open.wait()
+        self.sent += item
+
+
+def events_of(data: bytes) -> list[Any]:
+    """Parse what the server sent, as its client."""
+    client = Connection(ConnectionType.CLIENT)
+    client.receive_data(data)
+    return list(client.events())
+
+
+async def fill(feed: StuckFeed, conn: WebSocketConnection, big: str) -> None:
+    """Leave one message stuck in ``send`` and another queued: ``_out`` at the high-water mark."""
+    feed.hold()
+    await conn.send(big)
+    await anyio.wait_all_tasks_blocked()  # in memory: the writer is stuck in send
+    await conn.send(big)
+    assert len(conn._out) >= WRITE_HIGH_WATER
+
+
+async def test_pings_while_a_write_is_stuck_get_one_late_pong_and_a_bounded_count() -> None:
+    big = "x" * (WRITE_HIGH_WATER + 100)
+    pinger = Connection(ConnectionType.CLIENT)
+    feed = StuckFeed()
+    async with open_over(feed, max_message_size=2 * len(big)) as conn:
+        # Round 1: as many pings as allowed while the write is stuck.
+        await fill(feed, conn, big)
+        feed.push(*(pinger.send(Ping(payload=b"a%d" % i)) for i in range(MAX_PINGS_UNREAD)))
+        await anyio.wait_all_tasks_blocked()  # in memory: every ping is read
+        assert conn.close_code is None
+        feed.open.set()
+        await anyio.wait_all_tasks_blocked()  # in memory: the writer has drained
+        sent = events_of(bytes(feed.sent))
+        # One pong, for the latest ping, after what was already queued.
+        assert [type(e) for e in sent] == [TextMessage, TextMessage, Pong]
+        assert sent[2].payload == b"a%d" % (MAX_PINGS_UNREAD - 1)
+
+        # Round 2: the count starts again from the write that completed.
+        del feed.sent[:]
+        await fill(feed, conn, big)
+        feed.push(*(pinger.send(Ping(payload=b"b%d" % i)) for i in range(MAX_PINGS_UNREAD)))
+        await anyio.wait_all_tasks_blocked()  # in memory: every ping is read
+        assert conn.close_code is None
+        feed.push(pinger.send(Ping(payload=b"one too many")))
+        await anyio.wait_all_tasks_blocked()  # in memory: the ping is read
+        assert conn.close_code == 1008
+        feed.open.set()
+        await anyio.wait_all_tasks_blocked()  # in memory: the writer has drained
+        sent = events_of(bytes(feed.sent))
+        # No pong for a remote that is cut off: the queued messages, then the close.
+        assert [type(e) for e in sent] == [TextMessage, TextMessage, CloseConnection]
+        assert sent[2].code == 1008
