@@ -2,13 +2,15 @@
 
 Each test here pins one behaviour a plausible bug would break: the keepalive
 deadline a pong moves on; pings that come while a write is stuck (one late
-pong, a count that starts again from the last completed write, the 1008 cut-off
-exactly past the limit); and how the ASGI application reads a request (the
-root path, the optional ``query_string``, a blank ``token`` parameter).
+pong, a count that starts again from the last completed write, the 1008
+cut-off exactly past the limit); a refused call answered once; and how the
+ASGI application reads a request (the root path, the optional
+``query_string``, a blank ``token`` parameter).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anyio
@@ -20,7 +22,8 @@ import astral
 import astral.asgi
 from astral._ws_connection import MAX_PINGS_UNREAD, WRITE_HIGH_WATER, WebSocketConnection
 
-from .helpers import SECRET, token
+from .helpers import SECRET, running_principal, token
+from .test_hardening import Client, frame, open_raw
 from .test_websocket import echo, raw_client, server
 from .test_ws_read_pause import Feed, open_over
 
@@ -178,3 +181,32 @@ async def test_pings_while_a_write_is_stuck_get_one_late_pong_and_a_bounded_coun
         # No pong for a remote that is cut off: the queued messages, then the close.
         assert [type(e) for e in sent] == [TextMessage, TextMessage, CloseConnection]
         assert sent[2].code == 1008
+
+
+# --- a refusal is a control frame: sent once ------------------------------------------------
+
+
+async def test_each_call_gets_exactly_one_answer_refusals_included() -> None:
+    # A refused call is answered from the reader, without a task, when the
+    # write buffer has room (try_send). Answered there, it must not be
+    # answered again through the control task: the worker gets one result
+    # per call, in the order it waited for them.
+    async with running_principal() as principal:
+        client = Client(await open_raw(principal.port))
+        async with client.stream:
+            answers: list[dict[str, Any]] = []
+            calls = [("1", "no such capability"), ("2", "echo"), ("3", "echo")]
+            for call_id, capability in calls:
+                call = {"type": "call", "id": call_id, "capability": capability, "input": call_id}
+                await client.stream.send(frame(0x1, json.dumps(call).encode()))
+                while True:  # until this call's answer: anything before it is recorded too
+                    message = await client.receive()
+                    assert message is not None
+                    answers.append(json.loads(message))
+                    if answers[-1]["id"] == call_id:
+                        break
+            assert answers == [
+                {"type": "result", "id": "1", "error": "unknown capability"},
+                {"type": "result", "id": "2", "output": "2"},
+                {"type": "result", "id": "3", "output": "3"},
+            ]
