@@ -3,9 +3,9 @@
 Each test here pins one behaviour a plausible bug would break: the keepalive
 deadline a pong moves on; pings that come while a write is stuck (one late
 pong, a count that starts again from the last completed write, the 1008
-cut-off exactly past the limit); a refused call answered once; and how the
-ASGI application reads a request (the root path, the optional
-``query_string``, a blank ``token`` parameter).
+cut-off exactly past the limit; a close answered after the queued messages);
+a refused call answered once; and how the ASGI application reads a request
+(the root path, the optional ``query_string``, a blank ``token`` parameter).
 """
 
 from __future__ import annotations
@@ -124,13 +124,21 @@ class StuckFeed(Feed):
     def __init__(self) -> None:
         super().__init__()
         self.open = anyio.Event()
+        self.sending = False
 
     def hold(self) -> None:
         self.open = anyio.Event()
 
     async def send(self, item: bytes) -> None:
-        await self.open.wait()
-        self.sent += item
+        # Like AnyIO's streams: one send at a time (a second one is refused).
+        if self.sending:
+            raise anyio.BusyResourceError("sending")
+        self.sending = True
+        try:
+            await self.open.wait()
+            self.sent += item
+        finally:
+            self.sending = False
 
 
 def events_of(data: bytes) -> list[Any]:
@@ -210,3 +218,22 @@ async def test_each_call_gets_exactly_one_answer_refusals_included() -> None:
                 {"type": "result", "id": "2", "output": "2"},
                 {"type": "result", "id": "3", "output": "3"},
             ]
+
+
+async def test_a_close_while_a_write_is_stuck_is_answered_after_the_queued_messages() -> None:
+    # The reader waits (up to close_timeout) for the writer it has, which is
+    # stuck in send: what was queued and the close reply go out once that
+    # send completes, in order, and only then is the stream closed.
+    big = "x" * (WRITE_HIGH_WATER + 100)
+    client = Connection(ConnectionType.CLIENT)
+    feed = StuckFeed()
+    async with open_over(feed, max_message_size=2 * len(big)) as conn:
+        await fill(feed, conn, big)
+        feed.push(client.send(CloseConnection(code=1000, reason="bye")))
+        await anyio.wait_all_tasks_blocked()  # in memory: the close is read
+        assert (conn.close_code, conn.close_reason) == (1000, "bye")
+        feed.open.set()
+        await anyio.wait_all_tasks_blocked()  # in memory: the writer has drained
+        sent = events_of(bytes(feed.sent))
+        assert [type(e) for e in sent] == [TextMessage, TextMessage, CloseConnection]
+        assert (sent[2].code, sent[2].reason) == (1000, "bye")
