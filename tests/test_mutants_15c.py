@@ -1,11 +1,12 @@
 """Behaviour that surviving mutants of ``_ws_connection`` and ``asgi`` showed no test pinned.
 
 Each test here pins one behaviour a plausible bug would break: the keepalive
-deadline a pong moves on; pings that come while a write is stuck (one late
-pong, a count that starts again from the last completed write, the 1008
-cut-off exactly past the limit; a close answered after the queued messages);
-a refused call answered once; and how the ASGI application reads a request
-(the root path, the optional ``query_string``, a blank ``token`` parameter).
+deadline a pong moves on (in the reader, and in the task used over TLS);
+pings that come while a write is stuck (one late pong, a count that starts
+again from the last completed write, the 1008 cut-off exactly past the limit;
+a close answered after the queued messages); a refused call answered once;
+and how the ASGI application reads a request (the root path, the optional
+``query_string``, a blank ``token`` parameter).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
 import astral
 import astral.asgi
+from astral._websocket import open_websocket
 from astral._ws_connection import MAX_PINGS_UNREAD, WRITE_HIGH_WATER, WebSocketConnection
 
-from .helpers import SECRET, running_principal, token
+from .helpers import SECRET, eventually, make_tls, running_principal, token
 from .test_hardening import Client, frame, open_raw
 from .test_websocket import echo, raw_client, server
 from .test_ws_read_pause import Feed, open_over
@@ -51,6 +53,28 @@ async def test_answered_pings_keep_a_connection_open_when_the_interval_exceeds_t
             assert isinstance(event, Ping), event  # open, and still pinging
             await peer.stream.send(peer.ws.send(event.response()))
         assert event.data == "still here"
+
+
+@pytest.mark.time_limit(15)
+async def test_keepalive_over_tls_keeps_pinging_when_the_interval_exceeds_the_timeout() -> None:
+    # Over TLS the keepalive is a task that sleeps until the ping's timeout;
+    # a pong meanwhile moves the next ping further on (ping_interval >
+    # ping_timeout): the task must sleep on to it and ping again, not stop.
+    tls = make_tls()
+    async with (
+        server(ssl_context=tls.server, ping_interval=None) as port,
+        open_websocket(
+            f"wss://127.0.0.1:{port}/",
+            ssl_context=tls.client,
+            ping_interval=0.6,
+            ping_timeout=0.5,
+        ) as ws,
+    ):
+        assert ws._ping_in_reader is False
+        await eventually(lambda: ws._ping_count >= 3)  # the pings the keepalive task sent
+        await ws.send("still here")
+        assert await ws.receive() == "still here"
+        assert ws.close_code is None
 
 
 # --- the ASGI application's reading of the request ----------------------------------------
