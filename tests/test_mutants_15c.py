@@ -1,12 +1,13 @@
 """Behaviour that surviving mutants of ``_ws_connection`` and ``asgi`` showed no test pinned.
 
 Each test here pins one behaviour a plausible bug would break: the keepalive
-deadline a pong moves on (in the reader, and in the task used over TLS);
-pings that come while a write is stuck (one late pong, a count that starts
-again from the last completed write, the 1008 cut-off exactly past the limit;
-a close answered after the queued messages); a refused call answered once;
-and how the ASGI application reads a request (the root path, the optional
-``query_string``, a blank ``token`` parameter).
+deadline a pong moves on (in the reader, and in the task used over TLS), and a
+close handshake the keepalive leaves alone; pings that come while a write is
+stuck (one late pong, a count that starts again from the last completed
+write, the 1008 cut-off exactly past the limit) and a close answered after
+the queued messages; a refused call answered once; and how the ASGI
+application reads a request (the root path, the optional ``query_string``, a
+blank ``token`` parameter).
 """
 
 from __future__ import annotations
@@ -263,3 +264,41 @@ async def test_a_close_while_a_write_is_stuck_is_answered_after_the_queued_messa
         sent = events_of(bytes(feed.sent))
         assert [type(e) for e in sent] == [TextMessage, TextMessage, CloseConnection]
         assert (sent[2].code, sent[2].reason) == (1000, "bye")
+
+
+@pytest.mark.time_limit(15)
+async def test_a_keepalive_deadline_during_the_close_handshake_does_not_cut_it_short() -> None:
+    # An in-memory stream is not a socket, so the keepalive runs as a task,
+    # as over TLS. Once our close has begun the keepalive has nothing left to
+    # do: a pong deadline that passes while we wait for the peer's close reply
+    # must not drop the connection before the reply (or close_timeout) comes.
+    feed = Feed()
+    conn = WebSocketConnection(
+        feed,
+        Connection(ConnectionType.SERVER),
+        request=None,
+        remote_address=None,
+        ping_interval=0.05,
+        ping_timeout=1.0,
+        close_timeout=10.0,
+        max_message_size=1 << 20,
+    )
+    client = Connection(ConnectionType.CLIENT)
+    async with conn._run():
+        assert conn._ping_in_reader is False
+        await eventually(lambda: conn._pong_wanted)  # pinged; the pong is due within 1 s
+        closed = anyio.Event()
+
+        async def close() -> None:
+            await conn.aclose(1000, "done")
+            closed.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(close)
+            # The timer under test: the pong deadline passes during the handshake.
+            await anyio.sleep(1.5)
+            assert not closed.is_set()
+            assert not feed._eof  # the stream is still open, waiting for the reply
+            feed.push(client.send(CloseConnection(code=1000, reason="done")))
+        assert closed.is_set()
+        assert (conn.close_code, conn.close_reason) == (1000, "done")
