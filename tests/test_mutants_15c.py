@@ -7,11 +7,12 @@ stuck (one late pong, a count that starts again from the last completed
 write, the 1008 cut-off exactly past the limit) and a close answered after
 the queued messages; a refused call answered once; and how the ASGI
 application reads a request (the root path, the optional ``query_string``, a
-blank ``token`` parameter).
+blank ``token`` parameter) and hands its options to each connection.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -26,6 +27,9 @@ from astral._websocket import open_websocket
 from astral._ws_connection import MAX_PINGS_UNREAD, WRITE_HIGH_WATER, WebSocketConnection
 
 from .helpers import SECRET, eventually, make_tls, running_principal, token
+from .test_asgi import VERIFIER as ASGI_VERIFIER
+from .test_asgi import FakeServer, bearer
+from .test_asgi import token as asgi_token
 from .test_hardening import Client, frame, open_raw
 from .test_websocket import echo, raw_client, server
 from .test_ws_read_pause import Feed, open_over
@@ -302,3 +306,51 @@ async def test_a_keepalive_deadline_during_the_close_handshake_does_not_cut_it_s
             feed.push(client.send(CloseConnection(code=1000, reason="done")))
         assert closed.is_set()
         assert (conn.close_code, conn.close_reason) == (1000, "done")
+
+
+# --- the ASGI application's options reach each connection --------------------------------
+
+
+async def call_in_memory(app: astral.asgi.App, capability: str, value: Any) -> dict[str, Any]:
+    """Connect a worker to ``app`` in memory, make one call, return the answer frame."""
+    with FakeServer() as fake:
+        async with anyio.create_task_group() as tg:
+            await tg.start(fake.run, app, fake.scope(headers=bearer(asgi_token("mem"))))
+            await fake.to_app.send({"type": "websocket.connect"})
+            assert (await fake.from_app.receive())["type"] == "websocket.accept"
+            call = {"type": "call", "id": "1", "capability": capability, "input": value}
+            await fake.to_app.send({"type": "websocket.receive", "text": json.dumps(call)})
+            reply = await fake.from_app.receive()
+            await fake.to_app.send({"type": "websocket.disconnect", "code": 1000})
+    assert reply["type"] == "websocket.send"
+    answer: dict[str, Any] = json.loads(reply["text"])
+    return answer
+
+
+async def test_an_asgi_app_sends_a_capabilitys_error_message_by_default() -> None:
+    async def fail(_: Any) -> None:
+        raise ValueError("boom")
+
+    app = astral.asgi.App(verifier=ASGI_VERIFIER, capabilities={"fail": fail})
+    answer = await call_in_memory(app, "fail", None)
+    assert (answer["id"], answer["error"]) == ("1", "boom")  # not hidden unless asked
+
+
+async def test_an_asgi_app_converts_values_with_its_json_default() -> None:
+    async def today(_: Any) -> datetime.date:
+        return datetime.date(2024, 1, 2)
+
+    def iso(value: Any) -> Any:
+        if isinstance(value, datetime.date):
+            return value.isoformat()
+        raise TypeError(type(value).__name__)
+
+    app = astral.asgi.App(verifier=ASGI_VERIFIER, capabilities={"today": today}, json_default=iso)
+    answer = await call_in_memory(app, "today", None)
+    assert answer == {"type": "result", "id": "1", "output": "2024-01-02"}
+
+
+def test_an_asgi_app_takes_a_max_message_size_of_one_and_not_less() -> None:
+    astral.asgi.App(verifier=ASGI_VERIFIER, max_message_size=1)  # the smallest limit
+    with pytest.raises(ValueError, match="max_message_size"):
+        astral.asgi.App(verifier=ASGI_VERIFIER, max_message_size=0)
