@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Ping, Pong, TextMessage
@@ -354,3 +355,39 @@ def test_an_asgi_app_takes_a_max_message_size_of_one_and_not_less() -> None:
     astral.asgi.App(verifier=ASGI_VERIFIER, max_message_size=1)  # the smallest limit
     with pytest.raises(ValueError, match="max_message_size"):
         astral.asgi.App(verifier=ASGI_VERIFIER, max_message_size=0)
+
+
+async def test_an_asgi_app_cancelled_by_its_server_gives_calls_in_flight_their_grace() -> None:
+    started, release = anyio.Event(), anyio.Event()
+
+    async def hold(_: Any) -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    app = astral.asgi.App(verifier=ASGI_VERIFIER, capabilities={"hold": hold}, grace=5.0)
+    server_scope = anyio.CancelScope()
+
+    async def serve(fake: FakeServer, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with server_scope:
+            await fake.run(
+                app, fake.scope(headers=bearer(asgi_token("mem"))), task_status=task_status
+            )
+
+    with FakeServer() as fake:
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve, fake)
+            await fake.to_app.send({"type": "websocket.connect"})
+            assert (await fake.from_app.receive())["type"] == "websocket.accept"
+            call = {"type": "call", "id": "1", "capability": "hold", "input": None}
+            await fake.to_app.send({"type": "websocket.receive", "text": json.dumps(call)})
+            await started.wait()
+            server_scope.cancel()  # the ASGI server shuts the application down
+            # Bookkeeping with no event of its own: the connection is draining.
+            await eventually(lambda: any(peer._state.draining for peer in app._hosted))
+            release.set()  # within the grace: the call finishes and is answered
+            reply = await fake.from_app.receive()
+            assert reply["type"] == "websocket.send"
+            assert json.loads(reply["text"]) == {"type": "result", "id": "1", "output": "done"}
+            close = await fake.from_app.receive()
+            assert (close["type"], close["code"]) == ("websocket.close", 1001)
