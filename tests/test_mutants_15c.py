@@ -12,8 +12,10 @@ blank ``token`` parameter) and hands its options to each connection.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
+import time
 from typing import Any
 
 import anyio
@@ -391,3 +393,28 @@ async def test_an_asgi_app_cancelled_by_its_server_gives_calls_in_flight_their_g
             assert json.loads(reply["text"]) == {"type": "result", "id": "1", "output": "done"}
             close = await fake.from_app.receive()
             assert (close["type"], close["code"]) == ("websocket.close", 1001)
+
+
+@pytest.mark.time_limit(15)
+async def test_an_asgi_app_told_not_to_close_on_token_expiry_keeps_the_connection_open() -> None:
+    async def echo_value(value: Any) -> Any:
+        return value
+
+    app = astral.asgi.App(
+        verifier=ASGI_VERIFIER, capabilities={"echo": echo_value}, close_on_token_expiry=False
+    )
+    expiring = asgi_token("mem", expires_in=1)
+    exp = json.loads(base64.urlsafe_b64decode(expiring.split(".")[1] + "=="))["exp"]
+    with FakeServer() as fake:
+        async with anyio.create_task_group() as tg:
+            await tg.start(fake.run, app, fake.scope(headers=bearer(expiring)))
+            await fake.to_app.send({"type": "websocket.connect"})
+            assert (await fake.from_app.receive())["type"] == "websocket.accept"
+            # The timer under test: the token's exp passes (its leeway, 30 s, does not matter).
+            await anyio.sleep(max(0.0, exp - time.time()) + 0.3)
+            call = {"type": "call", "id": "1", "capability": "echo", "input": "still open"}
+            await fake.to_app.send({"type": "websocket.receive", "text": json.dumps(call)})
+            reply = await fake.from_app.receive()
+            assert reply["type"] == "websocket.send", reply
+            assert json.loads(reply["text"])["output"] == "still open"
+            await fake.to_app.send({"type": "websocket.disconnect", "code": 1000})
