@@ -7,7 +7,8 @@ stuck (one late pong, a count that starts again from the last completed
 write, the 1008 cut-off exactly past the limit) and a close answered after
 the queued messages; a refused call answered once; and how the ASGI
 application reads a request (the root path, the optional ``query_string``, a
-blank ``token`` parameter) and hands its options to each connection.
+blank ``token`` parameter) and hands its options to each connection; and the
+fragment limit applying to every message alike.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 import astral
 import astral.asgi
 from astral._websocket import open_websocket
-from astral._ws_connection import MAX_PINGS_UNREAD, WRITE_HIGH_WATER, WebSocketConnection
+from astral._ws_connection import (
+    FRAGMENT_OVERHEAD,
+    MAX_PINGS_UNREAD,
+    WRITE_HIGH_WATER,
+    WebSocketConnection,
+)
 
 from .helpers import SECRET, eventually, make_tls, running_principal, token
 from .test_asgi import VERIFIER as ASGI_VERIFIER
@@ -418,3 +424,33 @@ async def test_an_asgi_app_told_not_to_close_on_token_expiry_keeps_the_connectio
             assert reply["type"] == "websocket.send", reply
             assert json.loads(reply["text"])["output"] == "still open"
             await fake.to_app.send({"type": "websocket.disconnect", "code": 1000})
+
+
+# --- fragments: each message's count starts at zero ---------------------------------------
+
+
+def fragmented(client: Connection, text: str, pieces: int) -> list[bytes]:
+    """``text`` as one message of exactly ``pieces`` frames."""
+    size = len(text) // pieces
+    parts = [text[i * size : (i + 1) * size] for i in range(pieces - 1)]
+    parts.append(text[(pieces - 1) * size :])
+    return [
+        client.send(TextMessage(data=part, message_finished=i == pieces - 1))
+        for i, part in enumerate(parts)
+    ]
+
+
+async def test_every_message_may_have_the_most_fragments_not_only_the_first() -> None:
+    feed = Feed()
+    client = Connection(ConnectionType.CLIENT)
+    async with open_over(feed, max_message_size=4096) as conn:
+        most = conn._max_fragments  # 4096 // FRAGMENT_OVERHEAD
+        assert most == 4096 // FRAGMENT_OVERHEAD
+        feed.push(*fragmented(client, "a" * most, 2))  # a first fragmented message
+        assert await conn.receive() == "a" * most
+        feed.push(*fragmented(client, "b" * most, most))  # then one at exactly the limit
+        assert await conn.receive() == "b" * most
+        feed.push(*fragmented(client, "c" * (most + 1), most + 1))  # one more is too many
+        with pytest.raises(astral.ConnectionClosed) as info:
+            await conn.receive()
+        assert info.value.code == 1009
