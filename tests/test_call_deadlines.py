@@ -338,45 +338,30 @@ async def test_a_capability_failing_as_its_inherited_deadline_passed_is_deadline
     }
 
 
-async def test_a_capability_failing_because_its_own_shorter_deadline_passed_is_a_failure() -> None:
-    """The caller's deadline is far off: the capability's own timeout is its failure."""
+@pytest.mark.parametrize(
+    ("inner", "deadline", "error"),
+    [
+        # The caller's deadline is far off: the capability's own deadline is its failure.
+        ({"deadline": 0.05}, ',"deadline":60000', "call slow missed its deadline"),
+        # No deadline from the caller: the capability's own timeout is its failure.
+        ({"timeout": 0.05}, "", "call slow timed out"),
+    ],
+    ids=["own-shorter-deadline", "own-timeout-without-deadline"],
+)
+async def test_a_capability_failing_on_its_own_deadline_or_timeout_is_a_failure(
+    inner: dict[str, float], deadline: str, error: str
+) -> None:
     mine, theirs = memory_transport_pair()
 
     async def impatient(_: Any) -> None:
-        await astral.current_peer().call("slow", deadline=0.05)
+        await astral.current_peer().call("slow", **inner)
 
     async with mine, theirs, astral.Peer(theirs, capabilities={"impatient": impatient}):
-        await mine.send('{"type":"call","id":"7","capability":"impatient","deadline":60000}')
-        inner = json.loads(await mine.receive())
-        assert (inner["type"], inner["capability"]) == ("call", "slow")
-        # Never answered: the capability's own deadline ends its call.
+        await mine.send('{"type":"call","id":"7","capability":"impatient"' + deadline + "}")
+        call = json.loads(await mine.receive())
+        assert (call["type"], call["capability"]) == ("call", "slow")
+        # Never answered: the capability's own deadline or timeout ends its call.
         answer = json.loads(await mine.receive())
         if answer["type"] == "cancel":
             answer = json.loads(await mine.receive())
-    assert answer == {
-        "type": "result",
-        "id": "7",
-        "error": "call slow missed its deadline",
-        "code": "internal",
-    }
-
-
-async def test_a_capability_without_a_deadline_failing_with_a_call_timeout_is_a_failure() -> None:
-    mine, theirs = memory_transport_pair()
-
-    async def impatient(_: Any) -> None:
-        await astral.current_peer().call("slow", timeout=0.05)
-
-    async with mine, theirs, astral.Peer(theirs, capabilities={"impatient": impatient}):
-        await mine.send('{"type":"call","id":"7","capability":"impatient"}')
-        inner = json.loads(await mine.receive())
-        assert (inner["type"], inner["capability"]) == ("call", "slow")
-        answer = json.loads(await mine.receive())
-        if answer["type"] == "cancel":
-            answer = json.loads(await mine.receive())
-    assert answer == {
-        "type": "result",
-        "id": "7",
-        "error": "call slow timed out",
-        "code": "internal",
-    }
+    assert answer == {"type": "result", "id": "7", "error": error, "code": "internal"}
