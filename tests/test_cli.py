@@ -180,6 +180,34 @@ def test_serve_refuses_a_sync_capability(
     assert "capability 'f' must be an async function" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("tls", "error"),
+    [
+        (["--keyfile", "key.pem"], "--keyfile needs --certfile"),
+        (["--certfile", "/nonexistent/cert.pem"], "cannot read certificate file"),
+        (["--certfile", __file__], "cannot load the certificate"),
+        (["--certfile", __file__, "--keyfile", "/nonexistent/key.pem"], "cannot read key file"),
+    ],
+    ids=["key-without-cert", "no-cert-file", "not-a-cert", "no-key-file"],
+)
+def test_serve_refuses_tls_files_it_cannot_use(
+    tls: list[str], error: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "astral_cli_tls.py").write_text("async def f(x):\n    return x\ncaps = {'f': f}\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        status = _cli.main(
+            ["serve", "astral_cli_tls:caps", "--port", "0", "--verifier-key", KEY, *tls]
+        )
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("astral_cli_tls", None)
+    assert status == 2
+    err = capsys.readouterr().err
+    assert error in err
+    assert "Traceback" not in err
+
+
 def test_trio_missing_says_which_extra_to_install() -> None:
     code = (
         "import sys\n"
