@@ -35,6 +35,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._resp import Parser, RespError, encode
+from ._ws_connection import cap_asyncio_reads
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -123,6 +124,7 @@ class RespConnection:
                     tls_hostname=target.host,
                     tls_standard_compatible=False,
                 )
+                cap_asyncio_reads(stream, RECEIVE_SIZE)
                 conn = cls(None, stream)
             else:
                 conn = cls(await _connect(target.host, target.port), None)

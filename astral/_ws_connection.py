@@ -203,6 +203,20 @@ def check_close_code(code: int) -> None:
         raise ValueError(f"{code} is not a close code an endpoint may send")
 
 
+def cap_asyncio_reads(stream: ByteStream, size: int) -> None:
+    """Make AnyIO's asyncio socket (under TLS too) read at most ``size`` bytes at a time.
+
+    asyncio's transport reads 256 KiB at a time, and Python allocates the
+    whole buffer for every read: above glibc's mmap threshold (128 KiB) each
+    read maps and unmaps it (about 10 µs a read, measured). Nothing else
+    (trio, other streams) is touched.
+    """
+    inner: Any = getattr(stream, "transport_stream", stream)  # under TLS, the socket
+    transport: Any = getattr(inner, "_transport", None)
+    if getattr(transport, "max_size", 0) > size:
+        transport.max_size = size
+
+
 def read_ahead_limiter(stream: ByteStream) -> Callable[[], None] | None:
     """Return a function that stops AnyIO's asyncio socket from reading far ahead of us.
 
@@ -212,21 +226,15 @@ def read_ahead_limiter(stream: ByteStream) -> Callable[[], None] | None:
     reads without bound (measured: 64 MiB of pings grew the server by 64 MiB
     on asyncio, none on trio). The returned function pauses the transport once
     two reads are queued; ``receive()`` resumes it when the queue runs dry.
-    It also makes the transport read :data:`READ_SIZE` at a time.
+    It also caps the transport's reads at :data:`READ_SIZE` (:func:`cap_asyncio_reads`).
     Returns ``None`` for any other stream (trio's reads only what is asked).
     """
     inner: Any = getattr(stream, "transport_stream", stream)  # under TLS, the socket
     queue = getattr(getattr(inner, "_protocol", None), "read_queue", None)
-    transport: Any = getattr(inner, "_transport", None)
-    pause = getattr(transport, "pause_reading", None)
+    pause = getattr(getattr(inner, "_transport", None), "pause_reading", None)
     if not isinstance(queue, deque) or pause is None:
         return None
-    if getattr(transport, "max_size", 0) > READ_SIZE:
-        # asyncio reads 256 KiB at a time, and Python allocates the whole
-        # buffer for every read: above glibc's mmap threshold (128 KiB) each
-        # read maps and unmaps it (about 10 µs a read, measured). We ask for
-        # READ_SIZE at most anyway.
-        transport.max_size = READ_SIZE
+    cap_asyncio_reads(stream, READ_SIZE)
 
     def limit() -> None:
         if len(queue) >= 2:
