@@ -234,3 +234,12 @@ async def test_close_timeout_bounds_the_wait_for_a_server_that_never_takes_the_c
         assert closing.is_set()
         assert anyio.current_time() - start >= 0.3 - 0.05
         assert principal_side.closed
+
+
+def test_an_app_built_without_options_uses_the_documented_defaults() -> None:
+    # docs/reference.md: close_timeout 10 s and grace 5 s, as serve. Observing
+    # them from outside would take a test that waits 10 s; the app's own
+    # fields are what its connections and its shutdown read.
+    app = astral.asgi.App(verifier=astral.JWTVerifier(SECRET, algorithms=["HS256"]))
+    assert app._close_timeout == 10.0
+    assert app._grace == 5.0

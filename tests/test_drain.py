@@ -114,6 +114,33 @@ async def test_drain_waits_for_the_calls_this_peer_made_too() -> None:
         assert a.closed
 
 
+async def test_drain_ends_when_this_peer_gives_up_its_last_call() -> None:
+    gate = Gate()
+    async with connected_pair({}, {"gate": gate}) as (a, b):
+        caller = anyio.CancelScope()
+        drained = anyio.Event()
+
+        async def in_flight() -> None:
+            with caller:
+                await a.call("gate", timeout=None)
+
+        async def drain() -> None:
+            await a.drain(60)
+            drained.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(in_flight)
+            await gate.started.wait()
+            tg.start_soon(drain)
+            with pytest.raises(astral.RemoteError, match="shutting down"):
+                await b.call("anything")  # the drain has begun
+            caller.cancel()  # the only call left in flight is given up
+            with anyio.fail_after(5):  # not the 60 s grace
+                await drained.wait()
+        await gate.cancelled.wait()
+        assert (await a.wait_closed()).code == 1001
+
+
 async def test_drain_cancels_what_is_left_after_the_grace_period() -> None:
     gate = Gate()
     async with connected_pair({"gate": gate}, {}) as (a, b):

@@ -1446,3 +1446,90 @@ async def test_a_stream_collected_in_another_thread_leaves_the_peer_alone() -> N
         await stream.aclose()  # on the peer's thread it works
         await firehose.finished.wait()
         await assert_settled(a, b)
+
+
+# -- control frames keep their order while writes are held ---------------------------------
+
+
+class HeldWrites:
+    """A transport with ``try_send`` whose writes can be held (a remote that stops reading).
+
+    Frames already received are handed over without a trip through the event
+    loop, as astral's WebSocket does. ``wire`` records what left, in order;
+    ``release_on`` releases the hold as that frame is received, so the peer
+    makes its next frame before any other task has run.
+    """
+
+    def __init__(self) -> None:
+        self.wire: list[str] = []
+        self.inbox: list[str] = []
+        self.held = True
+        self.release_on: str | None = None
+        self.waiting = anyio.Event()  # a send() waits for room
+        self.two_left = anyio.Event()
+        self._room = anyio.Event()
+        self._arrived = anyio.Event()
+        self._closed = False
+
+    def feed(self, *texts: str) -> None:
+        self.inbox.extend(texts)
+        self._arrived.set()
+
+    async def receive(self) -> str:
+        while not self.inbox:
+            if self._closed:
+                raise anyio.EndOfStream
+            self._arrived = anyio.Event()
+            await self._arrived.wait()
+        text = self.inbox.pop(0)
+        if text == self.release_on:
+            self.held = False
+            self._room.set()
+        return text
+
+    def _left(self, text: str) -> None:
+        self.wire.append(text)
+        if len(self.wire) == 2:
+            self.two_left.set()
+
+    def try_send(self, text: str, /) -> bool:
+        if self.held:
+            return False
+        self._left(text)
+        return True
+
+    async def send(self, text: str, /) -> None:
+        while self.held:
+            self.waiting.set()
+            await self._room.wait()
+        self._left(text)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._arrived.set()
+
+
+async def test_a_reply_made_while_an_earlier_one_is_being_written_leaves_after_it() -> None:
+    transport = HeldWrites()
+    first, second = encode(Call("1", "nope")), encode(Call("2", "nope"))
+    async with Peer(transport, timeout=None):
+        transport.feed(first)
+        await transport.waiting.wait()  # the refusal of call 1 waits for room
+        transport.release_on = second  # room comes back as call 2 arrives
+        transport.feed(second)
+        with anyio.fail_after(5):
+            await transport.two_left.wait()
+    assert [json.loads(text)["id"] for text in transport.wire] == ["1", "2"]
+
+
+async def test_a_reply_made_while_an_earlier_one_waits_in_the_queue_leaves_after_it() -> None:
+    transport = HeldWrites()
+    first, second = encode(Call("1", "nope")), encode(Call("2", "nope"))
+    async with Peer(transport, timeout=None):
+        # Both arrive together: the refusal of call 1 finds the writes held
+        # and is queued; room comes back before anything has sent it.
+        transport.release_on = second
+        transport.feed(first, second)
+        with anyio.fail_after(5):
+            await transport.two_left.wait()
+    assert [json.loads(text)["id"] for text in transport.wire] == ["1", "2"]

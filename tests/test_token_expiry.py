@@ -109,3 +109,35 @@ async def test_the_asgi_app_closes_expired_sessions_too(anyio_backend: str, serv
     ):
         closed = await worker.wait_closed()
         assert (closed.code, closed.reason) == (4401, "token expired")
+
+
+LENIENT = astral.JWTVerifier(SECRET, algorithms=["HS256"], leeway=60)
+
+
+async def test_a_session_within_the_verifiers_leeway_stays_open() -> None:
+    # exp passed five seconds ago, the verifier allows 60: the session lasts
+    # until exp + 60, so calls are answered and nothing closes it.
+    async with (
+        running_principal(LENIENT) as principal,
+        astral.connect(principal.url, token=token(expires_in=-5)) as worker,
+    ):
+        for _ in range(3):
+            assert await worker.call("echo", "still here") == "still here"
+        assert not worker.closed
+
+
+@pytest.mark.parametrize(("anyio_backend", "server"), [SERVERS[0], SERVERS[3]])
+async def test_the_asgi_app_keeps_a_session_within_the_verifiers_leeway(
+    anyio_backend: str, server: str
+) -> None:
+    async def echo(value: Any) -> Any:
+        return value
+
+    app = astral.asgi.App(verifier=LENIENT, path=PATH, capabilities={"echo": echo})
+    async with (
+        run(server, anyio_backend, app) as running,
+        astral.connect(running.url + PATH, token=token(expires_in=-5)) as worker,
+    ):
+        for _ in range(3):
+            assert await worker.call("echo", "still here") == "still here"
+        assert not worker.closed
