@@ -194,7 +194,10 @@ def call_budget(
 
     ``deadline`` is the caller's explicit one (seconds), ``inherited`` the
     deadline of the capability the call is made from (on the anyio clock).
-    Returns the remaining budget in ms (the earlier of the two counts), the
+    Returns the remaining budget in ms (the earlier of the two counts,
+    rounded up: a callee never gives up before its caller, so a capability
+    that relays a call under its own deadline is ended by that deadline, not
+    a moment earlier by the call it made), the
     explicit deadline as a time if it is the earlier one (the caller's to
     enforce, with a timer; an inherited one is enforced by that capability's
     own cancel scope, which ends at the same moment) or ``None``, and the
@@ -218,7 +221,7 @@ def call_budget(
         until, own = inherited, None
         if until <= now:
             raise CallTimeout(f"call {capability} missed its deadline")
-    return min(MAX_SAFE_INTEGER, int((until - now) * 1000)), own, timeout
+    return min(MAX_SAFE_INTEGER, math.ceil((until - now) * 1000)), own, timeout
 
 
 def current_call() -> CallContext:

@@ -155,3 +155,9 @@ def plain_id(value: object) -> str:
     escapes are written ``~`` instead.
     """
     return ascii(value)[:60].replace("\\", "~")
+
+
+#: A deadline crosses the wire as whole milliseconds, rounded up (so a callee
+#: never stops before its caller): what a callee sees left may exceed the
+#: caller's own figure by up to this much.
+BUDGET_ROUNDING = 0.001

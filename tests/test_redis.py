@@ -28,7 +28,7 @@ import astral
 from astral._peer import _current_call
 from astral.testing import connected_pair
 
-from .helpers import SECRET, eventually, make_tls, token
+from .helpers import BUDGET_ROUNDING, SECRET, eventually, make_tls, token
 from .redis_server import RedisServer, free_port, needs_redis, redis_server, write_file
 
 pytestmark = needs_redis
@@ -725,7 +725,7 @@ async def test_a_deadline_crosses_the_hop_and_cancels_the_worker(
         # The worker's capability knew its budget: it crossed X -> Redis -> Y -> worker.
         [remaining] = watch.remaining
         assert remaining is not None
-        assert 0 < remaining <= 0.4
+        assert 0 < remaining <= 0.4 + BUDGET_ROUNDING
         assert watch.stopped_at - start < 2.0
         # One outcome, nothing left behind on either side; the route still works.
         assert await there.call("remaining") is None  # no deadline: as before
@@ -758,7 +758,7 @@ async def test_a_stream_deadline_covers_the_whole_stream(
         await watch.stopped.wait()
         [remaining] = watch.remaining
         assert remaining is not None
-        assert 0 < remaining <= 0.4
+        assert 0 < remaining <= 0.4 + BUDGET_ROUNDING
         assert a.registry._calls == {}
         # Y pops its entry once its serving task ends, after the worker saw the cancel.
         await eventually(lambda: not b.registry._served)
@@ -791,19 +791,14 @@ async def test_a_capability_on_x_passes_its_deadline_to_a_worker_on_y(
             await watch.stopped.wait()
             [remaining] = watch.remaining
             assert remaining is not None
-            assert 0 < remaining <= 0.4
+            assert 0 < remaining <= 0.4 + BUDGET_ROUNDING
             assert watch.stopped_at - start < 2.0
-            # The relay ended once, at the deadline: its own scope and the
-            # call it made share the instant, so either may fire first (the
-            # scope's cancel, or the call's "missed its deadline"). The
-            # caller's own deadline may answer it a step before the relay on
-            # X has unwound, so wait for that, not for the instant.
+            # The relay was cancelled by its own deadline (its scope), once:
+            # the caller's own deadline may answer it a step before the relay
+            # on X has unwound, so wait for that, not for the instant.
             await eventually(lambda: bool(relayed))
             assert len(relayed) == 1
-            ended = relayed[0]
-            if not isinstance(ended, anyio.get_cancelled_exc_class()):
-                assert isinstance(ended, astral.CallTimeout)
-                assert str(ended) == "call forever missed its deadline"
+            assert isinstance(relayed[0], anyio.get_cancelled_exc_class())
             await eventually(lambda: not a.registry._calls)
             # Without a deadline the relayed call carries none.
             assert await caller.call("relay", "remaining") is None
@@ -919,7 +914,7 @@ async def test_the_budget_is_enforced_on_y_and_validated_on_receipt(
                 assert watch.stopped_at - start >= 0.3 - 0.01
                 [remaining] = watch.remaining
                 assert remaining is not None
-                assert 0 < remaining <= 0.3
+                assert 0 < remaining <= 0.3 + BUDGET_ROUNDING
                 with anyio.move_on_after(0.3):
                     extra = await answer()
                     pytest.fail(f"a second terminal message: {extra}")
