@@ -371,11 +371,13 @@ async def _host(
             # The server is shutting down: drain, say so, then stop the rest.
             closing.code = 1001
             with anyio.CancelScope(shield=True):
-                if running:
-                    await running[0].drain(grace, code=1001, reason="server shutting down")
-                else:
-                    await close(1001, "server shutting down")
-                shield.cancel()
+                try:
+                    if running:
+                        await running[0].drain(grace, code=1001, reason="server shutting down")
+                    else:
+                        await close(1001, "server shutting down")
+                finally:
+                    shield.cancel()  # whatever the close did: never outlive the server
             raise
 
 

@@ -12,6 +12,8 @@ import pytest
 
 import astral
 from astral import Failure, Peer, RemoteError, Result, decode, encode
+from astral._logs import ClosingLog
+from astral._principal import _host
 from astral.testing import memory_transport_pair
 
 SECRET_INPUT = "s3cr3t-input-value"
@@ -283,3 +285,41 @@ class _ListHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+async def test_a_connection_stops_with_the_server_even_if_closing_it_fails() -> None:
+    """The server stops before the connection's peer ran, and the close raises.
+
+    The connection's own task runs shielded (it drains on shutdown); whatever
+    the close does, the shield is lifted and the connection ends with the
+    server instead of keeping it waiting.
+    """
+
+    async def close(code: int, reason: str) -> None:
+        raise OSError("the socket was already gone")
+
+    raised: list[BaseException] = []
+    ours, theirs = memory_transport_pair()
+    async with theirs:
+        with anyio.fail_after(5):
+            try:
+                with anyio.CancelScope() as scope:
+                    scope.cancel()  # the server is already stopping
+                    await _host(
+                        ours,
+                        close,
+                        {},
+                        ClosingLog("test", "worker"),
+                        capabilities=None,
+                        registry=None,
+                        subject=None,
+                        on_connect=None,
+                        where="test",
+                        grace=0,
+                        expires_in=None,
+                        hosted=None,
+                        hosting=None,
+                    )
+            except* OSError as group:
+                raised.extend(group.exceptions)
+    assert [str(exc) for exc in raised] == ["the socket was already gone"]
