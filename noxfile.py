@@ -100,7 +100,14 @@ MUTANTS_DESELECT = (
 )
 
 
-@nox.session(python=PYTHONS[:1])
+# mutmut's test-map run (one in-process pytest over the whole suite) died
+# with a segmentation fault three times out of three on Python 3.11.7, each
+# time somewhere else; the same suite under the same trampolines passes under
+# plain pytest, and mutmut on 3.12 does not crash.
+MUTANTS_PYTHON = "3.12" if "3.12" in PYTHONS else PYTHONS[0]
+
+
+@nox.session(python=MUTANTS_PYTHON)
 def mutants(session: nox.Session) -> None:
     """Mutation testing of the core modules with mutmut (see docs/testing.md).
 
