@@ -622,6 +622,26 @@ async def test_keepalive_keeps_a_healthy_connection_open(reporter: Reporter) -> 
             assert event.data == "still here"
 
 
+async def test_a_pong_with_another_payload_is_no_answer() -> None:
+    async with server(ping_interval=0.01, ping_timeout=0.3) as port, raw_client(port) as peer:
+        with anyio.fail_after(5):
+            while not isinstance(event := await peer.next_event(), CloseConnection):
+                assert isinstance(event, Ping)
+                await peer.stream.send(peer.ws.send(Pong(payload=b"not the ping's")))
+        assert (event.code, event.reason) == (1011, "keepalive ping timeout")
+
+
+async def test_after_a_pong_the_next_ping_waits_for_the_interval() -> None:
+    async with server(ping_interval=0.3, ping_timeout=2) as port, raw_client(port) as peer:
+        event = await peer.next_event()
+        assert isinstance(event, Ping)
+        await peer.stream.send(peer.ws.send(event.response()))
+        answered = anyio.current_time()
+        assert isinstance(await peer.next_event(), Ping)
+        # The interval restarts at the pong: the next ping is not due at once.
+        assert anyio.current_time() - answered >= 0.2
+
+
 async def test_pings_without_timeout_never_close() -> None:
     async with server(ping_interval=0.01, ping_timeout=None) as port, raw_client(port) as peer:
         for _ in range(3):  # unanswered pings, and still open
