@@ -132,6 +132,19 @@ async def test_an_asgi_app_at_the_root_path_serves_the_root_and_only_it() -> Non
     assert (answer["type"], answer["status"]) == ("websocket.http.response.start", 404)
 
 
+async def test_an_asgi_app_compares_its_whole_path_a_trailing_slash_aside() -> None:
+    # Only trailing slashes are dropped when paths are compared: a configured
+    # path keeps its last character, whatever that character is.
+    app = astral.asgi.App(verifier=VERIFIER, path="/rpcX")
+    query = f"token={token()}".encode()
+    for path in ("/rpcX", "/rpcX/"):
+        answer = await first_answer(app, websocket_scope(path, query_string=query))
+        assert answer["type"] == "websocket.accept", path
+    for path in ("/rpc", "/rpc/", "/rpcXX"):
+        answer = await first_answer(app, websocket_scope(path, query_string=query))
+        assert (answer["type"], answer["status"]) == ("websocket.http.response.start", 404), path
+
+
 async def test_an_asgi_scope_without_its_optional_keys_is_served() -> None:
     # The ASGI spec makes a websocket scope's query_string (and client,
     # root_path, scheme...) optional: a bearer header is all it takes.
