@@ -113,8 +113,9 @@ def mutants(session: nox.Session) -> None:
 
     Plants one small bug at a time in the modules listed under
     ``[tool.mutmut]`` in pyproject.toml and runs, for each, only the tests
-    that reach the mutated function. Results are kept in ``mutants/``, so a
-    second run only tests what changed. ``nox -s mutants -- "astral._peer*"``
+    that reach the mutated function. Results are kept in ``mutants/`` and
+    saved to ``mutation/results/`` (committed), so a run resumes where the
+    last one stopped and only tests what changed. ``nox -s mutants -- "astral._peer*"``
     runs a subset by mutant name; ``MUTMUT_CHILDREN`` sets the parallelism.
     """
     session.install("-e", ".[test]", "mutmut==3.8.1")
@@ -125,6 +126,21 @@ def mutants(session: nox.Session) -> None:
     # half the suite's time per survivor. They are left out of the mutant
     # runs: a mutant only they would catch is counted as a survivor, never
     # the other way round.
-    env = {"PYTEST_ADDOPTS": " ".join(f"--deselect {test}" for test in MUTANTS_DESELECT)}
-    session.run("mutmut", "run", "--max-children", children, *session.posargs, env=env)
+    addopts = [f"--deselect {test}" for test in MUTANTS_DESELECT]
+    # Every async test runs on asyncio and on trio, and the core is the same
+    # code on both: mutants are run against the asyncio half, which halves
+    # what a survivor costs. A mutant only the trio half would catch counts
+    # as a survivor (again never the other way round);
+    # MUTANTS_BOTH_BACKENDS=1 runs both halves, to re-check survivors.
+    if os.environ.get("MUTANTS_BOTH_BACKENDS") != "1":
+        addopts.append("-k 'not trio'")
+    env = {"PYTEST_ADDOPTS": " ".join(addopts)}
+    # The results committed in mutation/results/ are where this run starts
+    # (mutmut keeps each result whose function is unchanged), and this run's
+    # are written back there, even if it is stopped: commit them.
+    session.run("python", "mutation/sync.py", "restore")
+    try:
+        session.run("mutmut", "run", "--max-children", children, *session.posargs, env=env)
+    finally:
+        session.run("python", "mutation/sync.py", "save")
     session.run("mutmut", "results")
