@@ -146,11 +146,11 @@ async def test_receive_after_close_raises_connection_closed() -> None:
             assert decode(await outbox.receive()) == Result("1", 1)
             await peer.aclose()
             assert peer.closed
-            with pytest.raises(ConnectionClosed):
+            with pytest.raises(ConnectionClosed, match=r"^peer is closed$"):
                 await peer.receive(encode(Call("2", "echo", 2)))
             with pytest.raises(ConnectionClosed):
                 await peer.call("anything")
-        with pytest.raises(ConnectionClosed):
+        with pytest.raises(ConnectionClosed, match=r"^peer is closed$"):
             await peer.receive(encode(Call("3", "echo", 3)))
 
 

@@ -637,7 +637,12 @@ async def test_in_memory_features_come_from_the_request(fake: FakeServer) -> Non
 
 
 async def test_in_memory_invalid_utf8_closes_with_1007(fake: FakeServer) -> None:
-    app = astral.asgi.App(verifier=VERIFIER)
+    peers: list[astral.Peer] = []
+
+    async def on_connect(peer: astral.Peer) -> None:
+        peers.append(peer)
+
+    app = astral.asgi.App(verifier=VERIFIER, on_connect=on_connect)
     async with anyio.create_task_group() as tg:
         await tg.start(fake.run, app, fake.scope(query_string=f"token={token()}".encode()))
         await fake.to_app.send({"type": "websocket.connect"})
@@ -649,6 +654,36 @@ async def test_in_memory_invalid_utf8_closes_with_1007(fake: FakeServer) -> None
         "code": 1007,
         "reason": "invalid UTF-8 in binary message",
     }
+    # The server's own side learns the same reason it sent.
+    [peer] = peers
+    closed = await peer.wait_closed()
+    assert (closed.code, closed.reason) == (1007, "invalid UTF-8 in binary message")
+
+
+async def test_in_memory_a_send_the_server_fails_ends_calls_with_connection_lost(
+    fake: FakeServer,
+) -> None:
+    errors: list[astral.ConnectionClosed] = []
+
+    async def on_connect(peer: astral.Peer) -> None:
+        with pytest.raises(astral.ConnectionClosed) as info:
+            await peer.call("anything", timeout=None)
+        errors.append(info.value)
+        await fake.to_app.send({"type": "websocket.disconnect", "code": 1006})
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "websocket.send":
+            raise OSError("connection reset")  # what uvicorn's ClientDisconnected is
+        await fake.send(message)
+
+    app = astral.asgi.App(verifier=VERIFIER, on_connect=on_connect)
+    await fake.to_app.send({"type": "websocket.connect"})
+    with anyio.fail_after(10):
+        await app(fake.scope(headers=bearer(token())), fake.receive, send)
+    assert (await fake.from_app.receive())["type"] == "websocket.accept"
+    [error] = errors
+    assert (error.code, error.reason) == (1006, "connection lost")
+    assert str(error) == "connection lost (code 1006)"
 
 
 async def test_in_memory_cancellation_closes_with_1001(fake: FakeServer) -> None:

@@ -501,9 +501,10 @@ async def test_the_flood_cut_off_closes_the_transport_with_1008(
         with pytest.raises(anyio.BrokenResourceError):
             for i in range(10_000):  # never reading the answers
                 await theirs.send(encode(Call(str(i), "unknown")))
-        assert (await peer.wait_closed()).code == 1008
-    assert transport.closed_with is not None
-    assert transport.closed_with[0] == 1008
+        closed = await peer.wait_closed()
+        # The reason tells the user, and the remote, why the connection went.
+        assert (closed.code, closed.reason) == (1008, "remote provokes replies it does not read")
+    assert transport.closed_with == (1008, "remote provokes replies it does not read")
 
 
 async def test_a_plain_transport_is_closed_normally() -> None:

@@ -241,7 +241,7 @@ async def test_pings_while_a_write_is_stuck_get_one_late_pong_and_a_bounded_coun
         sent = events_of(bytes(feed.sent))
         # No pong for a remote that is cut off: the queued messages, then the close.
         assert [type(e) for e in sent] == [TextMessage, TextMessage, CloseConnection]
-        assert sent[2].code == 1008
+        assert (sent[2].code, sent[2].reason) == (1008, "pings sent without reading the pongs")
 
 
 # --- a refusal is a control frame: sent once ------------------------------------------------

@@ -544,7 +544,8 @@ async def test_oversized_message_closes_with_1009(reporter: Reporter) -> None:
             assert await reporter.receive.receive() == "é" * 500
             await ws.send("é" * 501)  # 501 characters, but 1002 bytes
             assert await reporter.receive.receive() == 1009
-            assert (await closed_with(ws.receive())).code == 1009
+            closed = await closed_with(ws.receive())
+            assert (closed.code, closed.reason) == (1009, "message larger than 1000 bytes")
 
         # The limit counts the reassembled message, however it is fragmented.
         async with raw_client(port) as peer:
@@ -555,7 +556,7 @@ async def test_oversized_message_closes_with_1009(reporter: Reporter) -> None:
             assert await reporter.receive.receive() == 1009
             event = await peer.next_event()
             assert isinstance(event, CloseConnection)
-            assert event.code == 1009
+            assert (event.code, event.reason) == (1009, "message larger than 1000 bytes")
 
 
 async def test_client_enforces_max_message_size_too() -> None:
