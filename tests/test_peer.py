@@ -589,6 +589,33 @@ async def test_aclose_on_a_stream_from_call_cancels_the_remote() -> None:
         await assert_settled(a, b)
 
 
+async def test_a_consumer_waiting_on_a_stream_closed_by_another_task_is_told_so() -> None:
+    gate_never = anyio.Event()
+    parked = anyio.Event()
+    raised: list[ConnectionClosed] = []
+
+    async def one_then_wait(_: Any) -> AsyncIterator[int]:
+        yield 1
+        await gate_never.wait()
+        yield 2  # pragma: no cover
+
+    async def consume(items: Stream[Any]) -> None:
+        parked.set()  # nothing yields between here and the wait for the next item
+        with pytest.raises(ConnectionClosed) as info:
+            await anext(items)
+        raised.append(info.value)
+
+    async with connected_pair({"s": one_then_wait}, {}) as (_, b):
+        with anyio.fail_after(5):
+            stream = await b.call("s")
+            assert await anext(stream) == 1
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume, stream)
+                await parked.wait()
+                await stream.aclose()
+    assert [(str(e), e.reason) for e in raised] == [("call abandoned", "call abandoned")]
+
+
 async def test_cancelling_a_stream_consumer_cancels_the_remote() -> None:
     gate_never = anyio.Event()
     finished = anyio.Event()
