@@ -461,6 +461,19 @@ def test_kid_selects_the_key_not_just_any_key_that_works() -> None:
     assert reason(make_verifier(two_key_jwks()), token) == "invalid signature"
 
 
+def test_keys_sharing_a_kid_are_all_tried_in_order() -> None:
+    # A JWKS may list two keys under one kid (say, during a rotation): a token
+    # with that kid is checked against the first key that fits its algorithm.
+    jwks = {
+        "keys": [
+            {"kty": "oct", "kid": "k", "k": b64(b"a" * 32)},
+            {"kty": "oct", "kid": "k", "k": b64(b"b" * 32)},
+        ]
+    }
+    token = hs_token({"alg": "HS256", "kid": "k"}, good_claims(), b"a" * 32)
+    assert make_verifier(jwks).verify(token)["sub"] == "worker-1"
+
+
 def test_token_without_kid_is_refused_by_a_multi_key_set() -> None:
     token = hs_token({"alg": "HS256"}, good_claims(), b"a" * 32)
     assert reason(make_verifier(two_key_jwks()), token) == "missing key id"

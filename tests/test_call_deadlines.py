@@ -387,3 +387,30 @@ async def test_the_budget_on_the_wire_is_rounded_up_to_a_whole_millisecond() -> 
         frame = json.loads(await mine.receive())
     # 10.5 ms left: 11 is sent, so the callee never stops before the caller.
     assert (frame["type"], frame["deadline"]) == ("call", 11)
+
+
+async def test_a_deadline_exceeded_answer_names_the_capability_called() -> None:
+    # The callee stopped at the deadline before this peer's own timer fired:
+    # the caller's CallTimeout names the capability, as its own timer would.
+    mine, theirs = memory_transport_pair()
+
+    async def call() -> None:
+        with pytest.raises(astral.CallTimeout) as info:
+            await peer.call("slow", None, timeout=None)
+        assert str(info.value) == "call slow missed its deadline"
+
+    async with mine, theirs, astral.Peer(theirs) as peer, anyio.create_task_group() as tg:
+        with anyio.fail_after(5):
+            tg.start_soon(call)
+            frame = json.loads(await mine.receive())
+            assert (frame["type"], frame["capability"]) == ("call", "slow")
+            await mine.send(
+                json.dumps(
+                    {
+                        "type": "result",
+                        "id": frame["id"],
+                        "error": "deadline exceeded",
+                        "code": "deadline_exceeded",
+                    }
+                )
+            )

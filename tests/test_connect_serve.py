@@ -533,3 +533,16 @@ async def test_serve_on_a_port_in_use_raises_oserror_itself() -> None:
         port = taken.extra(anyio.abc.SocketAttribute.local_port)
         with pytest.raises(OSError):
             await astral.serve(verifier=astral.JWTVerifier(SECRET, algorithms=["HS256"]), port=port)
+
+
+async def test_serve_sends_a_capabilitys_error_message_unless_told_to_hide_it() -> None:
+    async def broken(_: Any) -> None:
+        raise ValueError("the disk is full")
+
+    async with (
+        running_principal(capabilities={"broken": broken}) as principal,
+        astral.connect(principal.url, token=token()) as worker,
+    ):
+        with anyio.fail_after(5), pytest.raises(astral.RemoteError) as info:
+            await worker.call("broken")
+    assert (str(info.value), info.value.code) == ("the disk is full", "internal")

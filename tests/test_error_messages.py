@@ -33,12 +33,22 @@ def test_a_frame_that_is_not_an_object_is_named_by_its_json_type(text: str, kind
     assert str(info.value) == f"frame must be a JSON object, not {kind}"
 
 
+FITS_NONE = (
+    "the key fits none of the allowed algorithms (wrong key type, or an HMAC "
+    "secret shorter than the hash)"
+)
+
+
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
         ({"leeway": -1}, ValueError, "leeway must be a finite number of seconds >= 0"),
         ({"leeway": math.inf}, ValueError, "leeway must be a finite number of seconds >= 0"),
-        ({"max_lifetime": 0}, ValueError, "max_lifetime must be a finite number of seconds > 0"),
+        (
+            {"max_lifetime": 0},
+            ValueError,
+            "max_lifetime must be a finite number of seconds > 0, or None",
+        ),
         ({"algorithms": "HS256"}, TypeError, "algorithms must be a sequence of names, not a str"),
         ({"algorithms": ["none"]}, ValueError, "algorithm 'none' can never be allowed"),
         ({"algorithms": ["NONE"]}, ValueError, "algorithm 'none' can never be allowed"),
@@ -46,18 +56,22 @@ def test_a_frame_that_is_not_an_object_is_named_by_its_json_type(text: str, kind
         ({"algorithms": ["XS999"]}, ValueError, "unsupported algorithm 'XS999'"),
         ({"algorithms": []}, ValueError, "algorithms must name at least one algorithm"),
         ({"max_token_size": 0}, ValueError, "max_token_size must be > 0"),
-        ({"required_claims": "exp"}, TypeError, "required_claims must be a sequence of names"),
+        (
+            {"required_claims": "exp"},
+            TypeError,
+            "required_claims must be a sequence of names, not a str",
+        ),
         ({"issuer": ""}, ValueError, "issuer must not be empty"),
         ({"audience": ""}, ValueError, "audience must be a non-empty string or strings"),
         ({"audience": []}, ValueError, "audience must be a non-empty string or strings"),
-        ({"algorithms": ["RS256"]}, ValueError, "the key fits none of the allowed algorithms"),
+        ({"algorithms": ["RS256"]}, ValueError, FITS_NONE),
     ],
 )
 def test_verifier_arguments_are_refused_with_their_reason(
     options: dict[str, Any], error: type[Exception], message: str
 ) -> None:
     options.setdefault("algorithms", ["HS256"])
-    with pytest.raises(error, match=re.escape(message)):
+    with pytest.raises(error, match=exactly(message)):
         astral.JWTVerifier(SECRET, **options)
 
 

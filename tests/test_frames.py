@@ -601,6 +601,24 @@ def test_flow_control_fields_are_validated(text: str) -> None:
     assert info.value.frame_id == "1"
 
 
+@pytest.mark.parametrize(
+    ("text", "frame"),
+    [
+        (
+            '{"type":"call","id":"1","capability":"x","window":9007199254740991}',
+            astral.Call("1", "x", window=MAX_SAFE_INTEGER),
+        ),
+        ('{"type":"credit","id":"1","n":9007199254740991}', astral.Credit("1", MAX_SAFE_INTEGER)),
+        ('{"type":"want","id":"1","n":9007199254740991}', astral.Want("1", MAX_SAFE_INTEGER)),
+        ('{"type":"credit","id":"1","n":1}', astral.Credit("1", 1)),
+    ],
+)
+def test_flow_control_counts_run_from_one_to_the_largest_safe_integer(
+    text: str, frame: Any
+) -> None:
+    assert astral.decode(text) == frame
+
+
 # -- JavaScript fidelity: lone surrogates ----------------------------------------
 
 

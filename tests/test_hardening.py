@@ -446,6 +446,26 @@ async def test_over_max_handshakes_a_client_gets_503_and_the_rest_go_on() -> Non
             assert await peer.call("echo", 1) == 1
 
 
+async def test_by_default_the_129th_client_in_its_handshake_gets_503() -> None:
+    async with running_principal() as principal:
+        with anyio.fail_after(10):
+            # 128 clients stall in the upgrade request, accepted in the order
+            # they connected (the kernel's queue is first in, first out).
+            stalled = [await anyio.connect_tcp("127.0.0.1", principal.port) for _ in range(128)]
+            try:
+                for stream in stalled:
+                    await stream.send(b"GET /astral HTTP/1.1\r\n")
+                async with await anyio.connect_tcp("127.0.0.1", principal.port) as last:
+                    await last.send(upgrade_request())
+                    status = b""
+                    while b"\r\n" not in status:
+                        status += await last.receive()
+                assert status.startswith(b"HTTP/1.1 503 "), status
+            finally:
+                for stream in stalled:
+                    await stream.aclose()
+
+
 async def test_over_max_connections_a_client_gets_503() -> None:
     async with (
         running_principal(max_connections=2) as principal,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -587,6 +588,82 @@ async def test_aclose_on_a_stream_from_call_cancels_the_remote() -> None:
             await anext(stream)
         await firehose.finished.wait()
         await assert_settled(a, b)
+
+
+async def test_a_consumer_waiting_on_a_stream_closed_by_another_task_is_told_so() -> None:
+    gate_never = anyio.Event()
+    parked = anyio.Event()
+    raised: list[ConnectionClosed] = []
+
+    async def one_then_wait(_: Any) -> AsyncIterator[int]:
+        yield 1
+        await gate_never.wait()
+        yield 2  # pragma: no cover
+
+    async def consume(items: Stream[Any]) -> None:
+        parked.set()  # nothing yields between here and the wait for the next item
+        with pytest.raises(ConnectionClosed) as info:
+            await anext(items)
+        raised.append(info.value)
+
+    async with connected_pair({"s": one_then_wait}, {}) as (_, b):
+        with anyio.fail_after(5):
+            stream = await b.call("s")
+            assert await anext(stream) == 1
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume, stream)
+                await parked.wait()
+                await stream.aclose()
+    assert [(str(e), e.reason) for e in raised] == [("call abandoned", "call abandoned")]
+
+
+class BurstTransport:
+    """A transport that hands over queued messages without yielding, as one socket
+    read returns a whole burst of frames: only the peer itself lets the consumer run."""
+
+    def __init__(self) -> None:
+        self.inbox: collections.deque[str] = collections.deque()
+        self.called = anyio.Event()
+        self._more = anyio.Event()
+
+    def push(self, *texts: str) -> None:
+        self.inbox.extend(texts)
+        self._more.set()
+
+    async def receive(self) -> str:
+        while not self.inbox:
+            self._more = anyio.Event()
+            await self._more.wait()
+        return self.inbox.popleft()
+
+    async def send(self, text: str) -> None:
+        if json.loads(text)["type"] == "call":
+            self.called.set()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_consumer_that_keeps_up_outlasts_a_burst_that_ignores_flow_control() -> None:
+    # The original protocol streams with no credit at all. The reader yields to a
+    # lagging consumer, so one that takes each item as it comes never overruns,
+    # however large the burst that arrives at once.
+    transport = BurstTransport()
+    got: list[int] = []
+
+    async def consume(peer: Peer) -> None:
+        async with await peer.call("s") as stream:
+            async for item in stream:
+                got.append(item)
+                await anyio.lowlevel.checkpoint()  # the consumer's own work
+
+    async with Peer(transport, max_buffered_items=8) as peer:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume, peer)
+                await transport.called.wait()
+                transport.push(*(encode(Yield("1", i)) for i in range(40)), encode(Result("1")))
+    assert got == list(range(40))
 
 
 async def test_cancelling_a_stream_consumer_cancels_the_remote() -> None:

@@ -141,3 +141,24 @@ async def test_the_asgi_app_keeps_a_session_within_the_verifiers_leeway(
         for _ in range(3):
             assert await worker.call("echo", "still here") == "still here"
         assert not worker.closed
+
+
+async def test_an_expired_session_cancels_on_connect_too() -> None:
+    started = anyio.Event()
+    cancelled = anyio.Event()
+
+    async def on_connect(_: astral.Peer) -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async with running_principal(STRICT, on_connect=on_connect) as principal:
+        with anyio.fail_after(10):
+            async with astral.connect(principal.url, token=token(expires_in=2)) as worker:
+                await started.wait()
+                closed = await worker.wait_closed()
+                assert (closed.code, closed.reason) == (4401, "token expired")
+            # on_connect belongs to the session: it ends with it.
+            await cancelled.wait()

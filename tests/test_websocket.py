@@ -7,6 +7,7 @@ well-behaved library would never produce.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -17,6 +18,7 @@ import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -44,6 +46,7 @@ from astral._websocket import (
 from astral._ws_client import redact
 
 from .helpers import eventually
+from .test_ws_read_pause import Feed, open_over
 
 if TYPE_CHECKING:
     from anyio.abc import SocketStream, TaskGroup, TaskStatus
@@ -1031,3 +1034,62 @@ async def test_keepalive_on_a_plain_socket_is_the_readers_deadline() -> None:
             await ws.send("still here")
             assert await ws.receive() == "still here"
             assert ws.close_code is None
+
+
+# --- writes: failures and order ------------------------------------------------
+
+
+class BrokenOnWrite(Feed):
+    """A stream whose every write fails, as when the remote reset the connection."""
+
+    async def send(self, item: bytes) -> None:
+        raise anyio.BrokenResourceError("reset by peer")
+
+
+async def test_a_failed_write_closes_with_1006_and_says_why() -> None:
+    async with open_over(BrokenOnWrite(), max_message_size=4096) as conn:
+        with anyio.fail_after(5):
+            await conn.send("hello")  # queued: the writer task meets the error
+            with pytest.raises(ConnectionClosed) as info:
+                await conn.receive()
+    reason = "write failed: BrokenResourceError('reset by peer')"
+    assert (info.value.code, info.value.reason) == (1006, reason)
+    assert (conn.close_code, conn.close_reason) == (1006, reason)
+
+
+class AsyncioLikeStream(Feed):
+    """Shaped like AnyIO's asyncio socket stream, so frames may go straight to its transport.
+
+    ``_protocol.write_event`` is set while the transport has nothing pending;
+    ``send`` (the writer task's way out) is held until ``release`` is set.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wire = bytearray()
+        self.release = anyio.Event()
+        self._transport = SimpleNamespace(write=self.wire.extend, is_closing=lambda: False)
+        self._protocol = SimpleNamespace(write_event=asyncio.Event(), exception=None)
+
+    async def send(self, item: bytes) -> None:
+        await self.release.wait()
+        self._transport.write(item)
+        await self._protocol.write_event.wait()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # an asyncio transport
+async def test_a_frame_queued_while_the_writer_task_writes_goes_out_after_it() -> None:
+    stream = AsyncioLikeStream()  # the transport has a write pending
+    async with open_over(stream, max_message_size=4096) as conn:
+        with anyio.fail_after(5):
+            await conn.send("first")  # to the writer task, held inside stream.send
+            await anyio.wait_all_tasks_blocked()
+            stream._protocol.write_event.set()  # the transport has drained meanwhile
+            await conn.send("second")  # must not overtake "first" by the direct path
+            await anyio.wait_all_tasks_blocked()
+            stream.release.set()
+            await anyio.wait_all_tasks_blocked()
+    client = Connection(ConnectionType.CLIENT)
+    client.receive_data(bytes(stream.wire))
+    texts = [event.data for event in client.events() if isinstance(event, TextMessage)]
+    assert texts == ["first", "second"]
