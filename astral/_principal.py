@@ -366,6 +366,8 @@ async def _host(
                     if running:
                         with anyio.CancelScope(shield=True):
                             await _expire(running[0])
+                        # on_connect too ends with the session, as when hosted inline.
+                        shield.cancel()
             await finished.wait()
         except anyio.get_cancelled_exc_class():
             # The server is shutting down: drain, say so, then stop the rest.

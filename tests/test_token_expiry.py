@@ -162,3 +162,28 @@ async def test_an_expired_session_cancels_on_connect_too() -> None:
                 assert (closed.code, closed.reason) == (4401, "token expired")
             # on_connect belongs to the session: it ends with it.
             await cancelled.wait()
+
+
+@pytest.mark.parametrize(("anyio_backend", "server"), [SERVERS[0], SERVERS[3]])
+async def test_the_asgi_app_ends_on_connect_with_an_expired_session(
+    anyio_backend: str, server: str
+) -> None:
+    started, cancelled = anyio.Event(), anyio.Event()
+
+    async def hold(_: astral.Peer) -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    app = astral.asgi.App(verifier=STRICT, path=PATH, on_connect=hold)
+    async with run(server, anyio_backend, app) as running:
+        # exp is one to two seconds away (iat is rounded down to the second).
+        async with astral.connect(running.url + PATH, token=token(expires_in=2)) as worker:
+            await started.wait()
+            closed = await worker.wait_closed()
+            assert (closed.code, closed.reason) == (4401, "token expired")
+        with anyio.fail_after(5):
+            await cancelled.wait()
