@@ -1083,12 +1083,12 @@ async def test_a_frame_queued_while_the_writer_task_writes_goes_out_after_it() -
     async with open_over(stream, max_message_size=4096) as conn:
         with anyio.fail_after(5):
             await conn.send("first")  # to the writer task, held inside stream.send
-            await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # in memory: the writer holds "first"
             stream._protocol.write_event.set()  # the transport has drained meanwhile
             await conn.send("second")  # must not overtake "first" by the direct path
-            await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # in memory: "second" is queued
             stream.release.set()
-            await anyio.wait_all_tasks_blocked()
+            await anyio.wait_all_tasks_blocked()  # in memory: both have been written
     client = Connection(ConnectionType.CLIENT)
     client.receive_data(bytes(stream.wire))
     texts = [event.data for event in client.events() if isinstance(event, TextMessage)]
