@@ -143,47 +143,43 @@ async def test_the_asgi_app_keeps_a_session_within_the_verifiers_leeway(
         assert not worker.closed
 
 
-async def test_an_expired_session_cancels_on_connect_too() -> None:
-    started = anyio.Event()
-    cancelled = anyio.Event()
+class HeldOnConnect:
+    """An ``on_connect`` that never returns by itself, and says when it is cancelled."""
 
-    async def on_connect(_: astral.Peer) -> None:
-        started.set()
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.cancelled = anyio.Event()
+
+    async def __call__(self, _: astral.Peer) -> None:
+        self.started.set()
         try:
             await anyio.sleep_forever()
         finally:
-            cancelled.set()
+            self.cancelled.set()
 
-    async with running_principal(STRICT, on_connect=on_connect) as principal:
+    async def ends_with_expiry_at(self, url: str) -> None:
+        """Connect with a token about to expire: the session closes 4401, on_connect ends."""
         with anyio.fail_after(10):
-            async with astral.connect(principal.url, token=token(expires_in=2)) as worker:
-                await started.wait()
+            # exp is one to two seconds away (iat is rounded down to the second).
+            async with astral.connect(url, token=token(expires_in=2)) as worker:
+                await self.started.wait()
                 closed = await worker.wait_closed()
                 assert (closed.code, closed.reason) == (4401, "token expired")
             # on_connect belongs to the session: it ends with it.
-            await cancelled.wait()
+            await self.cancelled.wait()
+
+
+async def test_an_expired_session_cancels_on_connect_too() -> None:
+    on_connect = HeldOnConnect()
+    async with running_principal(STRICT, on_connect=on_connect) as principal:
+        await on_connect.ends_with_expiry_at(principal.url)
 
 
 @pytest.mark.parametrize(("anyio_backend", "server"), [SERVERS[0], SERVERS[3]])
 async def test_the_asgi_app_ends_on_connect_with_an_expired_session(
     anyio_backend: str, server: str
 ) -> None:
-    started, cancelled = anyio.Event(), anyio.Event()
-
-    async def hold(_: astral.Peer) -> None:
-        started.set()
-        try:
-            await anyio.sleep_forever()
-        except anyio.get_cancelled_exc_class():
-            cancelled.set()
-            raise
-
-    app = astral.asgi.App(verifier=STRICT, path=PATH, on_connect=hold)
+    on_connect = HeldOnConnect()
+    app = astral.asgi.App(verifier=STRICT, path=PATH, on_connect=on_connect)
     async with run(server, anyio_backend, app) as running:
-        # exp is one to two seconds away (iat is rounded down to the second).
-        async with astral.connect(running.url + PATH, token=token(expires_in=2)) as worker:
-            await started.wait()
-            closed = await worker.wait_closed()
-            assert (closed.code, closed.reason) == (4401, "token expired")
-        with anyio.fail_after(5):
-            await cancelled.wait()
+        await on_connect.ends_with_expiry_at(running.url + PATH)
