@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 
+from . import _defaults
 from ._handshake import RemoteLimits, advertise
 from ._logs import ClosingLog, log_connection
 from ._peer import (
@@ -73,11 +74,11 @@ async def connect(
     token_in_query: bool = False,
     headers: Sequence[tuple[str, str]] = (),
     timeout: float | None = DEFAULT_TIMEOUT,
-    open_timeout: float | None = 10.0,
-    ping_interval: float | None = 20.0,
-    ping_timeout: float | None = 20.0,
-    close_timeout: float = 10.0,
-    max_message_size: int = 2**20,
+    open_timeout: float | None = _defaults.OPEN_TIMEOUT,
+    ping_interval: float | None = _defaults.PING_INTERVAL,
+    ping_timeout: float | None = _defaults.PING_TIMEOUT,
+    close_timeout: float = _defaults.CLOSE_TIMEOUT,
+    max_message_size: int = _defaults.MAX_MESSAGE_SIZE,
     max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
     max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
     claims: Mapping[str, Any] | None = None,

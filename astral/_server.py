@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.abc
 
+from . import _defaults
 from ._auth import Verifier, verify_token
 from ._dispatch import resolve
 from ._exceptions import AuthenticationError
@@ -65,21 +66,21 @@ async def serve(
     on_connect: Callable[[Peer], Awaitable[None]] | None = None,
     registry: Registry | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
-    open_timeout: float | None = 10.0,
-    ping_interval: float | None = 20.0,
-    ping_timeout: float | None = 20.0,
-    close_timeout: float = 10.0,
-    max_message_size: int = 2**20,
-    max_header_size: int = 128 * 1024,
+    open_timeout: float | None = _defaults.OPEN_TIMEOUT,
+    ping_interval: float | None = _defaults.PING_INTERVAL,
+    ping_timeout: float | None = _defaults.PING_TIMEOUT,
+    close_timeout: float = _defaults.CLOSE_TIMEOUT,
+    max_message_size: int = _defaults.MAX_MESSAGE_SIZE,
+    max_header_size: int = _defaults.MAX_HEADER_SIZE,
     max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
     max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
     middleware: Sequence[Middleware] = (),
     hide_internal_errors: bool = False,
-    grace: float = 5.0,
+    grace: float = _defaults.GRACE,
     close_on_token_expiry: bool = True,
     json_default: JsonDefault | None = None,
-    max_connections: int = 1024,
-    max_handshakes: int = 128,
+    max_connections: int = _defaults.MAX_CONNECTIONS,
+    max_handshakes: int = _defaults.MAX_HANDSHAKES,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a principal until cancelled.

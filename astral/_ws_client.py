@@ -21,6 +21,7 @@ import h11
 from anyio.streams.tls import TLSStream
 from wsproto.connection import Connection, ConnectionType
 
+from . import _defaults
 from ._exceptions import ConnectError, ConnectTimeout, HandshakeError, TLSError, Unauthorized
 from ._ws_connection import (
     READ_SIZE,
@@ -329,12 +330,12 @@ async def open_websocket(
     *,
     ssl_context: ssl.SSLContext | None = None,
     headers: Sequence[tuple[str, str]] = (),
-    open_timeout: float | None = 10.0,
-    ping_interval: float | None = 20.0,
-    ping_timeout: float | None = 20.0,
-    close_timeout: float = 10.0,
-    max_message_size: int = 2**20,
-    max_header_size: int = 128 * 1024,
+    open_timeout: float | None = _defaults.OPEN_TIMEOUT,
+    ping_interval: float | None = _defaults.PING_INTERVAL,
+    ping_timeout: float | None = _defaults.PING_TIMEOUT,
+    close_timeout: float = _defaults.CLOSE_TIMEOUT,
+    max_message_size: int = _defaults.MAX_MESSAGE_SIZE,
+    max_header_size: int = _defaults.MAX_HEADER_SIZE,
 ) -> AsyncIterator[WebSocketConnection]:
     """Open a WebSocket connection to ``url`` for the duration of the block.
 

@@ -30,6 +30,7 @@ from anyio.abc import SocketAttribute, SocketListener
 from anyio.streams.tls import TLSStream
 from wsproto.connection import Connection, ConnectionType
 
+from . import _defaults
 from ._exceptions import ConnectionClosed
 from ._ws_connection import (
     READ_SIZE,
@@ -306,15 +307,15 @@ async def serve_websocket(
     *,
     ssl_context: ssl.SSLContext | None = None,
     process_request: Callable[[HandshakeRequest], Awaitable[Rejection | None]] | None = None,
-    open_timeout: float | None = 10.0,
-    ping_interval: float | None = 20.0,
-    ping_timeout: float | None = 20.0,
-    close_timeout: float = 10.0,
-    max_message_size: int = 2**20,
-    max_header_size: int = 128 * 1024,
+    open_timeout: float | None = _defaults.OPEN_TIMEOUT,
+    ping_interval: float | None = _defaults.PING_INTERVAL,
+    ping_timeout: float | None = _defaults.PING_TIMEOUT,
+    close_timeout: float = _defaults.CLOSE_TIMEOUT,
+    max_message_size: int = _defaults.MAX_MESSAGE_SIZE,
+    max_header_size: int = _defaults.MAX_HEADER_SIZE,
     response_headers: Sequence[tuple[str, str]] = (),
-    max_connections: int = 1024,
-    max_handshakes: int = 128,
+    max_connections: int = _defaults.MAX_CONNECTIONS,
+    max_handshakes: int = _defaults.MAX_HANDSHAKES,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve WebSocket connections until cancelled.

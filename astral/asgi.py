@@ -49,10 +49,11 @@ from urllib.parse import parse_qsl
 
 import anyio
 
+from . import _defaults
 from ._auth import Verifier, verify_token
 from ._dispatch import resolve
 from ._exceptions import AuthenticationError, ConnectionClosed
-from ._handshake import DEFAULT_MAX_MESSAGE_SIZE, RemoteLimits, advertise
+from ._handshake import RemoteLimits, advertise
 from ._peer import (
     DEFAULT_MAX_BUFFERED_ITEMS,
     DEFAULT_MAX_INBOUND_CALLS,
@@ -156,14 +157,14 @@ class App:
         on_connect: Callable[[Peer], Awaitable[None]] | None = None,
         path: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
-        close_timeout: float = 10.0,
+        close_timeout: float = _defaults.CLOSE_TIMEOUT,
         max_inbound_calls: int = DEFAULT_MAX_INBOUND_CALLS,
         max_buffered_items: int = DEFAULT_MAX_BUFFERED_ITEMS,
         middleware: Sequence[Middleware] = (),
         hide_internal_errors: bool = False,
-        grace: float = 5.0,
+        grace: float = _defaults.GRACE,
         close_on_token_expiry: bool = True,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_message_size: int = _defaults.MAX_MESSAGE_SIZE,
         json_default: JsonDefault | None = None,
     ) -> None:
         # Fail now, not at the first connection, on a sync capability or a bad limit.

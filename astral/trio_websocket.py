@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio_websocket
 
+from . import _defaults
 from ._exceptions import ConnectionClosed
 from ._peer import Peer
 
@@ -76,7 +77,10 @@ class TrioWebSocketTransport:
     """
 
     def __init__(
-        self, ws: trio_websocket.WebSocketConnection, *, close_timeout: float = 10.0
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        *,
+        close_timeout: float = _defaults.CLOSE_TIMEOUT,
     ) -> None:
         self._ws = ws
         self._close_timeout = close_timeout
@@ -139,7 +143,7 @@ def _translate(exc: trio_websocket.ConnectionClosed) -> ConnectionClosed:
 async def open_peer(
     ws: trio_websocket.WebSocketConnection,
     *,
-    close_timeout: float = 10.0,
+    close_timeout: float = _defaults.CLOSE_TIMEOUT,
     **peer_options: Any,
 ) -> AsyncIterator[Peer]:
     """Run an astral peer over an open trio-websocket connection.
