@@ -346,6 +346,7 @@ class WebSocketConnection:
         "_flush_pending",
         "_fragments",
         "_keepalive_at",
+        "_keepalive_scope",
         "_max_chars_cheap",
         "_max_fragments",
         "_max_size",
@@ -454,6 +455,9 @@ class WebSocketConnection:
         self._pong_wanted = False
         self._ping_count = 0
         self._keepalive_at = math.inf
+        # The keepalive task's sleep, when it runs as a task: a pong moves its
+        # deadline as it moves the reader's.
+        self._keepalive_scope: anyio.CancelScope | None = None
         # A plain socket's reads may be cancelled and lose nothing: there the
         # keepalive is the reader's deadline. Elsewhere (TLS) it is a task.
         self._ping_in_reader = ping_interval is not None and isinstance(
@@ -818,8 +822,12 @@ class WebSocketConnection:
             self._pong_wanted = False
             assert self._ping_interval is not None
             self._keepalive_at = anyio.current_time() + self._ping_interval
-            if self._ping_in_reader and self._close_deadline is None:
-                self._read_scope.deadline = self._keepalive_at
+            if self._ping_in_reader:
+                if self._close_deadline is None:
+                    self._read_scope.deadline = self._keepalive_at
+            elif self._keepalive_scope is not None:
+                # The task sleeps to when the pong was due: wake it sooner.
+                self._keepalive_scope.deadline = self._keepalive_at
 
     async def _keepalive_main(self) -> None:
         """The keepalive as a task, for streams whose reads must not be cancelled.
@@ -830,7 +838,9 @@ class WebSocketConnection:
         cancelling the reader.
         """
         while True:
-            await anyio.sleep_until(self._keepalive_at)
+            self._keepalive_scope = scope = anyio.CancelScope(deadline=self._keepalive_at)
+            with scope:
+                await anyio.sleep_forever()
             if self._write_closed or self._broken:
                 return
             if anyio.current_time() < self._keepalive_at:

@@ -1024,6 +1024,28 @@ async def test_keepalive_over_tls_pings_from_a_task_of_its_own(
             assert ws.close_code is None
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_after_each_pong_the_next_ping_comes_after_the_interval_not_the_timeout(
+    tls: bool, server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    # A ping is answered long before its timeout: the next one is due
+    # ``ping_interval`` after the pong, on a plain socket (the reader's
+    # deadline) as over TLS (a task). Waiting for the timeout instead would
+    # take 60 s a ping here, and a dead remote would be noticed late.
+    scheme = "wss" if tls else "ws"
+    async with server(ssl_context=server_ssl if tls else None, ping_interval=None) as port:
+        async with open_websocket(
+            f"{scheme}://{HOST}:{port}/",
+            ssl_context=client_ssl if tls else None,
+            ping_interval=0.01,
+            ping_timeout=60,
+        ) as ws:
+            assert ws._ping_in_reader is not tls
+            with anyio.fail_after(10):
+                await eventually(lambda: ws._ping_count >= 5)
+            assert ws.close_code is None
+
+
 async def test_keepalive_on_a_plain_socket_is_the_readers_deadline() -> None:
     async with server(ping_interval=0.01, ping_timeout=0.5) as port:
         async with open_websocket(
