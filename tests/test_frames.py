@@ -945,3 +945,48 @@ def test_a_surrogate_pair_held_as_two_code_points_comes_back_as_one_character() 
     text = encode(Yield("1", "\ud83d\ude00"))
     assert text == '{"type":"yield","id":"1","output":"\\ud83d\\ude00"}'
     assert decode(text) == Yield("1", "😀")
+
+
+# -- decode: what each malformed field is called, and what a failed result keeps
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "kind"),
+    [
+        (
+            '{"type":"result","id":"r1","error":7}',
+            "result 'error' must be a string",
+            "result",
+        ),
+        ('{"type":"call","id":"r1","capability":7}', "call has no string 'capability'", "call"),
+        ('{"type":"call","id":"r1"}', "call has no string 'capability'", "call"),
+        (
+            '{"type":"call","id":"r1","capability":"echo","window":0}',
+            "call 'window' must be a positive integer",
+            "call",
+        ),
+    ],
+)
+def test_a_malformed_field_is_named_with_the_frames_id_and_type(
+    text: str, message: str, kind: str
+) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode(text)
+    assert str(caught.value) == message
+    assert (caught.value.frame_id, caught.value.frame_type) == ("r1", kind)
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "data"),
+    [
+        ({"data": {"field": "name"}}, None, {"field": "name"}),
+        ({"code": "invalid"}, "invalid", None),
+        ({"code": "invalid", "data": [1, 2]}, "invalid", [1, 2]),
+        ({}, None, None),
+    ],
+)
+def test_a_failed_result_keeps_its_output_code_and_data(
+    extra: dict[str, Any], code: str | None, data: Any
+) -> None:
+    frame = {"type": "result", "id": "r1", "output": {"partial": True}, "error": "bad", **extra}
+    assert decode(json.dumps(frame)) == Result("r1", {"partial": True}, "bad", code, data)
