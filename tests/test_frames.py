@@ -19,7 +19,7 @@ import pydantic
 import pytest
 
 import astral
-from astral import Call, Cancel, ProtocolError, Result, Yield, decode, encode
+from astral import Call, Cancel, Credit, ProtocolError, Result, Want, Yield, decode, encode
 from astral._frames import MAX_DEPTH, MAX_ID_LENGTH, MAX_SAFE_INTEGER
 
 from .helpers import plain_id
@@ -965,10 +965,27 @@ def test_a_surrogate_pair_held_as_two_code_points_comes_back_as_one_character() 
             "call 'window' must be a positive integer",
             "call",
         ),
+        *(
+            (
+                f'{{"type":"call","id":"r1","capability":"echo","deadline":{bad}}}',
+                "call 'deadline' must be a whole number of milliseconds, 0 or more",
+                "call",
+            )
+            for bad in (-1, 1.5, '"5"', MAX_SAFE_INTEGER + 1)
+        ),
+        (
+            '{"type":"call","id":"r1","capability":"echo","input_stream":1}',
+            "call 'input_stream' must be a boolean",
+            "call",
+        ),
+        ('{"type":"credit","id":"r1","n":0}', "credit 'n' must be a positive integer", "credit"),
+        ('{"type":"want","id":"r1"}', "want 'n' must be a positive integer", "want"),
+        ('{"type":"nope","id":"r1"}', "unknown frame type 'nope'", "nope"),
+        ('{"type":7,"id":"r1"}', "frame has no string 'type'", None),
     ],
 )
 def test_a_malformed_field_is_named_with_the_frames_id_and_type(
-    text: str, message: str, kind: str
+    text: str, message: str, kind: str | None
 ) -> None:
     with pytest.raises(ProtocolError) as caught:
         decode(text)
@@ -990,3 +1007,15 @@ def test_a_failed_result_keeps_its_output_code_and_data(
 ) -> None:
     frame = {"type": "result", "id": "r1", "output": {"partial": True}, "error": "bad", **extra}
     assert decode(json.dumps(frame)) == Result("r1", {"partial": True}, "bad", code, data)
+
+
+def test_counts_and_deadlines_reach_the_largest_safe_integer() -> None:
+    top = MAX_SAFE_INTEGER
+    call = decode(f'{{"type":"call","id":"c","capability":"echo","window":{top},"deadline":{top}}}')
+    assert isinstance(call, Call)
+    assert (call.window, call.deadline) == (top, top)
+    assert decode('{"type":"call","id":"c","capability":"echo","deadline":0}') == Call(
+        "c", "echo", deadline=0
+    )
+    assert decode(f'{{"type":"credit","id":"c","n":{top}}}') == Credit("c", top)
+    assert decode('{"type":"want","id":"c","n":1}') == Want("c", 1)
