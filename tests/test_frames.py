@@ -1019,3 +1019,29 @@ def test_counts_and_deadlines_reach_the_largest_safe_integer() -> None:
     )
     assert decode(f'{{"type":"credit","id":"c","n":{top}}}') == Credit("c", top)
     assert decode('{"type":"want","id":"c","n":1}') == Want("c", 1)
+
+
+def test_a_failed_result_is_sent_with_its_code_and_data() -> None:
+    frame = Result("r1", None, "bad input", "invalid", {"field": "name"})
+    assert encode(frame) == (
+        '{"type":"result","id":"r1","error":"bad input","code":"invalid","data":{"field":"name"}}'
+    )
+    assert decode(encode(frame)) == frame
+
+
+@pytest.mark.parametrize(
+    ("data", "refused"),
+    [
+        ({"n": 2**60}, "would read it as 1152921504606847000"),
+        (_nested(MAX_DEPTH), f"nesting deeper than {MAX_DEPTH} levels"),
+    ],
+)
+def test_a_failed_results_data_follows_the_value_rules(data: Any, refused: str) -> None:
+    # As deep as an output may be (the frame's own object is level 1)...
+    ok = Result("r1", None, "bad input", None, _nested(MAX_DEPTH - 1))
+    assert decode(encode(ok)) == ok
+    # ...and no deeper, nor with an integer JavaScript would change.
+    with pytest.raises(ProtocolError) as info:
+        encode(Result("r1", None, "bad input", None, data))
+    assert info.value.frame_id == "r1"
+    assert refused in str(info.value)
