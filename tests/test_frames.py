@@ -1045,3 +1045,20 @@ def test_a_failed_results_data_follows_the_value_rules(data: Any, refused: str) 
         encode(Result("r1", None, "bad input", None, data))
     assert info.value.frame_id == "r1"
     assert refused in str(info.value)
+
+
+def test_a_call_is_sent_with_every_extension_it_carries() -> None:
+    frame = Call(
+        "c1",
+        "echo",
+        [1],
+        window=16,
+        trace={"traceparent": "00-abc-def-01"},
+        deadline=1500,
+        input_stream=True,
+    )
+    assert encode(frame) == (
+        '{"type":"call","id":"c1","capability":"echo","input":[1],"window":16,'
+        '"trace":{"traceparent":"00-abc-def-01"},"deadline":1500,"input_stream":true}'
+    )
+    assert decode(encode(frame)) == frame
