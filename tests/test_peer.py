@@ -979,7 +979,12 @@ class ScriptedTransport:
     """A transport whose input ends, on cue, with a given error."""
 
     def __init__(
-        self, end: BaseException, *, broken_send: bool = False, failing_close: bool = False
+        self,
+        end: BaseException,
+        *,
+        broken_send: bool = False,
+        stuck_send: bool = False,
+        failing_close: bool = False,
     ) -> None:
         self.sent: list[str] = []
         self.sending = anyio.Event()  # a first frame was sent
@@ -987,6 +992,7 @@ class ScriptedTransport:
         self.closed = False
         self._error = end
         self._broken_send = broken_send
+        self._stuck_send = stuck_send  # sends wait until the end, then break
         self._failing_close = failing_close
 
     async def send(self, item: str, /) -> None:
@@ -994,6 +1000,9 @@ class ScriptedTransport:
             raise anyio.BrokenResourceError
         self.sent.append(item)
         self.sending.set()
+        if self._stuck_send:
+            await self.end.wait()
+            raise anyio.BrokenResourceError
 
     async def receive(self) -> str:
         await self.end.wait()
@@ -1044,8 +1053,51 @@ async def test_a_send_that_fails_fails_the_call_with_connection_closed() -> None
     async with Peer(transport, timeout=None) as peer:
         with pytest.raises(ConnectionClosed) as info:
             await peer.call("f")
-        assert isinstance(info.value.__cause__, anyio.BrokenResourceError)
+        error = info.value
+        assert (str(error), error.reason, error.code) == (
+            "connection closed",
+            "connection closed",
+            None,
+        )
+        assert isinstance(error.__cause__, anyio.BrokenResourceError)
         assert peer._state.outbound == {}
+
+
+async def test_a_call_whose_send_the_close_cuts_off_fails_with_that_close() -> None:
+    """A call still being sent when the peer closes fails as its pending calls do."""
+    transport = ScriptedTransport(anyio.EndOfStream(), stuck_send=True)
+    async with Peer(transport, timeout=None) as peer:
+        async with anyio.create_task_group() as tg:
+            out = Outcomes(tg)
+            out.start("call", lambda: peer.call("f"))
+            await transport.sending.wait()  # the call frame is stuck in send()
+            await peer.aclose(4000, "bye")
+        error = out.results["call"]
+        assert isinstance(error, ConnectionClosed)
+        assert (str(error), error.reason, error.code) == ("bye (code 4000)", "bye", 4000)
+        assert isinstance(error.__cause__, anyio.BrokenResourceError)
+
+
+async def test_a_call_cancelled_while_its_frame_is_sent_is_given_up_quietly() -> None:
+    transport = ScriptedTransport(anyio.EndOfStream(), stuck_send=True)
+    async with Peer(transport, timeout=None) as peer:
+        caller = anyio.CancelScope()
+        given_up = anyio.Event()
+
+        async def call() -> None:
+            with caller:
+                await peer.call("f")
+            given_up.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await transport.sending.wait()  # the call frame is stuck in send()
+            caller.cancel()
+            await given_up.wait()
+        assert caller.cancelled_caught
+        assert not peer.closed
+        # Nothing is left waiting for it: a drain has no call to wait for.
+        await peer.drain(60)
 
 
 async def test_a_transport_failing_to_close_does_not_break_closing(
