@@ -762,6 +762,28 @@ async def test_flow_control_paces_an_astral_producer_to_its_consumer() -> None:
         await assert_settled(a, b)
 
 
+async def test_credit_granted_before_the_first_item_is_honoured() -> None:
+    # An astral caller grants credit only for items it took; a hand-written
+    # remote may grant more before the capability has produced anything.
+    gate = anyio.Event()
+
+    async def gated(n: int) -> AsyncIterator[int]:
+        await gate.wait()
+        for i in range(n):
+            yield i
+
+    ours, theirs = memory_transport_pair()
+    remote = RawRemote(theirs)
+    async with theirs, Peer(ours, capabilities={"gated": gated, "echo": echo}) as peer:
+        await remote.send(encode(Call("s", "gated", 3, 1)))  # a window of one item
+        await remote.send(encode(astral.Credit("s", 2)))
+        assert await remote.probe() == []  # the credit has been read
+        gate.set()
+        frames = [await remote.receive() for _ in range(4)]
+        assert frames == [Yield("s", 0), Yield("s", 1), Yield("s", 2), Result("s")]
+        assert not peer.closed
+
+
 # -- closing ------------------------------------------------------------------------------
 
 
