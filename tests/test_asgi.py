@@ -715,12 +715,30 @@ async def test_on_connect_failure_closes_with_1011(
 
     app = astral.asgi.App(verifier=VERIFIER, on_connect=broken)
     await fake.to_app.send({"type": "websocket.connect"})
-    with caplog.at_level(logging.ERROR, logger="astral.asgi"):
+    with caplog.at_level(logging.INFO, logger="astral"):
         await app(fake.scope(headers=bearer(token())), fake.receive, fake.send)
     assert (await fake.from_app.receive())["type"] == "websocket.accept"
     close = await fake.from_app.receive()
-    assert (close["type"], close["code"]) == ("websocket.close", 1011)
-    assert "on_connect failed" in caplog.text
+    assert close == {"type": "websocket.close", "code": 1011, "reason": "internal error"}
+    # The operator's lines (docs/logging.md): opened, the failure with the
+    # worker's address and traceback, and closed with the code sent.
+    opened, failed, closed = caplog.records
+    assert (opened.name, opened.getMessage()) == (
+        "astral.connection",
+        "accepted connection from 127.0.0.1:4321 (subject 'worker-1')",
+    )
+    assert (failed.name, failed.levelno, failed.getMessage()) == (
+        "astral.server",
+        logging.ERROR,
+        "on_connect failed for 127.0.0.1:4321; closing that connection",
+    )
+    assert failed.exc_info is not None
+    assert str(failed.exc_info[1]) == "boom"
+    assert closed.name == "astral.connection"
+    assert closed.getMessage().startswith(
+        "connection 127.0.0.1:4321 (subject 'worker-1') closed: code 1011, "
+    )
+    assert closed.astral_close_code == 1011  # type: ignore[attr-defined]
 
 
 async def test_without_the_extension_a_refusal_is_a_close_before_accept(fake: FakeServer) -> None:
