@@ -686,7 +686,10 @@ async def test_in_memory_a_send_the_server_fails_ends_calls_with_connection_lost
     assert str(error) == "connection lost (code 1006)"
 
 
-async def test_in_memory_cancellation_closes_with_1001(fake: FakeServer) -> None:
+async def test_in_memory_cancellation_closes_with_1001(
+    fake: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="astral.connection")
     principal = Principal()
     async with anyio.create_task_group() as tg:
         await tg.start(fake.run, principal, fake.scope(headers=bearer(token())))
@@ -705,6 +708,12 @@ async def test_in_memory_cancellation_closes_with_1001(fake: FakeServer) -> None
     }
     assert principal.sent_types.count("websocket.close") == 1
     assert len(principal.registry) == 0
+    # The closed line says so too (docs/logging.md: 1001, server shutdown).
+    [closed] = [r for r in caplog.records if " closed: " in r.getMessage()]
+    assert closed.getMessage().startswith(
+        "connection 127.0.0.1:4321 (subject 'worker-1') closed: code 1001, server shutting down, "
+    )
+    assert closed.astral_close_code == 1001  # type: ignore[attr-defined]
 
 
 async def test_on_connect_failure_closes_with_1011(
