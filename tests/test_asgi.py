@@ -7,12 +7,14 @@ speaking astral JSON frames by hand (asyncio only).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -714,6 +716,28 @@ async def test_in_memory_cancellation_closes_with_1001(
         "connection 127.0.0.1:4321 (subject 'worker-1') closed: code 1001, server shutting down, "
     )
     assert closed.astral_close_code == 1001  # type: ignore[attr-defined]
+
+
+async def test_the_app_keeps_nothing_of_a_connection_after_it_ends(fake: FakeServer) -> None:
+    """The server's ``send`` of a connection that ended is not kept: the app does
+    not grow with each connection it has served."""
+
+    class Send:
+        async def __call__(self, message: MutableMapping[str, Any]) -> None:
+            await fake.send(message)
+
+    app = astral.asgi.App(verifier=VERIFIER)
+    sends: list[weakref.ref[Send]] = []
+    for _ in range(2):
+        send = Send()
+        sends.append(weakref.ref(send))
+        await fake.to_app.send({"type": "websocket.connect"})
+        await fake.to_app.send({"type": "websocket.disconnect", "code": 1000})
+        await app(fake.scope(headers=bearer(token())), fake.receive, send)
+        assert (await fake.from_app.receive())["type"] == "websocket.accept"
+    del send
+    gc.collect()
+    assert [ref() for ref in sends] == [None, None]
 
 
 async def test_on_connect_failure_closes_with_1011(
