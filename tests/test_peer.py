@@ -931,6 +931,27 @@ async def test_cancelling_the_task_group_holding_a_peer_tears_down_both_sides() 
         await assert_settled(a_ref[0], b)
 
 
+async def test_cancelling_a_peer_whose_workers_are_idle_ends_it_cleanly() -> None:
+    """Cancelled from outside while a worker that served a call waits for the
+    next one: the peer ends with the cancellation, and nothing else."""
+    holder = anyio.CancelScope()
+    served = anyio.Event()
+
+    async def hold() -> None:
+        with holder:
+            async with connected_pair({}, {"echo": echo}) as (a, _):
+                assert await a.call("echo", 1) == 1  # b has a worker, now idle
+                served.set()
+                await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await served.wait()
+        await anyio.wait_all_tasks_blocked()  # in memory: b's worker is parked
+        holder.cancel()  # from another task, as a server stopping would
+    assert holder.cancelled_caught
+
+
 async def test_an_exception_in_the_body_propagates_as_raised() -> None:
     # Not wrapped in an ExceptionGroup by the peers' task groups.
     with pytest.raises(RemoteError, match=r"^boom$"):
