@@ -7,12 +7,14 @@ speaking astral JSON frames by hand (asyncio only).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -686,7 +688,10 @@ async def test_in_memory_a_send_the_server_fails_ends_calls_with_connection_lost
     assert str(error) == "connection lost (code 1006)"
 
 
-async def test_in_memory_cancellation_closes_with_1001(fake: FakeServer) -> None:
+async def test_in_memory_cancellation_closes_with_1001(
+    fake: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="astral.connection")
     principal = Principal()
     async with anyio.create_task_group() as tg:
         await tg.start(fake.run, principal, fake.scope(headers=bearer(token())))
@@ -705,6 +710,34 @@ async def test_in_memory_cancellation_closes_with_1001(fake: FakeServer) -> None
     }
     assert principal.sent_types.count("websocket.close") == 1
     assert len(principal.registry) == 0
+    # The closed line says so too (docs/logging.md: 1001, server shutdown).
+    [closed] = [r for r in caplog.records if " closed: " in r.getMessage()]
+    assert closed.getMessage().startswith(
+        "connection 127.0.0.1:4321 (subject 'worker-1') closed: code 1001, server shutting down, "
+    )
+    assert closed.astral_close_code == 1001  # type: ignore[attr-defined]
+
+
+async def test_the_app_keeps_nothing_of_a_connection_after_it_ends(fake: FakeServer) -> None:
+    """The server's ``send`` of a connection that ended is not kept: the app does
+    not grow with each connection it has served."""
+
+    class Send:
+        async def __call__(self, message: MutableMapping[str, Any]) -> None:
+            await fake.send(message)
+
+    app = astral.asgi.App(verifier=VERIFIER)
+    sends: list[weakref.ref[Send]] = []
+    for _ in range(2):
+        send = Send()
+        sends.append(weakref.ref(send))
+        await fake.to_app.send({"type": "websocket.connect"})
+        await fake.to_app.send({"type": "websocket.disconnect", "code": 1000})
+        await app(fake.scope(headers=bearer(token())), fake.receive, send)
+        assert (await fake.from_app.receive())["type"] == "websocket.accept"
+    del send
+    gc.collect()
+    assert [ref() for ref in sends] == [None, None]
 
 
 async def test_on_connect_failure_closes_with_1011(
@@ -715,12 +748,30 @@ async def test_on_connect_failure_closes_with_1011(
 
     app = astral.asgi.App(verifier=VERIFIER, on_connect=broken)
     await fake.to_app.send({"type": "websocket.connect"})
-    with caplog.at_level(logging.ERROR, logger="astral.asgi"):
+    with caplog.at_level(logging.INFO, logger="astral"):
         await app(fake.scope(headers=bearer(token())), fake.receive, fake.send)
     assert (await fake.from_app.receive())["type"] == "websocket.accept"
     close = await fake.from_app.receive()
-    assert (close["type"], close["code"]) == ("websocket.close", 1011)
-    assert "on_connect failed" in caplog.text
+    assert close == {"type": "websocket.close", "code": 1011, "reason": "internal error"}
+    # The operator's lines (docs/logging.md): opened, the failure with the
+    # worker's address and traceback, and closed with the code sent.
+    opened, failed, closed = caplog.records
+    assert (opened.name, opened.getMessage()) == (
+        "astral.connection",
+        "accepted connection from 127.0.0.1:4321 (subject 'worker-1')",
+    )
+    assert (failed.name, failed.levelno, failed.getMessage()) == (
+        "astral.server",
+        logging.ERROR,
+        "on_connect failed for 127.0.0.1:4321; closing that connection",
+    )
+    assert failed.exc_info is not None
+    assert str(failed.exc_info[1]) == "boom"
+    assert closed.name == "astral.connection"
+    assert closed.getMessage().startswith(
+        "connection 127.0.0.1:4321 (subject 'worker-1') closed: code 1011, "
+    )
+    assert closed.astral_close_code == 1011  # type: ignore[attr-defined]
 
 
 async def test_without_the_extension_a_refusal_is_a_close_before_accept(fake: FakeServer) -> None:

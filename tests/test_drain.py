@@ -84,8 +84,9 @@ async def test_drain_lets_calls_in_flight_finish_and_refuses_new_ones() -> None:
             # b's new calls are refused by a; a's own new calls too.
             with pytest.raises(astral.RemoteError, match=r"^shutting down$"):
                 await b.call("echo", 1)
-            with pytest.raises(astral.ConnectionClosed, match="shutting down"):
+            with pytest.raises(astral.ConnectionClosed) as refused:
                 await a.call("anything")
+            assert (str(refused.value), refused.value.code) == ("shutting down", None)
             assert not drained.is_set()
             gate.open.set()
         assert results == ["done"]

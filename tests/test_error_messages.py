@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import astral
+from astral.testing import memory_transport_pair
 
 from .helpers import SECRET
 
@@ -100,6 +101,20 @@ def test_current_call_outside_a_capability_says_so() -> None:
         RuntimeError, match=exactly("current_call() called outside a capability run by a peer")
     ):
         astral.current_call()
+
+
+async def test_calling_a_peer_before_entering_it_says_how_to_use_it() -> None:
+    ours, theirs = memory_transport_pair()
+    async with ours, theirs:
+        peer = astral.Peer(ours)
+        message = exactly("use the Peer inside 'async with' before calling")
+        with pytest.raises(RuntimeError, match=message):
+            await peer.call("echo", 1)
+        with pytest.raises(RuntimeError, match=message):
+            async with peer.stream("count", 3):
+                pass  # pragma: no cover
+        async with peer:  # still usable as told (and its own streams closed)
+            assert not peer.closed
 
 
 def test_the_smallest_token_size_limit_is_one_byte() -> None:

@@ -128,8 +128,14 @@ def auth() -> tuple[str, str]:
 async def test_a_call_too_big_for_the_principal_fails_alone() -> None:
     async with running_principal(max_message_size=1000) as principal:
         async with astral.connect(principal.url, token=token()) as worker:
-            with pytest.raises(astral.ProtocolError, match="1000 bytes"):
+            with pytest.raises(astral.ProtocolError) as info:
                 await worker.call("echo", "x" * 1000)
+            assert str(info.value) == (
+                "call echo: the call is larger than the 1000 bytes "
+                "the remote accepts in one message"
+            )
+            # It names the frame it refused to send: the worker's first call.
+            assert (info.value.frame_id, info.value.frame_type) == ("1", "call")
             assert await worker.call("echo", "still open") == "still open"
             assert not worker.closed
 

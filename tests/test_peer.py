@@ -762,6 +762,28 @@ async def test_flow_control_paces_an_astral_producer_to_its_consumer() -> None:
         await assert_settled(a, b)
 
 
+async def test_credit_granted_before_the_first_item_is_honoured() -> None:
+    # An astral caller grants credit only for items it took; a hand-written
+    # remote may grant more before the capability has produced anything.
+    gate = anyio.Event()
+
+    async def gated(n: int) -> AsyncIterator[int]:
+        await gate.wait()
+        for i in range(n):
+            yield i
+
+    ours, theirs = memory_transport_pair()
+    remote = RawRemote(theirs)
+    async with theirs, Peer(ours, capabilities={"gated": gated, "echo": echo}) as peer:
+        await remote.send(encode(Call("s", "gated", 3, 1)))  # a window of one item
+        await remote.send(encode(astral.Credit("s", 2)))
+        assert await remote.probe() == []  # the credit has been read
+        gate.set()
+        frames = [await remote.receive() for _ in range(4)]
+        assert frames == [Yield("s", 0), Yield("s", 1), Yield("s", 2), Result("s")]
+        assert not peer.closed
+
+
 # -- closing ------------------------------------------------------------------------------
 
 
@@ -909,6 +931,27 @@ async def test_cancelling_the_task_group_holding_a_peer_tears_down_both_sides() 
         await assert_settled(a_ref[0], b)
 
 
+async def test_cancelling_a_peer_whose_workers_are_idle_ends_it_cleanly() -> None:
+    """Cancelled from outside while a worker that served a call waits for the
+    next one: the peer ends with the cancellation, and nothing else."""
+    holder = anyio.CancelScope()
+    served = anyio.Event()
+
+    async def hold() -> None:
+        with holder:
+            async with connected_pair({}, {"echo": echo}) as (a, _):
+                assert await a.call("echo", 1) == 1  # b has a worker, now idle
+                served.set()
+                await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await served.wait()
+        await anyio.wait_all_tasks_blocked()  # in memory: b's worker is parked
+        holder.cancel()  # from another task, as a server stopping would
+    assert holder.cancelled_caught
+
+
 async def test_an_exception_in_the_body_propagates_as_raised() -> None:
     # Not wrapped in an ExceptionGroup by the peers' task groups.
     with pytest.raises(RemoteError, match=r"^boom$"):
@@ -979,7 +1022,12 @@ class ScriptedTransport:
     """A transport whose input ends, on cue, with a given error."""
 
     def __init__(
-        self, end: BaseException, *, broken_send: bool = False, failing_close: bool = False
+        self,
+        end: BaseException,
+        *,
+        broken_send: bool = False,
+        stuck_send: bool = False,
+        failing_close: bool = False,
     ) -> None:
         self.sent: list[str] = []
         self.sending = anyio.Event()  # a first frame was sent
@@ -987,6 +1035,7 @@ class ScriptedTransport:
         self.closed = False
         self._error = end
         self._broken_send = broken_send
+        self._stuck_send = stuck_send  # sends wait until the end, then break
         self._failing_close = failing_close
 
     async def send(self, item: str, /) -> None:
@@ -994,6 +1043,9 @@ class ScriptedTransport:
             raise anyio.BrokenResourceError
         self.sent.append(item)
         self.sending.set()
+        if self._stuck_send:
+            await self.end.wait()
+            raise anyio.BrokenResourceError
 
     async def receive(self) -> str:
         await self.end.wait()
@@ -1044,8 +1096,51 @@ async def test_a_send_that_fails_fails_the_call_with_connection_closed() -> None
     async with Peer(transport, timeout=None) as peer:
         with pytest.raises(ConnectionClosed) as info:
             await peer.call("f")
-        assert isinstance(info.value.__cause__, anyio.BrokenResourceError)
+        error = info.value
+        assert (str(error), error.reason, error.code) == (
+            "connection closed",
+            "connection closed",
+            None,
+        )
+        assert isinstance(error.__cause__, anyio.BrokenResourceError)
         assert peer._state.outbound == {}
+
+
+async def test_a_call_whose_send_the_close_cuts_off_fails_with_that_close() -> None:
+    """A call still being sent when the peer closes fails as its pending calls do."""
+    transport = ScriptedTransport(anyio.EndOfStream(), stuck_send=True)
+    async with Peer(transport, timeout=None) as peer:
+        async with anyio.create_task_group() as tg:
+            out = Outcomes(tg)
+            out.start("call", lambda: peer.call("f"))
+            await transport.sending.wait()  # the call frame is stuck in send()
+            await peer.aclose(4000, "bye")
+        error = out.results["call"]
+        assert isinstance(error, ConnectionClosed)
+        assert (str(error), error.reason, error.code) == ("bye (code 4000)", "bye", 4000)
+        assert isinstance(error.__cause__, anyio.BrokenResourceError)
+
+
+async def test_a_call_cancelled_while_its_frame_is_sent_is_given_up_quietly() -> None:
+    transport = ScriptedTransport(anyio.EndOfStream(), stuck_send=True)
+    async with Peer(transport, timeout=None) as peer:
+        caller = anyio.CancelScope()
+        given_up = anyio.Event()
+
+        async def call() -> None:
+            with caller:
+                await peer.call("f")
+            given_up.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await transport.sending.wait()  # the call frame is stuck in send()
+            caller.cancel()
+            await given_up.wait()
+        assert caller.cancelled_caught
+        assert not peer.closed
+        # Nothing is left waiting for it: a drain has no call to wait for.
+        await peer.drain(60)
 
 
 async def test_a_transport_failing_to_close_does_not_break_closing(
