@@ -16,7 +16,7 @@ background tasks per connection, both inside the task group of :meth:`_run`:
   frame synchronously into that buffer (so a frame is always whole, and a
   cancelled send either appended all of it or nothing) and returns; the writer
   wakes once and ships everything that piled up meanwhile in one
-  ``stream.send``. Senders wait only when the buffer holds more than
+  ``stream.send``. Senders wait only when the buffer holds at least
   :data:`WRITE_HIGH_WATER` bytes. On AnyIO's plain asyncio socket stream the
   buffer is instead written straight to the transport at the end of the
   loop's turn (:class:`DirectWriter`), and the writer task is started only
@@ -506,7 +506,7 @@ class WebSocketConnection:
         """Send one text message.
 
         Returns once the frame is queued for the writer task; waits first if
-        more than :data:`WRITE_HIGH_WATER` bytes are already queued.
+        at least :data:`WRITE_HIGH_WATER` bytes are already queued.
 
         Raises:
             ConnectionClosed: If the connection is closing or closed.
@@ -524,7 +524,7 @@ class WebSocketConnection:
     def try_send(self, item: str, /) -> bool:
         """Queue one text message if that needs no waiting; return whether it was queued.
 
-        It is not queued (False) when more than :data:`WRITE_HIGH_WATER` bytes
+        It is not queued (False) when at least :data:`WRITE_HIGH_WATER` bytes
         already wait, or the connection is closing: then use :meth:`send`.
         The peer sends its control frames (credit, cancels) this way, so they
         never wait for a task of their own.
