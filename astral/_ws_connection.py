@@ -841,11 +841,9 @@ class WebSocketConnection:
             self._keepalive_scope = scope = anyio.CancelScope(deadline=self._keepalive_at)
             with scope:
                 await anyio.sleep_forever()
-            if self._write_closed or self._broken:
-                return
-            if anyio.current_time() < self._keepalive_at:
-                continue  # a pong moved the deadline on
-            if not self._ping_due():
+            # The scope's deadline is ``_keepalive_at`` (a pong moves both):
+            # waking here means the ping is due, or a pong is overdue.
+            if self._write_closed or self._broken or not self._ping_due():
                 return
 
     # --- reader -----------------------------------------------------------
