@@ -1062,3 +1062,13 @@ def test_a_call_is_sent_with_every_extension_it_carries() -> None:
         '"trace":{"traceparent":"00-abc-def-01"},"deadline":1500,"input_stream":true}'
     )
     assert decode(encode(frame)) == frame
+
+
+@pytest.mark.parametrize(
+    ("value", "name"),
+    [(object(), "object"), ({"type": "call"}, "dict"), (None, "NoneType"), ("call", "str")],
+)
+def test_encoding_something_that_is_not_a_frame_names_its_type(value: Any, name: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        encode(value)
+    assert str(caught.value) == f"not a frame: {name}"

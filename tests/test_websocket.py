@@ -419,6 +419,30 @@ async def test_close_without_status_reports_1005(reporter: Reporter) -> None:
         assert await peer.next_event() is None  # then the server drops TCP
 
 
+@pytest.mark.parametrize(
+    ("payload", "code", "reason"),
+    [
+        (struct.pack("!H", 1001), 1001, "going away"),
+        (struct.pack("!H", 1011), 1011, "internal error"),
+        (struct.pack("!H", 4000), 4000, "connection closed"),
+        (struct.pack("!H", 4000) + b"bye", 4000, "bye"),
+    ],
+    ids=["1001", "1011", "private-code", "with-reason"],
+)
+async def test_a_close_without_a_reason_is_described_by_its_code(
+    payload: bytes, code: int, reason: str, reporter: Reporter
+) -> None:
+    async def handler(conn: WebSocketConnection) -> None:
+        received = await closed_with(conn.receive())
+        sent = await closed_with(conn.send("late"))
+        await reporter.send.send([(e.code, e.reason, str(e)) for e in (received, sent)])
+
+    async with server(handler) as port, raw_client(port) as peer:
+        await peer.send_frame(8, payload)
+        expected = (code, reason, f"{reason} (code {code})")
+        assert await reporter.receive.receive() == [expected, expected]
+
+
 async def test_server_cancelled_closes_clients_with_1001() -> None:
     async with anyio.create_task_group() as tg:
         port, scope, done = await start_server(tg, echo)
