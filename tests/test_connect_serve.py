@@ -476,6 +476,50 @@ async def test_bad_limits_fail_before_anything_opens(options: dict[str, Any]) ->
             pass
 
 
+async def test_a_worker_leaving_normally_closes_with_1000_and_no_reason() -> None:
+    async with running_principal() as principal:
+        async with astral.connect(principal.url, token=token()):
+            principal_side = await principal.registry.wait_for("worker-1")
+        error = await principal_side.wait_closed()
+        # An empty close reason, described by its code on the principal's side.
+        assert (error.code, error.reason) == (1000, "normal closure")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"open_timeout": 0}, "open_timeout must be positive or None, not 0"),
+        ({"ping_interval": -1.5}, "ping_interval must be positive or None, not -1.5"),
+        ({"ping_timeout": 0}, "ping_timeout must be positive or None, not 0"),
+        ({"close_timeout": -1}, "close_timeout must not be negative, not -1"),
+        ({"max_message_size": 0}, "max_message_size and max_header_size must be positive"),
+        ({"max_header_size": 0}, "max_message_size and max_header_size must be positive"),
+    ],
+)
+async def test_bad_connection_options_are_refused_with_their_name(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError) as caught:
+        await astral.serve(verifier=_hs256_verifier(), **options)
+    assert str(caught.value) == message
+    if "max_header_size" not in options:  # a server option only
+        with pytest.raises(ValueError) as caught:
+            async with astral.connect("ws://127.0.0.1:9/", **options):
+                pass
+        assert str(caught.value) == message
+
+
+async def test_one_byte_is_the_smallest_message_and_header_limit() -> None:
+    # Valid options; with them nothing can connect, which says they were applied.
+    async with running_principal(max_message_size=1, max_header_size=1) as principal:
+        with pytest.raises(astral.ConnectError):
+            async with astral.connect(principal.url, token=token()):
+                pass  # pragma: no cover
+    with pytest.raises(astral.ConnectError):
+        async with astral.connect("ws://127.0.0.1:9/", max_message_size=1, open_timeout=5):
+            pass  # pragma: no cover
+
+
 async def test_a_worker_leaving_with_an_exception_closes_with_1011() -> None:
     async with running_principal() as principal:
         with pytest.raises(RuntimeError, match="worker bug"):

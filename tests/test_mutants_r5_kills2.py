@@ -280,3 +280,16 @@ def _client_view(data: bytes) -> list[str]:
     ws = Connection(ConnectionType.CLIENT)
     ws.receive_data(data)
     return [event.data for event in ws.events() if isinstance(event, TextMessage)]
+
+
+async def test_try_send_refuses_once_exactly_the_high_water_mark_is_queued() -> None:
+    feed = _GatedFeed()
+    big = "b" * (WRITE_HIGH_WATER - 4)  # a server frame: 4 header bytes, unmasked
+    async with open_over(feed, max_message_size=2**17) as conn:
+        await conn.send("a")
+        await feed.writing.wait()  # the transport holds that write
+        assert conn.try_send(big)  # exactly WRITE_HIGH_WATER bytes now wait
+        assert not conn.try_send("c")  # refused: the caller must use send()
+        feed.gate.set()
+        await conn.send("c")
+    assert _client_view(bytes(feed.sent)) == ["a", big, "c"]

@@ -872,7 +872,7 @@ async def test_the_remote_closing_ends_the_peer_on_its_own() -> None:
     async with theirs, Peer(ours) as peer:
         await theirs.aclose()
         reason = await peer.wait_closed()
-        assert "remote" in reason.reason
+        assert reason.reason == "connection closed by the remote peer"
         assert peer.closed
         # Its tasks have ended, before the async with is left.
         with anyio.fail_after(5):
@@ -1705,3 +1705,117 @@ async def test_a_reply_made_while_an_earlier_one_waits_in_the_queue_leaves_after
         with anyio.fail_after(5):
             await transport.two_left.wait()
     assert [json.loads(text)["id"] for text in transport.wire] == ["1", "2"]
+
+
+# -- exact limits and texts of the lifecycle ----------------------------------------
+
+
+async def test_a_close_reason_may_be_exactly_123_bytes() -> None:
+    async with connected_pair() as (a, _b):
+        with pytest.raises(ValueError) as caught:
+            await a.aclose(1000, "é" * 62)  # 124 bytes of UTF-8
+        assert str(caught.value) == "close reason must be at most 123 bytes of UTF-8"
+        assert not a.closed
+        await a.aclose(1000, "é" * 61 + "x")  # 123 bytes
+        assert (await a.wait_closed()).reason == "é" * 61 + "x"
+
+
+async def test_aclose_without_a_reason_says_this_peer_closed() -> None:
+    async with connected_pair() as (a, _b):
+        await a.aclose()
+        closed = await a.wait_closed()
+        assert (closed.code, closed.reason) == (1000, "connection closed by this peer")
+
+
+async def test_a_peer_is_entered_only_once() -> None:
+    ours, theirs = memory_transport_pair()
+    async with theirs:
+        peer = Peer(ours)
+        async with peer:
+            with pytest.raises(RuntimeError) as caught:
+                await peer.__aenter__()
+            assert str(caught.value) == "a Peer can be entered only once"
+
+
+async def test_the_remote_message_size_may_be_one_byte_but_not_zero() -> None:
+    ours, theirs = memory_transport_pair()
+    for bad in (0, -1):
+        with pytest.raises(ValueError) as caught:
+            Peer(ours, remote_max_message_size=bad)
+        assert str(caught.value) == "remote_max_message_size must be positive, or None"
+    async with theirs, Peer(ours, remote_max_message_size=1) as peer:
+        with pytest.raises(ProtocolError):
+            await peer.call("echo", "too big for one byte")
+
+
+async def test_a_stream_flows_with_a_window_of_one_item() -> None:
+    # Credit goes back after every item: with a window of one, a batch of two would stall.
+    async with connected_pair({"count": count}, max_buffered_items=1, timeout=5) as (_a, b):
+        async with b.stream("count", 5) as items:
+            assert [item async for item in items] == [0, 1, 2, 3, 4]
+
+
+class _BrokenOnClose:
+    """A transport whose reader fails with a bug of its own once it is closed (a fault)."""
+
+    def __init__(self) -> None:
+        self.closed = anyio.Event()
+
+    async def send(self, item: str) -> None:
+        pass  # pragma: no cover
+
+    async def receive(self) -> str:
+        await self.closed.wait()
+        raise RuntimeError("transport bug")
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+async def test_an_error_of_the_reader_is_not_lost_behind_the_bodys_own() -> None:
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with Peer(_BrokenOnClose()):
+            raise ValueError("the body's error")
+    bug, body = caught.value.subgroup(RuntimeError), caught.value.subgroup(ValueError)
+    assert bug is not None
+    assert body is not None
+    assert [str(e) for e in _leaves(bug)] == ["transport bug"]
+    assert [str(e) for e in _leaves(body)] == ["the body's error"]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [
+        leaf
+        for e in group.exceptions
+        for leaf in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    ]
+
+
+class _CallThenGone:
+    """A remote that sends one call and is gone in the same step, without yielding (a fault)."""
+
+    def __init__(self, frame: str) -> None:
+        self.frames = [frame]
+
+    async def send(self, item: str) -> None:
+        pass  # pragma: no cover
+
+    async def receive(self) -> str:
+        if self.frames:
+            return self.frames.pop()
+        raise anyio.EndOfStream
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_call_the_peer_stopped_before_it_started_never_runs() -> None:
+    ran: list[Any] = []
+
+    async def record(value: Any) -> None:
+        ran.append(value)  # before any await: runs if the capability is called at all
+
+    transport = _CallThenGone(astral.encode(astral.Call("c1", "record", "x")))
+    async with Peer(transport, capabilities={"record": record}) as peer:
+        await peer.wait_closed()
+    assert ran == []
