@@ -1139,3 +1139,26 @@ async def test_a_frame_queued_while_the_writer_task_writes_goes_out_after_it() -
     client.receive_data(bytes(stream.wire))
     texts = [event.data for event in client.events() if isinstance(event, TextMessage)]
     assert texts == ["first", "second"]
+
+
+async def test_the_client_leaves_dropping_tcp_to_the_server() -> None:
+    # RFC 6455 section 7.1.1: after the closing handshake the server drops TCP first; the
+    # client waits for it, here until its close deadline, as this server never drops it.
+    answered = anyio.Event()
+
+    async def answer_the_close_and_keep_tcp(stream: SocketStream) -> None:
+        peer = await accept_upgrade(stream)
+        while not isinstance(await peer.next_event(), CloseConnection):
+            pass
+        await peer.send_frame(8, struct.pack("!H", 1000))
+        answered.set()
+        await read_to_end(stream)
+
+    async with raw_server(answer_the_close_and_keep_tcp) as port:
+        async with open_websocket(f"ws://{HOST}:{port}/", close_timeout=0.3) as ws:
+            start = anyio.current_time()
+            await ws.aclose()
+            waited = anyio.current_time() - start
+        assert answered.is_set()
+        assert ws.close_code == 1000
+        assert 0.25 < waited < 3
