@@ -366,6 +366,18 @@ async def test_client_close_is_seen_by_the_server(reporter: Reporter) -> None:
         assert await reporter.receive.receive() == (4321, 4321, "bye")
 
 
+async def test_aclose_without_arguments_sends_1000_and_no_reason(reporter: Reporter) -> None:
+    async def handler(conn: WebSocketConnection) -> None:
+        closed = await closed_with(conn.receive())
+        await reporter.send.send((closed.code, closed.reason, conn.close_reason))
+
+    async with server(handler) as port:
+        async with open_websocket(f"ws://{HOST}:{port}/") as ws:
+            await ws.aclose()
+            assert (ws.close_code, ws.close_reason) == (1000, "")
+        assert await reporter.receive.receive() == (1000, "normal closure", "")
+
+
 async def test_aclose_wakes_a_blocked_receive() -> None:
     async with server() as port, open_websocket(f"ws://{HOST}:{port}/") as ws:
         result: list[int | None] = []
