@@ -548,17 +548,19 @@ async def test_handler_error_closes_with_1011_and_is_logged(
 async def test_peer_dropping_tcp_means_1006(reporter: Reporter) -> None:
     async def handler(conn: WebSocketConnection) -> None:
         closed = await closed_with(conn.receive())
-        await reporter.send.send(closed.code)
+        await reporter.send.send((closed.code, closed.reason))
         await closed_with(conn.send("x"))
 
     async with server(handler) as port:
         async with raw_client(port):
             pass
-        assert await reporter.receive.receive() == 1006
+        assert await reporter.receive.receive() == (1006, "connection closed without a close frame")
         async with raw_client(port) as peer:  # a reset rather than a FIN
             raw = peer.stream.extra(anyio.abc.SocketAttribute.raw_socket)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        assert await reporter.receive.receive() == 1006
+        code, reason = await reporter.receive.receive()
+        assert code == 1006
+        assert reason.startswith("read failed: "), reason
 
     async def drop(stream: SocketStream) -> None:
         await accept_upgrade(stream)
