@@ -467,13 +467,22 @@ async def test_a_malformed_request_line_is_logged_without_its_token(
     _assert_no_token(secret, caplog.text)
 
 
-@pytest.mark.parametrize("options", [{"timeout": 0}, {"max_inbound_calls": 0}])
-async def test_bad_limits_fail_before_anything_opens(options: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match="must be"):
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"timeout": 0}, "timeout must be a positive number of seconds, or None"),
+        ({"max_inbound_calls": 0}, "max_inbound_calls and max_buffered_items must be at least 1"),
+        ({"max_buffered_items": 0}, "max_inbound_calls and max_buffered_items must be at least 1"),
+    ],
+)
+async def test_bad_limits_fail_before_anything_opens(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as caught:
         await astral.serve(verifier=_hs256_verifier(), **options)
-    with pytest.raises(ValueError, match="must be"):
+    assert str(caught.value) == message
+    with pytest.raises(ValueError) as caught:
         async with astral.connect("ws://127.0.0.1:9/", **options):
             pass
+    assert str(caught.value) == message
 
 
 async def test_a_worker_leaving_normally_closes_with_1000_and_no_reason() -> None:
