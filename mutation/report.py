@@ -6,17 +6,18 @@ itself, one line per survivor::
     - `astral._auth.x_mint_token__mutmut_58` — equivalent by construction — why
 
 This script reads those lines back, keeps the reading of every mutant that
-still survives, adds the lines of any extra files given (same format, without
-the leading ``- ``, for survivors read since), and rewrites everything from
+still survives, adds the lines of any extra files given (same format, the leading
+``- `` optional, for survivors read since), and rewrites everything from
 ``**Counts.**`` to the end of the page: the table per module and the list.
 The prose above it is written by hand.
 
     python mutation/report.py [--since REF] [EXTRA ...]
 
-``--since REF``: the commit whose ``mutation/results/`` the readings were made
-against. A reading is only kept if the mutant's function has the same hash now
-as then; a changed function's survivors are listed as not classified (its
-mutants were tested again, and what they do may have changed).
+``--since REF``: the commit whose ``mutation/results/`` the page's readings were
+made against. A reading from the page is only kept if the mutant's function
+has the same hash now as then; a changed function's survivors are listed as
+not classified (its mutants were tested again, and what they do may have
+changed) unless an extra file reads them afresh.
 
 A survivor is a mutant whose recorded exit code is 0 (the tests passed with
 it). Caught: any other code (1 for a failing test, negative for a timeout).
@@ -111,8 +112,10 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"{PAGE} has no {MARKER!r} line")
     prose = page[: page.index(MARKER)]
     known = _readings(page.splitlines())
+    fresh: dict[str, tuple[str, str]] = {}  # read since REF: kept whatever changed
     for extra in argv:
-        known.update(_readings(Path(extra).read_text().splitlines()))
+        fresh.update(_readings(Path(extra).read_text().splitlines()))
+    known.update(fresh)
 
     now = _results_now()
     then = _results_at(since) if since else None
@@ -139,6 +142,7 @@ def main(argv: list[str]) -> int:
             if (
                 then is not None
                 and name in known
+                and name not in fresh
                 and old_hashes.get(function) != hashes.get(function)
             ):
                 category, reason = "not classified", "its function changed since it was read"
