@@ -1068,7 +1068,7 @@ def test_mint_token_sets_the_registered_claims() -> None:
         kid="k1",
         claims={"scope": "rpc"},
     )
-    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    header = json.loads(part(token, 0))
     assert header == {"alg": "HS256", "typ": "JWT", "kid": "k1"}
     claims = make_verifier(audience="a").verify(token)
     assert claims == {
@@ -1144,8 +1144,9 @@ def test_mint_token_refuses_non_finite_times(now: float, expires_in: float) -> N
     assert str(info.value) == "now and expires_in must be finite"
 
 
-def payload_bytes(token: str) -> bytes:
-    segment = token.split(".")[1]
+def part(token: str, index: int) -> bytes:
+    """The decoded bytes of one segment of a compact token (0 header, 1 payload)."""
+    segment = token.split(".")[index]
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
@@ -1153,26 +1154,23 @@ def test_minted_tokens_are_compact_utf8_json() -> None:
     # What jose (the original's library) writes: no spaces, text as UTF-8, whole seconds as
     # integers. A longer spelling would still verify, but costs bytes in every handshake.
     token = mint_token(SECRET, subject="wörker-é", now=NOW + 0.75, claims={"scope": ["a", "b"]})
-    header = token.split(".")[0]
-    assert base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)) == (
-        b'{"alg":"HS256","typ":"JWT"}'
-    )
+    assert part(token, 0) == b'{"alg":"HS256","typ":"JWT"}'
     assert (
-        payload_bytes(token)
+        part(token, 1)
         == (
             '{"sub":"wörker-é","iat":1700000000,"nbf":1700000000,"exp":1700000300,'
             '"scope":["a","b"]}'
         ).encode()
     )
     fractional = mint_token(SECRET, subject="w", now=NOW, expires_in=0.5)
-    assert b'"exp":1700000000.5}' in payload_bytes(fractional)
+    assert b'"exp":1700000000.5}' in part(fractional, 1)
 
 
 def test_mint_token_with_one_jwk_takes_the_kid_given() -> None:
     # A single JWK is not a set: kid is only a label for the header, it picks nothing.
     jwk = {"kty": "oct", "k": b64(b"j" * 32)}
     token = mint_token(jwk, subject="w", kid="label", now=NOW)
-    assert json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "==")) == {
+    assert json.loads(part(token, 0)) == {
         "alg": "HS256",
         "typ": "JWT",
         "kid": "label",
@@ -1183,7 +1181,7 @@ def test_mint_token_with_one_jwk_takes_the_kid_given() -> None:
 def test_mint_token_with_a_one_key_keyset_names_its_kid() -> None:
     keys = KeySet.import_key_set({"keys": [two_key_jwks()["keys"][1]]})
     token = mint_token(keys, subject="w", now=NOW)
-    assert json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "==")) == {
+    assert json.loads(part(token, 0)) == {
         "alg": "HS256",
         "typ": "JWT",
         "kid": "b",

@@ -353,29 +353,25 @@ async def test_fragmented_text_is_reassembled() -> None:
 # --- closing ------------------------------------------------------------------
 
 
-async def test_client_close_is_seen_by_the_server(reporter: Reporter) -> None:
+@pytest.mark.parametrize(
+    ("args", "code", "reason", "described"),
+    [((4321, "bye"), 4321, "bye", "bye"), ((), 1000, "", "normal closure")],
+    ids=["code-and-reason", "no-arguments"],
+)
+async def test_client_close_is_seen_by_the_server(
+    args: tuple[Any, ...], code: int, reason: str, described: str, reporter: Reporter
+) -> None:
+    # With no arguments: 1000 and an empty reason, which the server describes by its code.
     async def handler(conn: WebSocketConnection) -> None:
         closed = await closed_with(conn.receive())
-        await reporter.send.send((closed.code, conn.close_code, conn.close_reason))
+        await reporter.send.send((closed.code, closed.reason, conn.close_code, conn.close_reason))
 
     async with server(handler) as port:
         async with open_websocket(f"ws://{HOST}:{port}/") as ws:
-            await ws.aclose(4321, "bye")
+            await ws.aclose(*args)
             await ws.aclose()  # idempotent
-            assert (ws.close_code, ws.close_reason) == (4321, "bye")
-        assert await reporter.receive.receive() == (4321, 4321, "bye")
-
-
-async def test_aclose_without_arguments_sends_1000_and_no_reason(reporter: Reporter) -> None:
-    async def handler(conn: WebSocketConnection) -> None:
-        closed = await closed_with(conn.receive())
-        await reporter.send.send((closed.code, closed.reason, conn.close_reason))
-
-    async with server(handler) as port:
-        async with open_websocket(f"ws://{HOST}:{port}/") as ws:
-            await ws.aclose()
-            assert (ws.close_code, ws.close_reason) == (1000, "")
-        assert await reporter.receive.receive() == (1000, "normal closure", "")
+            assert (ws.close_code, ws.close_reason) == (code, reason)
+        assert await reporter.receive.receive() == (code, described, code, reason)
 
 
 async def test_aclose_wakes_a_blocked_receive() -> None:
