@@ -205,6 +205,7 @@ async def _running(
             ping_timeout=ping_timeout,
             close_timeout=close_timeout,
             max_message_size=max_message_size,
+            reader_task=False,  # the peer reads it (WebSocketConnection.deliver)
         ) as websocket,
         Peer(
             websocket,

@@ -778,6 +778,10 @@ class Peer:
         try:
             await self._outer.start(self._run)
         except BaseException as exc:
+            # The transport goes first: a reader that already runs in its
+            # shielded delivery (WebSocketConnection.deliver) ends with it.
+            self._shutdown(ConnectionClosed("peer stopped"))
+            await self._close_transport(*self._close_with)
             self._outer.cancel_scope.cancel()
             await self._outer.__aexit__(type(exc), exc, exc.__traceback__)
             raise
@@ -975,55 +979,68 @@ class Peer:
     # -- where frames enter --------------------------------------------------
 
     async def _read_loop(self) -> None:
-        state, receive = self._state, self._transport.receive
-        inbound, limit = state.inbound, self._max_inbound
+        transport = self._transport
         error = ConnectionClosed("peer stopped")
         try:
+            deliver = getattr(transport, "deliver", None)
+            if deliver is not None:
+                # astral's WebSocket: it reads in this task and hands each
+                # message over as it is assembled (no reader task of its own,
+                # no hop between tasks per message).
+                await deliver(self._on_message, self._on_end)
+                return
+            receive, on_message = transport.receive, self._on_message
             while True:
-                text = await receive()
-                if len(inbound) >= limit and self._unstarted:
-                    await self._let_workers_start()
-                event = state.receive(text)
-                if isinstance(event, Deliver):
-                    if self._deliver(event):
-                        # A producer that ignores flow control (the original)
-                        # can outrun a consumer that never got scheduled:
-                        # let it run before the buffer overruns.
-                        await anyio.lowlevel.checkpoint()
-                    elif self._idle is not None:
-                        self._check_idle()  # draining: that may have been the last call
-                elif isinstance(event, StartInbound):
-                    self._start_inbound(event.call, event.invoke, event.handle, event.items)
-                elif isinstance(event, CreditInbound):
-                    event.handle.grant(event.n)
-                elif isinstance(event, CancelInbound):
-                    event.handle.by_remote = True
-                    event.handle.scope.cancel()
-                elif isinstance(event, InputInbound):
-                    self._input(event.handle, event.frame)
-                elif isinstance(event, WantOutbound):
-                    if event.handle.pump is not None:
-                        event.handle.pump.grant(event.n)
-                elif isinstance(event, Reply):
-                    self._send_control(event.text)
-                    if self._control_send.statistics().current_buffer_used >= limit:
-                        await self._wait_for_replies()
-                elif isinstance(event, Fail):
-                    event.handle.fail(event.error)
-                    if self._idle is not None:
-                        self._check_idle()
-                    if event.error.frame_type == "yield":
-                        # A result ends the call remotely; a yield means the
-                        # stream still runs there: stop it.
-                        self._send_control(encode(Cancel(event.handle.call_id)))
+                await on_message(await receive())
         except CLOSED_ERRORS as exc:
-            if isinstance(exc, ConnectionClosed):
-                error = ConnectionClosed(exc.reason, code=exc.code)
-            else:
-                error = ConnectionClosed("connection closed by the remote peer")
-            error.__cause__ = exc
+            error = _closed_by(exc)
         finally:
             self._shutdown(error)
+
+    def _on_end(self, exc: ConnectionClosed) -> None:
+        """No more messages will come (see ``WebSocketConnection.deliver``)."""
+        self._shutdown(_closed_by(exc))
+
+    async def _on_message(self, text: str) -> None:
+        """Act on one message from the remote: where every frame enters."""
+        if self._close_error is not None:
+            return  # shut down: nothing is waited for any more
+        state, limit = self._state, self._max_inbound
+        if len(state.inbound) >= limit and self._unstarted:
+            await self._let_workers_start()
+        event = state.receive(text)
+        if isinstance(event, Deliver):
+            if self._deliver(event):
+                # A producer that ignores flow control (the original)
+                # can outrun a consumer that never got scheduled:
+                # let it run before the buffer overruns.
+                await anyio.lowlevel.checkpoint()
+            elif self._idle is not None:
+                self._check_idle()  # draining: that may have been the last call
+        elif isinstance(event, StartInbound):
+            self._start_inbound(event.call, event.invoke, event.handle, event.items)
+        elif isinstance(event, CreditInbound):
+            event.handle.grant(event.n)
+        elif isinstance(event, CancelInbound):
+            event.handle.by_remote = True
+            event.handle.scope.cancel()
+        elif isinstance(event, InputInbound):
+            self._input(event.handle, event.frame)
+        elif isinstance(event, WantOutbound):
+            if event.handle.pump is not None:
+                event.handle.pump.grant(event.n)
+        elif isinstance(event, Reply):
+            self._send_control(event.text)
+            if self._control_send.statistics().current_buffer_used >= limit:
+                await self._wait_for_replies()
+        elif isinstance(event, Fail):
+            event.handle.fail(event.error)
+            if self._idle is not None:
+                self._check_idle()
+            if event.error.frame_type == "yield":
+                # A result ends the call remotely; a yield means the
+                # stream still runs there: stop it.
+                self._send_control(encode(Cancel(event.handle.call_id)))
 
     def _input(self, handle: _Inbound, frame: Item | End) -> None:
         """Feed an input item, or its end, to the inbound call under ``handle``."""
@@ -1074,7 +1091,11 @@ class Peer:
         # (on trio the reader drains a burst of calls without yielding). Let
         # them run, so a call is refused only when the slots are taken by
         # calls that really are running, whatever the backend.
-        while self._unstarted and len(self._state.inbound) >= self._max_inbound:
+        while (
+            self._unstarted
+            and len(self._state.inbound) >= self._max_inbound
+            and self._close_error is None
+        ):
             await anyio.lowlevel.checkpoint()
 
     async def _wait_for_replies(self) -> None:
@@ -1098,7 +1119,15 @@ class Peer:
             logger.warning("remote floods refused calls without reading; closing (1008)")
             self._close_with = (1008, reason)
             self._shutdown(ConnectionClosed(reason, code=1008))
-            await self._close_transport(*self._close_with)
+            close_soon = getattr(self._transport, "close_soon", None)
+            if close_soon is not None:
+                # This task may be the one reading the connection
+                # (WebSocketConnection.deliver): it cannot wait here for the
+                # close handshake it has to read. It goes on reading until
+                # the handshake is done.
+                close_soon(*self._close_with)
+            else:
+                await self._close_transport(*self._close_with)
             if self._tasks is not None:
                 self._tasks.cancel_scope.cancel()
 
@@ -1804,6 +1833,16 @@ class Peer:
             yield stream
         finally:
             await stream.aclose()
+
+
+def _closed_by(exc: BaseException) -> ConnectionClosed:
+    """The error pending calls fail with when the transport ended with ``exc``."""
+    if isinstance(exc, ConnectionClosed):
+        error = ConnectionClosed(exc.reason, code=exc.code)
+    else:
+        error = ConnectionClosed("connection closed by the remote peer")
+    error.__cause__ = exc
+    return error
 
 
 def _deadline_exceeded(call: Call) -> Result:

@@ -213,6 +213,7 @@ async def serve(
                 response_headers=advertise(max_message_size),
                 max_connections=max_connections,
                 max_handshakes=max_handshakes,
+                reader_task=False,  # each peer reads its connection (deliver)
                 task_status=task_status,
             )
     except BaseExceptionGroup as group:

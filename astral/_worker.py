@@ -281,8 +281,10 @@ async def _connection(
                 await on_connect(peer)
             closed = await peer.wait_closed()
         except Exception as exc:
-            # on_connect failed because this connection ended: connect again.
-            if not (peer.closed and _only_closed(exc)):
+            # on_connect failed because this connection ended, or is being
+            # drained (the worker is stopping: its calls are refused with
+            # "shutting down" before the peer is closed): connect again.
+            if not ((peer.closed or peer._state.draining) and _only_closed(exc)):
                 raise
             closed = await peer.wait_closed()
         logger.info("connection to %s ended: %s", where, closed)

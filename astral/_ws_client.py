@@ -336,6 +336,7 @@ async def open_websocket(
     close_timeout: float = _defaults.CLOSE_TIMEOUT,
     max_message_size: int = _defaults.MAX_MESSAGE_SIZE,
     max_header_size: int = _defaults.MAX_HEADER_SIZE,
+    reader_task: bool = True,
 ) -> AsyncIterator[WebSocketConnection]:
     """Open a WebSocket connection to ``url`` for the duration of the block.
 
@@ -358,6 +359,10 @@ async def open_websocket(
         max_message_size: Largest message accepted, in bytes (reassembled);
             bigger ones close the connection with 1009.
         max_header_size: Largest response head accepted, in bytes.
+        reader_task: Read the connection in a task of its own. ``False``
+            when the block's consumer reads through
+            :meth:`~astral._ws_connection.WebSocketConnection.deliver` (a
+            peer does): one task less.
 
     Yields:
         The open connection.
@@ -394,5 +399,5 @@ async def open_websocket(
         max_message_size=max_message_size,
     )
     conn.response_headers = response_headers
-    async with conn._run():
+    async with conn._run(reader_task=reader_task):
         yield conn

@@ -11,7 +11,11 @@ background tasks per connection, both inside the task group of :meth:`_run`:
   whole messages in a deque (fragments are gathered in one growing buffer,
   binary is decoded as UTF-8, sizes are checked). Pings are answered here. It
   is the only task that ever closes the stream, so the socket's lifetime has
-  one owner.
+  one owner. A peer does not need it as a task: opened with
+  ``reader_task=False``, the connection is read by the peer's own task
+  through :meth:`WebSocketConnection.deliver`, which runs the same reader
+  and awaits the peer's handler with each message as it is assembled (no
+  hand-over between tasks, one task less per connection).
 * the **writer** drains one shared ``bytearray``. :meth:`send` serialises its
   frame synchronously into that buffer (so a frame is always whole, and a
   cancelled send either appended all of it or nothing) and returns; the writer
@@ -78,7 +82,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from ._exceptions import ConnectionClosed
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Coroutine
+    from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 
     from anyio.abc import ByteStream
     from wsproto.connection import Connection
@@ -351,6 +355,8 @@ class WebSocketConnection:
         "_max_fragments",
         "_max_size",
         "_messages",
+        "_on_end",
+        "_on_message",
         "_out",
         "_partial",
         "_peer_done",
@@ -362,8 +368,11 @@ class WebSocketConnection:
         "_pings_unread",
         "_pong_owed",
         "_pong_wanted",
+        "_pushing",
         "_queued",
         "_read_scope",
+        "_reader_scope",
+        "_reader_started",
         "_reassembling",
         "_recv_closed",
         "_recv_high",
@@ -427,6 +436,15 @@ class WebSocketConnection:
         self._fragments = 0
         self._max_fragments = max(MIN_FRAGMENTS, max_message_size // FRAGMENT_OVERHEAD)
         self._recv_closed = False  # no more messages will be queued
+        # Delivery (see deliver()): the reader runs in the task that reads,
+        # and hands each message to ``_on_message`` as it is assembled.
+        self._on_message: Callable[[str], Awaitable[None]] | None = None
+        self._on_end: Callable[[ConnectionClosed], None] | None = None
+        self._pushing = False  # on_message is running
+        # The reader runs (as a task of _run, or in deliver()'s caller), in
+        # this shielded scope.
+        self._reader_started = False
+        self._reader_scope: anyio.CancelScope | None = None
 
         # Sending.
         self._out = bytearray()
@@ -559,10 +577,48 @@ class WebSocketConnection:
                 return message
             if self._recv_closed:
                 raise self._closed_error()
+            if self._on_message is not None:
+                raise RuntimeError("this connection's messages go to deliver()")
+            if not self._reader_started:
+                self._start_reader()
             waiter = self._recv_waiter
             if waiter is None:
                 waiter = self._recv_waiter = anyio.Event()
             await waiter.wait()
+
+    async def deliver(
+        self,
+        on_message: Callable[[str], Awaitable[None]],
+        on_end: Callable[[ConnectionClosed], None],
+    ) -> None:
+        """Read the connection in this task, awaiting ``on_message`` with each message.
+
+        The alternative to :meth:`receive` for the one consumer of a
+        connection (a peer): no reader task of its own, and no hand-over
+        between tasks per message. ``on_end`` is called once, as soon as no
+        more messages will come, with the :class:`ConnectionClosed` that
+        :meth:`receive` would raise (messages that arrived first are delivered
+        first). Returns once the connection is closed; the reading is shielded
+        from cancellation like the reader task's, so that the close handshake
+        completes (:meth:`aclose` bounds it).
+
+        When the connection already reads in a task of its own (it was
+        opened with ``reader_task=True``), this is a loop over :meth:`receive`.
+        """
+        if self._reader_started:
+            try:
+                while True:
+                    await on_message(await self.receive())
+            except ConnectionClosed as exc:
+                on_end(exc)
+            return
+        self._on_message, self._on_end = on_message, on_end
+        self._reader_started = True
+        try:
+            await self._reader()
+        finally:
+            self._on_message = None
+            self._end_delivery(force=True)
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Close the connection with the WebSocket close handshake. Idempotent.
@@ -586,6 +642,8 @@ class WebSocketConnection:
             return
         if closed is False:
             closed = self._closed = anyio.Event()
+        if not self._reader_started:
+            self._start_reader()  # no one read yet: the handshake needs a reader
         deadline = self._close_deadline
         if deadline is None:  # the stream broke; the reader is finishing
             deadline = anyio.current_time() + self._close_timeout
@@ -596,11 +654,28 @@ class WebSocketConnection:
             if not closed.is_set():
                 self._abort()
 
+    def close_soon(self, code: int = 1000, reason: str = "") -> None:
+        """Begin the close handshake and return at once; the reader completes it.
+
+        For the task that reads the connection through :meth:`deliver`,
+        which cannot wait in :meth:`aclose` for a close frame it has to read
+        itself. Idempotent, like :meth:`aclose`.
+
+        Raises:
+            ValueError: If ``code`` may not be sent in a close frame.
+        """
+        check_close_code(code)
+        self._start_close(code, reason)
+
     # --- lifetime ---------------------------------------------------------
 
     @asynccontextmanager
-    async def _run(self) -> AsyncIterator[None]:
+    async def _run(self, *, reader_task: bool = True) -> AsyncIterator[None]:
         """Run the background tasks around the body, then close the connection.
+
+        With ``reader_task=False`` no task reads: the body's consumer reads
+        through :meth:`deliver` (a task starts only if :meth:`receive` or
+        :meth:`aclose` finds no one reading).
 
         The close code follows the way the body ends (see :func:`exit_code`);
         the close handshake is shielded from the body's cancellation and
@@ -613,8 +688,9 @@ class WebSocketConnection:
                 self._keepalive_at = anyio.current_time() + self._ping_interval
                 if not self._ping_in_reader:
                     tg.start_soon(self._shielded, self._keepalive_main)
-            tg.start_soon(self._shielded, self._read_main)
             self._tasks = tg
+            if reader_task:
+                self._start_reader()
             if self._direct is None or self._out:
                 self._start_writer()
             try:
@@ -629,6 +705,11 @@ class WebSocketConnection:
         if error is not None:
             raise error
 
+    async def _reader(self) -> None:
+        with anyio.CancelScope(shield=True) as scope:
+            self._reader_scope = scope
+            await self._read_main()
+
     async def _shielded(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         with anyio.CancelScope(shield=True) as scope:
             self._task_scopes.append(scope)
@@ -637,6 +718,8 @@ class WebSocketConnection:
     def _abort(self) -> None:
         """Stop every background task now; the reader closes the stream on its way out."""
         self._lost("connection aborted")
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
         for scope in self._task_scopes:
             scope.cancel()
 
@@ -654,6 +737,7 @@ class WebSocketConnection:
             self._close_deadline = anyio.current_time() + self._close_timeout
             self._read_scope.deadline = self._close_deadline
         self._wake_all()
+        self._end_delivery()
 
     def _start_close(self, code: int, reason: str) -> None:
         """Begin the closing handshake from our side, unless it has begun already."""
@@ -674,6 +758,25 @@ class WebSocketConnection:
         self._out.clear()
         self._read_scope.cancel()
         self._wake_all()
+        self._end_delivery()
+
+    def _end_delivery(self, *, force: bool = False) -> None:
+        """Tell deliver()'s consumer that no more messages will come, once.
+
+        Not while a message is being handed over or others wait to be: those
+        go first, and the reader calls this again when they are out.
+        """
+        on_end = self._on_end
+        if on_end is not None and (
+            force or (self._recv_closed and not self._pushing and not self._messages)
+        ):
+            self._on_end = None
+            on_end(self._closed_error())
+
+    def _start_reader(self) -> None:
+        if not self._reader_started and self._tasks is not None:
+            self._reader_started = True
+            self._tasks.start_soon(self._reader)
 
     def _start_writer(self) -> None:
         if not self._writer_started and self._tasks is not None:
@@ -774,6 +877,7 @@ class WebSocketConnection:
                     return
                 finally:
                     self._writer_busy = False
+                    data = b""  # not kept while the writer waits for more
                 self._written()
         finally:
             assert self._writer_done is not None
@@ -855,7 +959,10 @@ class WebSocketConnection:
                 scope.deadline = self._keepalive_at
             with scope:
                 # wsproto may hold frames that came in with the handshake.
-                if not self._handle_events():
+                stop = self._handle_events()
+                if self._on_message is not None and self._messages:
+                    await self._push()
+                if not stop:
                     await self._read_loop()
             # The keepalive is this task's deadline: when it passes, the read
             # is cancelled (no data is lost: the stream keeps what it holds),
@@ -884,7 +991,7 @@ class WebSocketConnection:
                 if not isinstance(closed, bool):
                     closed.set()
                 for scope in self._task_scopes:
-                    scope.cancel()  # the writer (the reader is done)
+                    scope.cancel()  # the writer and keepalive (the reader is done)
 
     async def _read_loop(self) -> None:
         receive = self._stream.receive
@@ -908,8 +1015,30 @@ class WebSocketConnection:
             if self._peer_done:
                 continue  # client side, waiting for the server to drop TCP
             self._ws.receive_data(data)
-            if self._handle_events():
+            data = b""  # not kept while the next read waits
+            stop = self._handle_events()
+            if self._on_message is not None and self._messages:
+                await self._push()
+            if stop:
                 return
+
+    async def _push(self) -> None:
+        """Hand the queued messages to deliver()'s consumer, in order."""
+        on_message, messages = self._on_message, self._messages
+        assert on_message is not None
+        self._pushing = True
+        try:
+            while messages:
+                message = messages.popleft()
+                self._queued -= len(message) + MESSAGE_OVERHEAD
+                await on_message(message)
+        finally:
+            self._pushing = False
+        resume = self._resume
+        if resume is not None:
+            self._resume = None
+            resume.set()
+        self._end_delivery()
 
     def _handle_events(self) -> bool:
         """Act on wsproto's events; return whether to stop reading."""

@@ -284,6 +284,7 @@ class _Server:
     max_connections: int
     max_handshakes: int
     response_headers: Sequence[tuple[str, str]] = ()
+    reader_task: bool = True
 
 
 class _Admission:
@@ -316,6 +317,7 @@ async def serve_websocket(
     response_headers: Sequence[tuple[str, str]] = (),
     max_connections: int = _defaults.MAX_CONNECTIONS,
     max_handshakes: int = _defaults.MAX_HANDSHAKES,
+    reader_task: bool = True,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve WebSocket connections until cancelled.
@@ -357,6 +359,10 @@ async def serve_websocket(
             more gets HTTP 503 (or, over TLS, is closed).
         max_handshakes: Connections in TLS or the upgrade request at once;
             one more gets HTTP 503 (or, over TLS, is closed).
+        reader_task: Read each connection in a task of its own. ``False``
+            when the handler's consumer reads through
+            :meth:`~astral._ws_connection.WebSocketConnection.deliver` (a
+            peer does): one task less per connection.
         task_status: Receives the port actually listened on, once listening.
 
     Raises:
@@ -386,6 +392,7 @@ async def serve_websocket(
         max_connections,
         max_handshakes,
         tuple(response_headers),
+        reader_task,
     )
     admission = _Admission(server)
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
@@ -462,7 +469,7 @@ async def _serve_one(raw: SocketStream, server: _Server, admission: _Admission) 
         if conn is None:
             return
         try:
-            async with conn._run():
+            async with conn._run(reader_task=server.reader_task):
                 await server.handler(conn)
         except Exception as exc:
             if not only(exc, ConnectionClosed):
