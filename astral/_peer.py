@@ -1150,6 +1150,7 @@ class Peer:
                 return  # the call was cancelled with the peer: never start it
             self._unstarted -= 1
             await self._serve(*work)
+            del work  # an idle worker keeps nothing of the call it served
             slot = _Idle()
             idle.append(slot)
             try:
@@ -1230,9 +1231,9 @@ class Peer:
             return
         state, send = self._state, self._transport.send
         final: str | None = None
-        _current_call.set(handle)
-        if handle.items is not None:
-            input_items.set(handle.items)
+        # Reset when the call ends: the worker's context outlives the call.
+        call_token = _current_call.set(handle)
+        items_token = input_items.set(handle.items) if handle.items is not None else None
         try:
             with handle.scope:
                 first = await start(invoke, call, self._on_error)
@@ -1266,6 +1267,9 @@ class Peer:
                 handle.items.close()
             if self._idle is not None:
                 self._check_idle()
+            if items_token is not None:
+                input_items.reset(items_token)
+            _current_call.reset(call_token)
 
     async def _serve_observed(
         self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound
@@ -1277,9 +1281,9 @@ class Peer:
         )
         chain = Chain(self._middleware, info)
         final: Result | None = None
-        _current_call.set(handle)
-        if handle.items is not None:
-            input_items.set(handle.items)
+        # Reset when the call ends: the worker's context outlives the call.
+        call_token = _current_call.set(handle)
+        items_token = input_items.set(handle.items) if handle.items is not None else None
 
         def on_error(call: Call, exc: Exception) -> Result:
             info.end("error", error=exc)
@@ -1353,6 +1357,9 @@ class Peer:
                 handle.items.close()
             if self._idle is not None:
                 self._check_idle()
+            if items_token is not None:
+                input_items.reset(items_token)
+            _current_call.reset(call_token)
 
     def _past_deadline(self, handle: _Inbound) -> bool:
         """Whether an inbound call ended because its deadline passed (not the connection)."""
