@@ -174,16 +174,25 @@ async def serve(
         return None
 
     async def run_connection(websocket: WebSocketConnection) -> None:
-        assert websocket.request is not None
+        request = websocket.request
+        assert request is not None
+        claims = request.state["claims"]
+        where = _address(request)
+        remote = RemoteLimits.from_headers(request.headers).peer_options()
+        # Nothing reads the upgrade request after this: drop it rather than
+        # keep its headers, the bearer token among them, for the
+        # connection's life.
+        websocket._request = None
+        del request
         await host_worker(
             websocket,
             websocket.aclose,
-            websocket.request.state["claims"],
+            claims,
             capabilities=capabilities,
             registry=registry,
             on_connect=on_connect,
-            where=_address(websocket.request),
-            **RemoteLimits.from_headers(websocket.request.headers).peer_options(),
+            where=where,
+            **remote,
             grace=grace,
             hosting=hosting,
             expiry_leeway=leeway,

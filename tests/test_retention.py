@@ -1,9 +1,10 @@
-"""An idle connection does not keep its last call's input alive (issue #10).
+"""An idle connection keeps nothing it no longer needs (issue #10).
 
-Each test runs a principal and a worker in this process over a real socket
+The upgrade request is dropped once served. The last call's input: each
+test runs a principal and a worker in this process over a real socket
 on 127.0.0.1, makes one call whose input is a large string, then lets the
 connection go idle and asks tracemalloc how much of that input this process
-still holds. The callee side is the one that would keep it (the caller's
+still holds. It is mostly the callee side that would keep it (the caller's
 frames are gone once its call returns), so each direction is tested: a
 worker calling the principal, and the principal calling a worker.
 
@@ -29,6 +30,7 @@ from typing import Any
 import pytest
 
 import astral
+from astral._ws_connection import WebSocketConnection
 
 from .helpers import running_principal, token
 
@@ -123,3 +125,17 @@ async def test_an_idle_connection_lets_its_last_input_go(
             await one_call(SIZE)
             retained = now() - before
         assert retained < MARGIN, f"{retained} bytes still held after the call"
+
+
+async def test_a_served_connection_drops_its_upgrade_request() -> None:
+    # Its headers carry the bearer token: not kept for the connection's life.
+    async with (
+        running_principal() as principal,
+        astral.connect(principal.url, token=token()) as worker,
+    ):
+        principal_side = await principal.registry.wait_for("worker-1")
+        transport = principal_side._transport
+        assert isinstance(transport, WebSocketConnection)
+        assert transport.request is None
+        assert principal_side.claims["sub"] == "worker-1"
+        assert await worker.call("whoami") == "worker-1"
