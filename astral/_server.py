@@ -153,8 +153,9 @@ async def serve(
         TypeError: A capability is not async.
         ValueError: A limit is not positive, or ``grace`` is negative.
     """
-    # Fail fast, before listening, on a capability that is not async or a bad limit.
-    resolve(capabilities)
+    # Fail fast, before listening, on a capability that is not async or a bad
+    # limit. Every connection gets this one table, not one resolved for it.
+    table = resolve(capabilities)
     check_limits(timeout, max_inbound_calls, max_buffered_items)
     if not grace >= 0:
         raise ValueError("grace must not be negative")
@@ -188,7 +189,7 @@ async def serve(
             websocket,
             websocket.aclose,
             claims,
-            capabilities=capabilities,
+            capabilities=table,
             registry=registry,
             on_connect=on_connect,
             where=where,
