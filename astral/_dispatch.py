@@ -44,6 +44,7 @@ __all__ = [
     "Capability",
     "Dispatch",
     "OnError",
+    "Resolved",
     "error_message",
     "error_result",
     "handle",
@@ -101,14 +102,26 @@ _Invoke: TypeAlias = _Fn[[Any], Any]
 Dispatch: TypeAlias = _Fn[[Call], AsyncIterator[Yield | Result]]
 
 
-def resolve(capabilities: Capabilities | None) -> dict[str, _Invoke]:
+class Resolved(dict[str, _Invoke]):
+    """A table :func:`resolve` made: resolving it again returns it as it is.
+
+    A server resolves its capabilities once and hands every connection the
+    same table, instead of a new one (wrappers, validation plans) each.
+    Nothing changes it once made.
+    """
+
+    __slots__ = ()
+
+
+def resolve(capabilities: Capabilities | None) -> Resolved:
     """Check every capability once and return a private name → invoker table.
 
     Args:
         capabilities: Names mapped to capabilities, or ``None`` for none.
 
     Returns:
-        A new ``dict``: later changes to ``capabilities`` have no effect.
+        A new table: later changes to ``capabilities`` have no effect. A
+        table this function made is returned as it is.
 
     Raises:
         TypeError: If a name is not a string, or a value is not an async
@@ -116,7 +129,9 @@ def resolve(capabilities: Capabilities | None) -> dict[str, _Invoke]:
             ``call`` method, or its input is annotated with a ``TypedDict`` or
             a dataclass while neither msgspec nor pydantic is installed.
     """
-    table: dict[str, _Invoke] = {}
+    if type(capabilities) is Resolved:
+        return capabilities
+    table = Resolved()
     for name, capability in (capabilities or {}).items():
         if not isinstance(name, str):
             raise TypeError(f"capability names must be strings, not {type(name).__name__}")

@@ -53,6 +53,8 @@ FEATURES_HEADER = "Astral-Features"
 #: The protocol extensions this astral implements, in the order it names them.
 FEATURES: tuple[str, ...] = ("cancel", "credit", "deadline", "input-stream")
 _KNOWN = frozenset(FEATURES)
+_NONE: frozenset[str] = frozenset()
+_AGREED: dict[frozenset[str], frozenset[str]] = {_NONE: _NONE, _KNOWN: _KNOWN}
 # A remote's list is read only this far: a header is not a place for a novel.
 _MAX_FEATURES_HEADER = 1024
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
@@ -92,8 +94,11 @@ def agreed(remote: Iterable[str] | None) -> frozenset[str]:
         remote: The remote's tokens, ``None`` when it sent no header.
     """
     if remote is None:
-        return frozenset()
-    return _KNOWN.intersection(remote)
+        return _NONE
+    features = _KNOWN.intersection(remote)
+    # One shared set per combination (subsets of FEATURES, so few), not one
+    # per connection: each connection keeps its set for its whole life.
+    return _AGREED.setdefault(features, features)
 
 
 @dataclass(frozen=True)

@@ -752,8 +752,9 @@ class Peer:
         self._idle: anyio.Event | None = None  # set once a drain has no call left
         # Idle workers, each parked on its own event; a call is handed to one
         # directly (no memory object stream: its receive() spends a turn of
-        # the loop before it even waits).
-        self._idle_workers: deque[_Idle] = deque()
+        # the loop before it even waits). A list, not a deque (760 bytes even
+        # empty): the last one parked takes the next call.
+        self._idle_workers: list[_Idle] = []
         self._work_closed = False
         self._unstarted = 0  # calls handed to a worker that has not taken them yet
         self._deadlines: Deadlines[_Channel] = Deadlines()
@@ -961,7 +962,7 @@ class Peer:
         # Calls still waiting for a worker were cancelled above: never start them.
         self._work_closed = True
         while self._idle_workers:
-            self._idle_workers.popleft().wake.set()  # with no work: it ends
+            self._idle_workers.pop().wake.set()  # with no work: it ends
         if self._timer_wake is not None:
             self._timer_wake.set()  # the timer loop ends too
         if self._idle is not None:
@@ -1179,6 +1180,7 @@ class Peer:
                 return  # the call was cancelled with the peer: never start it
             self._unstarted -= 1
             await self._serve(*work)
+            del work  # an idle worker keeps nothing of the call it served
             slot = _Idle()
             idle.append(slot)
             try:
@@ -1208,7 +1210,7 @@ class Peer:
             handle.deadline = handle.scope.deadline = anyio.current_time() + call.deadline / 1000
         self._unstarted += 1
         if self._idle_workers:
-            slot = self._idle_workers.popleft()  # that idle worker takes this call
+            slot = self._idle_workers.pop()  # the last worker parked takes this call
             slot.work = (call, invoke, handle)
             slot.wake.set()
         else:
@@ -1259,9 +1261,9 @@ class Peer:
             return
         state, send = self._state, self._transport.send
         final: str | None = None
-        _current_call.set(handle)
-        if handle.items is not None:
-            input_items.set(handle.items)
+        # Reset when the call ends: the worker's context outlives the call.
+        call_token = _current_call.set(handle)
+        items_token = input_items.set(handle.items) if handle.items is not None else None
         try:
             with handle.scope:
                 first = await start(invoke, call, self._on_error)
@@ -1295,6 +1297,9 @@ class Peer:
                 handle.items.close()
             if self._idle is not None:
                 self._check_idle()
+            if items_token is not None:
+                input_items.reset(items_token)
+            _current_call.reset(call_token)
 
     async def _serve_observed(
         self, call: Call, invoke: Callable[[Any], Any], handle: _Inbound
@@ -1306,9 +1311,9 @@ class Peer:
         )
         chain = Chain(self._middleware, info)
         final: Result | None = None
-        _current_call.set(handle)
-        if handle.items is not None:
-            input_items.set(handle.items)
+        # Reset when the call ends: the worker's context outlives the call.
+        call_token = _current_call.set(handle)
+        items_token = input_items.set(handle.items) if handle.items is not None else None
 
         def on_error(call: Call, exc: Exception) -> Result:
             info.end("error", error=exc)
@@ -1382,6 +1387,9 @@ class Peer:
                 handle.items.close()
             if self._idle is not None:
                 self._check_idle()
+            if items_token is not None:
+                input_items.reset(items_token)
+            _current_call.reset(call_token)
 
     def _past_deadline(self, handle: _Inbound) -> bool:
         """Whether an inbound call ended because its deadline passed (not the connection)."""

@@ -274,6 +274,26 @@ async def host_worker(
     sub = claims.get("sub")
     # Connections whose token has no string subject are served, not listed.
     subject = sub if isinstance(sub, str) and registry is not None else None
+    expires_in = _expires_in(claims, expiry_leeway)
+    # Each level below takes what it needs as arguments, and the Peer's
+    # options as this one dict: the frames of a connection's task live as
+    # long as the connection (memory per idle connection).
+    if hosting is not None:
+        await _host_inline(
+            transport,
+            close,
+            claims,
+            sub,
+            capabilities=capabilities,
+            registry=registry,
+            subject=subject,
+            on_connect=on_connect,
+            where=where,
+            expires_in=expires_in,
+            hosting=hosting,
+            peer_options=peer_options,
+        )
+        return
     with log_connection(where, sub) as closing:
         await _host(
             transport,
@@ -286,10 +306,9 @@ async def host_worker(
             on_connect=on_connect,
             where=where,
             grace=grace,
-            expires_in=_expires_in(claims, expiry_leeway),
+            expires_in=expires_in,
             hosted=hosted,
-            hosting=hosting,
-            **peer_options,
+            peer_options=peer_options,
         )
 
 
@@ -307,25 +326,9 @@ async def _host(
     grace: float,
     expires_in: float | None,
     hosted: set[Peer] | None,
-    hosting: Hosting | None,
-    **peer_options: Any,
+    peer_options: dict[str, Any],
 ) -> None:
-    if hosting is not None:
-        await _host_inline(
-            transport,
-            close,
-            claims,
-            closing,
-            capabilities=capabilities,
-            registry=registry,
-            subject=subject,
-            on_connect=on_connect,
-            where=where,
-            expires_in=expires_in,
-            hosting=hosting,
-            **peer_options,
-        )
-        return
+    """The peer in a task of its own, shielded, while this task waits for the server to stop."""
     shield = anyio.CancelScope(shield=True)
     running: list[Peer] = []
     finished = anyio.Event()
@@ -430,7 +433,7 @@ async def _host_inline(
     transport: AnyTransport,
     close: Callable[[int, str], Awaitable[None]],
     claims: Mapping[str, Any],
-    closing: ClosingLog,
+    sub: object,
     *,
     capabilities: Capabilities | None,
     registry: Registry | None,
@@ -439,10 +442,10 @@ async def _host_inline(
     where: str,
     expires_in: float | None,
     hosting: Hosting,
-    **peer_options: Any,
+    peer_options: dict[str, Any],
 ) -> None:
-    """:func:`_host` in the calling task, for a server that drains through ``hosting``."""
-    with anyio.CancelScope(shield=True) as shield:
+    """The peer in the calling task, shielded, for a server that drains through ``hosting``."""
+    with log_connection(where, sub) as closing, anyio.CancelScope(shield=True) as shield:
         async with Peer(
             transport, capabilities=capabilities, claims=claims, **peer_options
         ) as peer:

@@ -153,8 +153,9 @@ async def serve(
         TypeError: A capability is not async.
         ValueError: A limit is not positive, or ``grace`` is negative.
     """
-    # Fail fast, before listening, on a capability that is not async or a bad limit.
-    resolve(capabilities)
+    # Fail fast, before listening, on a capability that is not async or a bad
+    # limit. Every connection gets this one table, not one resolved for it.
+    table = resolve(capabilities)
     check_limits(timeout, max_inbound_calls, max_buffered_items)
     if not grace >= 0:
         raise ValueError("grace must not be negative")
@@ -174,16 +175,25 @@ async def serve(
         return None
 
     async def run_connection(websocket: WebSocketConnection) -> None:
-        assert websocket.request is not None
+        request = websocket.request
+        assert request is not None
+        claims = request.state["claims"]
+        where = _address(request)
+        remote = RemoteLimits.from_headers(request.headers).peer_options()
+        # Nothing reads the upgrade request after this: drop it rather than
+        # keep its headers, the bearer token among them, for the
+        # connection's life.
+        websocket._request = None
+        del request
         await host_worker(
             websocket,
             websocket.aclose,
-            websocket.request.state["claims"],
-            capabilities=capabilities,
+            claims,
+            capabilities=table,
             registry=registry,
             on_connect=on_connect,
-            where=_address(websocket.request),
-            **RemoteLimits.from_headers(websocket.request.headers).peer_options(),
+            where=where,
+            **remote,
             grace=grace,
             hosting=hosting,
             expiry_leeway=leeway,

@@ -462,6 +462,7 @@ async def _serve_one(raw: SocketStream, server: _Server, admission: _Admission) 
                 conn = await _open(raw, remote, server)
             if scope.cancelled_caught:
                 logger.info("opening handshake with %s timed out", remote)
+            del scope  # finished: not kept for the connection's life
         finally:
             admission.handshaking -= 1
             if conn is None:

@@ -167,8 +167,9 @@ class App:
         max_message_size: int = _defaults.MAX_MESSAGE_SIZE,
         json_default: JsonDefault | None = None,
     ) -> None:
-        # Fail now, not at the first connection, on a sync capability or a bad limit.
-        resolve(capabilities)
+        # Fail now, not at the first connection, on a sync capability or a bad
+        # limit. Every connection gets this one table, not one resolved for it.
+        table = resolve(capabilities)
         check_limits(timeout, max_inbound_calls, max_buffered_items)
         if not grace >= 0:
             raise ValueError("grace must not be negative")
@@ -183,7 +184,7 @@ class App:
         self._hosted: set[Peer] = set()
         self._stopping = False
         self._verifier = verifier
-        self._capabilities = capabilities
+        self._capabilities = table
         self._registry = registry
         self._on_connect = on_connect
         self._path = path

@@ -32,6 +32,7 @@ from websockets.exceptions import InvalidStatus
 
 import astral
 import astral.asgi
+from astral._dispatch import resolve
 from astral.asgi import _ASGITransport, _token_of
 
 if TYPE_CHECKING:
@@ -586,6 +587,15 @@ async def test_a_sync_capability_is_refused_at_construction() -> None:
 
     with pytest.raises(TypeError):
         astral.asgi.App(verifier=VERIFIER, capabilities={"sync": sync})
+
+
+async def test_the_app_resolves_its_capabilities_once_for_every_connection() -> None:
+    async def echo(value: Any) -> Any:
+        return value
+
+    app = astral.asgi.App(verifier=VERIFIER, capabilities={"echo": echo})
+    table = app._capabilities
+    assert resolve(table) is table  # what each connection's Peer is given, as it is
 
 
 async def test_in_memory_peer_bytes_disconnect_and_close_codes(fake: FakeServer) -> None:

@@ -599,3 +599,15 @@ async def test_serve_sends_a_capabilitys_error_message_unless_told_to_hide_it() 
         with anyio.fail_after(5), pytest.raises(astral.RemoteError) as info:
             await worker.call("broken")
     assert (str(info.value), info.value.code) == ("the disk is full", "internal")
+
+
+async def test_serve_resolves_its_capabilities_once_for_every_connection() -> None:
+    async with (
+        running_principal() as principal,
+        astral.connect(principal.url, token=token("one")),
+        astral.connect(principal.url, token=token("two")) as two,
+    ):
+        one_side = await principal.registry.wait_for("one")
+        two_side = await principal.registry.wait_for("two")
+        assert one_side._state._capabilities is two_side._state._capabilities
+        assert await two.call("whoami") == "two"

@@ -10,6 +10,7 @@ import pytest
 
 import astral
 from astral import Call, Result, Yield, handle
+from astral._dispatch import resolve
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, AsyncIterator
@@ -512,3 +513,10 @@ def test_registering_a_non_string_name_raises_type_error() -> None:
 def test_the_callable_protocol_is_structural() -> None:
     assert isinstance(Echo(), astral.Callable)
     assert not isinstance(NotCallable(), astral.Callable)
+
+
+def test_a_resolved_table_resolves_to_itself() -> None:
+    capabilities: dict[str, Any] = {"echo": echo}
+    table = resolve(capabilities)
+    assert resolve(table) is table
+    assert resolve(dict(table)) is not table  # a plain mapping is resolved anew

@@ -318,7 +318,7 @@ async def test_a_connection_stops_with_the_server_even_if_closing_it_fails() -> 
                         grace=0,
                         expires_in=None,
                         hosted=None,
-                        hosting=None,
+                        peer_options={},
                     )
             except* OSError as group:
                 raised.extend(group.exceptions)

@@ -60,6 +60,13 @@ def test_what_is_agreed_is_what_both_named() -> None:
     assert agreed(FEATURES) == ALL
 
 
+def test_equal_agreements_are_one_shared_set() -> None:
+    # Each connection keeps its set for its life: equal ones are not copies.
+    assert agreed(["deadline", "cancel"]) is agreed(frozenset({"cancel", "deadline", "x"}))
+    assert agreed(FEATURES) is agreed(list(FEATURES))
+    assert agreed(None) is agreed(["future-thing"])
+
+
 # --- Peer ---------------------------------------------------------------------------------
 
 
