@@ -71,24 +71,10 @@ def traced() -> Iterator[Callable[[], int]]:
             tracemalloc.stop()
 
 
-# Measured: Peer._read_loop's locals keep ~1-2 MB on both backends; with
-# them gone, trio's writer still keeps the caller's ~1 MB (the WebSocket
-# reader's last chunk, at most 64 KiB, is under the margin).
-READERS_KEEP_IT = pytest.mark.xfail(
-    reason=(
-        "while idle, Peer._read_loop keeps its last text/event, the WebSocket "
-        "reader its last chunk and (trio) the writer task its last write "
-        "(_ws_connection.py _write_main's data): fixed by the read-path rewrite, "
-        "remove this mark then"
-    ),
-    strict=True,
-)
-
-
 @pytest.mark.time_limit(30)
 @pytest.mark.parametrize(
     "reader_moved_on",
-    [pytest.param(True, id="worker-task"), pytest.param(False, id="idle", marks=READERS_KEEP_IT)],
+    [pytest.param(True, id="worker-task"), pytest.param(False, id="idle")],
 )
 @pytest.mark.parametrize("observed", [False, True], ids=["plain", "middleware"])
 @pytest.mark.parametrize("direction", ["worker-calls-principal", "principal-calls-worker"])
