@@ -73,11 +73,14 @@ if TYPE_CHECKING:
         AsyncIterator,
         Awaitable,
         Callable,
+        Coroutine,
         Iterable,
         Mapping,
         Sequence,
     )
     from contextlib import AbstractAsyncContextManager
+
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from ._dispatch import Capabilities
     from ._frames import Call, End, JsonDefault
@@ -344,6 +347,42 @@ class _Idle:
     def __init__(self) -> None:
         self.wake = anyio.Event()
         self.work: _Work | None = None
+
+
+#: A worker that finishes the only call in flight parks for the next one only if
+#: the last two calls began less than this many seconds apart; otherwise it ends.
+WORKER_IDLE = 1.0
+
+
+class _Latch:
+    """A one-way flag with ``anyio.Event``'s API, whose event is made only if someone waits.
+
+    One per connection for "closed" and "stopped": most are set without
+    anyone waiting (memory per idle connection: an asyncio ``Event`` costs
+    about 900 bytes, this 56).
+    """
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: anyio.Event | None = None
+
+    def set(self) -> None:
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self) -> None:
+        if self._set:
+            await anyio.lowlevel.checkpoint()
+            return
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
 
 
 class _Pump:
@@ -657,10 +696,12 @@ class Peer:
 
     # One per connection: slots, not a dict of some 35 entries (memory per idle connection).
     __slots__ = (
+        "_calls_close",
         "_claims",
         "_close_error",
         "_close_with",
         "_closed",
+        "_context",
         "_control_busy",
         "_control_receive",
         "_control_send",
@@ -673,9 +714,11 @@ class Peer:
         "_idle",
         "_idle_workers",
         "_json_default",
+        "_last_call",
         "_max_buffered",
         "_max_inbound",
         "_middleware",
+        "_on_close",
         "_outer",
         "_send_deadline",
         "_send_now",
@@ -733,9 +776,11 @@ class Peer:
         self._max_inbound = max_inbound_calls
         self._max_buffered = max_buffered_items
         self._credit_batch = max(1, max_buffered_items // 2)
-        # The reader's own replies. Unbounded as a stream, but the reader stops
+        # The reader's own replies, made when one has to wait (see
+        # _control_stream). Unbounded as a stream, but the reader stops
         # reading while max_inbound_calls of them wait (see _wait_for_replies).
-        self._control_send, self._control_receive = anyio.create_memory_object_stream[str](math.inf)
+        self._control_send: MemoryObjectSendStream[str] | None = None
+        self._control_receive: MemoryObjectReceiveStream[str] | None = None
         # A transport that can queue a message without waiting (astral's own
         # WebSocket) takes control frames straight from the task that makes
         # them: credit and cancels never wait for the control loop's turn, and
@@ -756,17 +801,24 @@ class Peer:
         # empty): the last one parked takes the next call.
         self._idle_workers: list[_Idle] = []
         self._work_closed = False
+        # When the last inbound call began, and whether it came less than
+        # WORKER_IDLE after the one before (see _worker).
+        self._last_call = -math.inf
+        self._calls_close = False
         self._unstarted = 0  # calls handed to a worker that has not taken them yet
         self._deadlines: Deadlines[_Channel] = Deadlines()
         self._until: Until[_Channel] = Until()  # deadlines of whole calls
         self._timer_target = math.inf
         self._timer_wake: anyio.Event | None = None  # made by the timer loop
         self._timer_started = False
-        self._closed = anyio.Event()
-        self._stopped = anyio.Event()
+        self._closed = _Latch()
+        self._stopped = _Latch()
         self._outer: anyio.abc.TaskGroup | None = None
         self._thread = threading.get_ident()
         self._tasks: anyio.abc.TaskGroup | None = None
+        self._context = contextvars.Context()  # set by _run
+        # Called once the connection has ended (see _serve_here).
+        self._on_close: Callable[[], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -777,10 +829,19 @@ class Peer:
         self._outer = anyio.create_task_group()
         await self._outer.__aenter__()
         try:
-            await self._outer.start(self._run)
+            # Not TaskGroup.start(): cancelled meanwhile, it would wait for
+            # the reader to end, and a reader in its shielded delivery
+            # (WebSocketConnection.deliver) ends only with the transport,
+            # which is closed below.
+            started = anyio.Event()
+            self._outer.start_soon(self._run, started)
+            await started.wait()
         except BaseException as exc:
             # The transport goes first: a reader that already runs in its
-            # shielded delivery (WebSocketConnection.deliver) ends with it.
+            # shielded delivery ends with it. Cancelled (the usual way to get
+            # here), the remote is told we are going away.
+            if not isinstance(exc, Exception):
+                self._close_with = (1001, "going away")
             self._shutdown(ConnectionClosed("peer stopped"))
             await self._close_transport(*self._close_with)
             self._outer.cancel_scope.cancel()
@@ -810,23 +871,63 @@ class Peer:
                 suppress = False
         return suppress
 
-    async def _run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _serve_here(
+        self,
+        body: Callable[[Peer], Coroutine[Any, Any, None]] | None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        """Run the peer with this task as its reader, and ``body(self)`` in a task of its own.
+
+        What ``async with peer: await body(peer); await peer.wait_closed()``
+        does, with one task and two task groups less: a server's connection
+        task serves its peer this way (memory per idle connection). Returns
+        once the connection has ended and every task of the peer (``body``
+        included) has finished; cancelling it is as cancelling that block.
+        ``on_close()`` is called as soon as the connection has ended (when
+        :meth:`wait_closed` would return), before the peer's tasks finish.
+
+        Raises:
+            RuntimeError: If the peer was already run.
+        """
+        if self._outer is not None or self._tasks is not None:
+            raise RuntimeError("a Peer can be entered only once")
+        self._thread = threading.get_ident()
+        self._on_close = on_close
+        await self._run(None, body)
+
+    async def _run(
+        self,
+        started: anyio.Event | None,
+        body: Callable[[Peer], Coroutine[Any, Any, None]] | None = None,
+    ) -> None:
+        """Run the peer's tasks, and read in this task until the connection ends.
+
+        ``started`` is set once calls can be made (or ``_run`` has ended).
+        """
         try:
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
-                if self._send_now is None:
+                # Tasks that live as long as the peer start in this context
+                # (see _send_control, _wake_timer), whoever needs them first.
+                self._context = contextvars.copy_context()
+                if self._send_now is None and self._close_error is None:
                     self._control_started = True
-                    tasks.start_soon(self._control_loop)
+                    tasks.start_soon(self._control_loop, self._control_stream()[1])
                 # Over a transport with try_send (astral's WebSocket) the
                 # control loop starts with the first control frame that has to
                 # wait (see _send_control); the timer starts with the first call
                 # that has a timeout: a principal that only answers calls may
                 # never need either.
-                task_status.started()
+                if started is not None:
+                    started.set()
+                if body is not None:
+                    tasks.start_soon(body, self)
                 # This task is the reader (one task less per connection);
                 # cancelling the group's scope stops it with the others.
                 await self._read_loop()
         finally:
+            if started is not None:
+                started.set()  # ended before it started: __aenter__ goes on to see why
             self._shutdown(ConnectionClosed("peer stopped"))
             try:
                 # However the peer stopped (the remote left, a flood was cut
@@ -957,8 +1058,10 @@ class Peer:
         for handle in inbound:
             handle.scope.cancel()
         # Both ends: queued replies and cancels have no one to go to any more.
-        self._control_send.close()
-        self._control_receive.close()
+        if self._control_send is not None:
+            self._control_send.close()
+        if self._control_receive is not None:
+            self._control_receive.close()
         # Calls still waiting for a worker were cancelled above: never start them.
         self._work_closed = True
         while self._idle_workers:
@@ -968,6 +1071,9 @@ class Peer:
         if self._idle is not None:
             self._idle.set()  # a drain has nothing left to wait for
         self._closed.set()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     def _check_open(self) -> None:
         if self._close_error is not None:
@@ -1032,7 +1138,7 @@ class Peer:
                 event.handle.pump.grant(event.n)
         elif isinstance(event, Reply):
             self._send_control(event.text)
-            if self._control_send.statistics().current_buffer_used >= limit:
+            if self._control_queued() >= limit:
                 await self._wait_for_replies()
         elif isinstance(event, Fail):
             event.handle.fail(event.error)
@@ -1109,8 +1215,7 @@ class Peer:
         that many answers waiting, is provoking replies it does not read: the
         connection is closed with 1008.
         """
-        stats = self._control_send.statistics
-        while stats().current_buffer_used >= self._max_inbound and self._close_error is None:
+        while self._control_queued() >= self._max_inbound and self._close_error is None:
             sent = self._control_sent = anyio.Event()
             with anyio.move_on_after(FLOOD_GRACE):
                 await sent.wait()
@@ -1132,28 +1237,43 @@ class Peer:
             if self._tasks is not None:
                 self._tasks.cancel_scope.cancel()
 
+    def _control_queued(self) -> int:
+        """How many control frames wait for the control loop."""
+        queue = self._control_send
+        return 0 if queue is None else queue.statistics().current_buffer_used
+
+    def _control_stream(
+        self,
+    ) -> tuple[MemoryObjectSendStream[str], MemoryObjectReceiveStream[str]]:
+        """The control loop's queue, made the first time a frame has to wait."""
+        if self._control_send is None or self._control_receive is None:
+            self._control_send, self._control_receive = anyio.create_memory_object_stream[str](
+                math.inf
+            )
+        return self._control_send, self._control_receive
+
     def _send_control(self, text: str) -> None:
+        if self._close_error is not None:
+            return  # closing: the remote needs no answer any more
         send_now = self._send_now
         if (
             send_now is not None
             and not self._control_busy
-            and self._close_error is None
-            and not self._control_send.statistics().current_buffer_used
+            and not self._control_queued()
             and send_now(text)
         ):
             return  # queued on the transport, behind nothing of ours
-        try:
-            self._control_send.send_nowait(text)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return  # closing: the remote needs no answer any more
+        queue, receive = self._control_stream()
+        queue.send_nowait(text)
         if not self._control_started and self._tasks is not None:
             self._control_started = True
-            self._tasks.start_soon(self._control_loop)
+            # In the peer's own context, not that of the call that needs it.
+            self._context.run(self._tasks.start_soon, self._control_loop, receive)
 
-    async def _control_loop(self) -> None:
+    async def _control_loop(self, queue: MemoryObjectReceiveStream[str]) -> None:
         send = self._transport.send
         try:
-            async for text in self._control_receive:
+            async for text in queue:
                 self._control_busy = True  # later frames queue behind this one
                 try:
                     await send(text)
@@ -1181,6 +1301,12 @@ class Peer:
             self._unstarted -= 1
             await self._serve(*work)
             del work  # an idle worker keeps nothing of the call it served
+            if not self._state.inbound and not self._calls_close:
+                # No other call in flight, and calls come rarely (or this was
+                # the first): end rather than park. An idle connection then
+                # holds no worker task (memory per idle connection); calls
+                # that come close together, or at once, reuse parked workers.
+                return
             slot = _Idle()
             idle.append(slot)
             try:
@@ -1208,6 +1334,9 @@ class Peer:
             # The budget runs from now, on our clock: the time the call took
             # to get here is the caller's to spend (it is on its own clock).
             handle.deadline = handle.scope.deadline = anyio.current_time() + call.deadline / 1000
+        now = anyio.current_time()
+        self._calls_close = now - self._last_call < WORKER_IDLE
+        self._last_call = now
         self._unstarted += 1
         if self._idle_workers:
             slot = self._idle_workers.pop()  # the last worker parked takes this call
@@ -1576,7 +1705,8 @@ class Peer:
         if not self._timer_started:
             self._timer_started = True
             assert self._tasks is not None
-            self._tasks.start_soon(self._timer_loop)
+            # In the peer's own context, not that of the call that needs it.
+            self._context.run(self._tasks.start_soon, self._timer_loop)
         elif deadline < self._timer_target and self._timer_wake is not None:
             self._timer_wake.set()
 

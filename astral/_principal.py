@@ -19,6 +19,8 @@ registry offers them (``hosting`` wraps the two for your own servers).
 
 from __future__ import annotations
 
+import functools
+import heapq
 import logging
 import math
 import time
@@ -34,7 +36,7 @@ from ._logs import ClosingLog, log_connection
 from ._peer import Peer
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
     from types import EllipsisType
 
     from ._dispatch import Capabilities
@@ -387,29 +389,66 @@ async def _host(
 
 
 class Hosting:
-    """The peers of one server, drained together when it stops.
+    """The peers of one server: their token expiries, and their drain when it stops.
 
-    With it a connection needs no task of its own waiting for the server to
-    stop (memory per idle connection): the server runs :meth:`drain_on_stop`
-    beside its listener, and when that is cancelled it drains every peer at
-    once, then cancels what is left of each (``on_connect`` included). A
+    With it a connection needs no task of its own beside its reader
+    (memory per idle connection). The server runs :meth:`drain_on_stop`
+    beside its listener: one task that closes each peer whose token expires
+    (with :data:`TOKEN_EXPIRED_CODE`), and, when cancelled, drains every peer
+    at once, then cancels what is left of each (``on_connect`` included). A
     peer that starts while the server is stopping drains itself.
 
     Args:
         grace: Seconds calls in flight may take to finish when the server stops.
     """
 
-    __slots__ = ("_entries", "grace", "stopping")
+    __slots__ = ("_entries", "_expiries", "_order", "_wake", "grace", "stopping")
 
     def __init__(self, grace: float) -> None:
         self.grace = grace
         self.stopping = False
-        self._entries: dict[Peer, tuple[anyio.CancelScope, ClosingLog]] = {}
+        self._entries: dict[Peer, tuple[anyio.CancelScope, ClosingLog, list[Any] | None]] = {}
+        # A heap of [when, order, peer]: the peer is set to None when it ends
+        # first, so that a long-lived token keeps no finished peer alive.
+        self._expiries: list[list[Any]] = []
+        self._order = 0
+        self._wake: anyio.Event | None = None
+
+    def _add(
+        self, peer: Peer, shield: anyio.CancelScope, closing: ClosingLog, expires_in: float | None
+    ) -> None:
+        entry = None
+        if expires_in is not None:
+            self._order += 1
+            entry = [anyio.current_time() + expires_in, self._order, peer]
+            heapq.heappush(self._expiries, entry)
+            if self._expiries[0] is entry and self._wake is not None:
+                self._wake.set()  # sooner than the loop sleeps to
+        self._entries[peer] = (shield, closing, entry)
+
+    def _remove(self, peer: Peer) -> None:
+        _, _, entry = self._entries.pop(peer)
+        if entry is not None:
+            entry[2] = None
+            if len(self._expiries) > 2 * len(self._entries) + 64:
+                # Mostly finished peers: drop their entries.
+                self._expiries = [e for e in self._expiries if e[2] is not None]
+                heapq.heapify(self._expiries)
 
     async def drain_on_stop(self) -> None:
-        """Wait until cancelled, then drain every peer (shielded) and return."""
+        """Close peers whose token expires until cancelled, then drain every peer and return."""
         try:
-            await anyio.sleep_forever()
+            async with anyio.create_task_group() as tg:
+                while True:
+                    wake = self._wake = anyio.Event()
+                    deadline = self._expiries[0][0] if self._expiries else math.inf
+                    with anyio.CancelScope(deadline=deadline):
+                        await wake.wait()
+                    now = anyio.current_time()
+                    while self._expiries and self._expiries[0][0] <= now:
+                        peer = heapq.heappop(self._expiries)[2]
+                        if peer is not None:
+                            tg.start_soon(_expire, peer)
         finally:
             self.stopping = True
             with anyio.CancelScope(shield=True):
@@ -421,7 +460,7 @@ class Hosting:
         entry = self._entries.get(peer)
         if entry is None:
             return
-        scope, closing = entry
+        scope, closing, _ = entry
         closing.code = 1001
         try:
             await peer.drain(self.grace, code=1001, reason="server shutting down")
@@ -444,27 +483,37 @@ async def _host_inline(
     hosting: Hosting,
     peer_options: dict[str, Any],
 ) -> None:
-    """The peer in the calling task, shielded, for a server that drains through ``hosting``."""
+    """The peer in the calling task, shielded, for a server that drains through ``hosting``.
+
+    This task is the peer's reader, and ``on_connect`` runs beside it in a
+    task of the peer's; the token's expiry is ``hosting``'s to act on. So
+    an idle connection is this one task (memory per idle connection).
+    """
     with log_connection(where, sub) as closing, anyio.CancelScope(shield=True) as shield:
-        async with Peer(
-            transport, capabilities=capabilities, claims=claims, **peer_options
-        ) as peer:
-            closing.opened("accepted connection from %s", peer)
-            hosting._entries[peer] = (shield, closing)
-            try:
-                with _listed(registry, subject, peer):
-                    if hosting.stopping:
-                        await hosting._stop(peer)
-                    elif expires_in is None:
-                        await _serve_worker(peer, close, closing, on_connect, where)
-                    else:
-                        # The token's expiry is a deadline here, not a task.
-                        with anyio.move_on_after(expires_in) as expiry:
-                            await _serve_worker(peer, close, closing, on_connect, where)
-                        if expiry.cancelled_caught:
-                            await _expire(peer)
-            finally:
-                del hosting._entries[peer]
+        peer = Peer(transport, capabilities=capabilities, claims=claims, **peer_options)
+        closing.opened("accepted connection from %s", peer)
+        hosting._add(peer, shield, closing, expires_in)
+        try:
+            with _listed(registry, subject, peer):
+                body: Callable[[Peer], Coroutine[Any, Any, None]] | None = None
+                if hosting.stopping:
+                    body = hosting._stop
+                elif on_connect is not None:
+                    body = functools.partial(
+                        _on_connect,
+                        close=close,
+                        closing=closing,
+                        on_connect=on_connect,
+                        where=where,
+                    )
+                # Unlisted as soon as it has ended, as wait_closed() would
+                # have it, not once its last task has finished.
+                unlist = (
+                    None if subject is None else functools.partial(_unlist, registry, subject, peer)
+                )
+                await peer._serve_here(body, unlist)
+        finally:
+            hosting._remove(peer)
 
 
 @contextmanager
@@ -481,6 +530,11 @@ def _listed(registry: Registry | None, subject: str | None, peer: Peer) -> Itera
         registry._remove(subject, peer)
 
 
+def _unlist(registry: Registry | None, subject: str, peer: Peer) -> None:
+    assert registry is not None
+    registry._remove(subject, peer)
+
+
 async def _expire(peer: Peer) -> None:
     """Close a session whose token has expired, with 4401."""
     logger.info("closing the connection: %s", TOKEN_EXPIRED)
@@ -494,17 +548,47 @@ async def _serve_worker(
     on_connect: Callable[[Peer], Awaitable[None]] | None,
     where: str,
 ) -> None:
-    if on_connect is not None:
-        try:
-            await on_connect(peer)
-        except ConnectionClosed:
-            pass  # the worker left while on_connect talked to it
-        except Exception:
-            logger.exception("on_connect failed for %s; closing that connection", where)
-            closing.code = 1011
-            await close(1011, "internal error")
-            return
+    if on_connect is not None and not await _connected(
+        peer, close=close, closing=closing, on_connect=on_connect, where=where
+    ):
+        return  # closed with 1011: over
     await peer.wait_closed()
+
+
+async def _on_connect(
+    peer: Peer,
+    *,
+    close: Callable[[int, str], Awaitable[None]],
+    closing: ClosingLog,
+    on_connect: Callable[[Peer], Awaitable[None]],
+    where: str,
+) -> None:
+    await _connected(peer, close=close, closing=closing, on_connect=on_connect, where=where)
+
+
+async def _connected(
+    peer: Peer,
+    *,
+    close: Callable[[int, str], Awaitable[None]],
+    closing: ClosingLog,
+    on_connect: Callable[[Peer], Awaitable[None]],
+    where: str,
+) -> bool:
+    """Await ``on_connect(peer)``; if it fails, log it and close the connection with 1011.
+
+    Returns:
+        False if it failed (and the connection was closed), else True.
+    """
+    try:
+        await on_connect(peer)
+    except ConnectionClosed:
+        pass  # the worker left while on_connect talked to it
+    except Exception:
+        logger.exception("on_connect failed for %s; closing that connection", where)
+        closing.code = 1011
+        await close(1011, "internal error")
+        return False
+    return True
 
 
 def expiry_leeway(verifier: object, close_on_token_expiry: bool) -> float | None:

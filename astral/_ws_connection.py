@@ -64,6 +64,7 @@ flushing ours, and (client side) waiting for the server to drop TCP first.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import struct
@@ -103,6 +104,9 @@ MIN_FRAGMENTS = 16
 MESSAGE_OVERHEAD = 64
 #: Pings a remote may send while one write of ours is stuck, before it is cut off.
 MAX_PINGS_UNREAD = 64
+#: The writer task parks between two writes that begin less than this many
+#: seconds apart; after a write with no such neighbour it ends.
+WRITER_IDLE = 1.0
 
 #: Errors of a byte stream that mean "the transport is gone".
 STREAM_ERRORS: tuple[type[Exception], ...] = (
@@ -346,11 +350,13 @@ class WebSocketConnection:
         "_close_reason",
         "_close_timeout",
         "_closed",
+        "_context",
         "_direct",
         "_flush_pending",
         "_fragments",
         "_keepalive_at",
         "_keepalive_scope",
+        "_last_write",
         "_max_chars_cheap",
         "_max_fragments",
         "_max_size",
@@ -390,6 +396,7 @@ class WebSocketConnection:
         "_writer_busy",
         "_writer_done",
         "_writer_started",
+        "_writes_close",
         "_ws",
         "response_headers",
     )
@@ -456,7 +463,14 @@ class WebSocketConnection:
         # write has to wait, or a close frame has to be flushed: one task less
         # per connection.
         self._writer_started = False
+        # When the writer task last began a write, and whether that came less
+        # than WRITER_IDLE after the one before: it parks between writes that
+        # come close together, and ends otherwise.
+        self._last_write = -math.inf
+        self._writes_close = False
         self._tasks: anyio.abc.TaskGroup | None = None
+        # The context _run was entered in: lazily started tasks run in it.
+        self._context = contextvars.Context()
         self._writer_busy = False  # the writer task is inside ``stream.send``
         # asyncio only: write from _queue, no writer task hop (see DirectWriter).
         self._direct = direct_writer(stream)
@@ -689,10 +703,11 @@ class WebSocketConnection:
                 if not self._ping_in_reader:
                     tg.start_soon(self._shielded, self._keepalive_main)
             self._tasks = tg
+            self._context = contextvars.copy_context()  # see _start_reader
             if reader_task:
                 self._start_reader()
-            if self._direct is None or self._out:
-                self._start_writer()
+            if self._out:
+                self._start_writer()  # the first write starts it otherwise
             try:
                 yield
             except BaseException as exc:  # noqa: BLE001 - re-raised below, unwrapped
@@ -713,7 +728,10 @@ class WebSocketConnection:
     async def _shielded(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         with anyio.CancelScope(shield=True) as scope:
             self._task_scopes.append(scope)
-            await fn()
+            try:
+                await fn()
+            finally:
+                self._task_scopes.remove(scope)
 
     def _abort(self) -> None:
         """Stop every background task now; the reader closes the stream on its way out."""
@@ -776,13 +794,16 @@ class WebSocketConnection:
     def _start_reader(self) -> None:
         if not self._reader_started and self._tasks is not None:
             self._reader_started = True
-            self._tasks.start_soon(self._reader)
+            # In the connection's own context, not the caller's: a task that
+            # lives as long as the connection must not keep what was set in
+            # the context of the call that happened to start it.
+            self._context.run(self._tasks.start_soon, self._reader)
 
     def _start_writer(self) -> None:
         if not self._writer_started and self._tasks is not None:
             self._writer_started = True
             self._writer_done = anyio.Event()
-            self._tasks.start_soon(self._shielded, self._write_main)
+            self._context.run(self._tasks.start_soon, self._shielded, self._write_main)
 
     def _wake_writer(self) -> None:
         wakeup = self._wakeup
@@ -863,11 +884,20 @@ class WebSocketConnection:
                 if not self._out:
                     if self._write_closed:
                         return
+                    if not self._writes_close:
+                        # Writes come rarely (or this was the first burst):
+                        # end, rather than park for ever (memory per idle
+                        # connection); the next write starts a writer again.
+                        self._writer_started = False
+                        return
                     wakeup = self._wakeup = anyio.Event()
                     await wakeup.wait()
                     continue
                 data = bytes(self._out)
                 self._out.clear()
+                now = anyio.current_time()
+                self._writes_close = now - self._last_write < WRITER_IDLE
+                self._last_write = now
                 self._writer_busy = True
                 try:
                     await self._stream.send(data)

@@ -10,7 +10,9 @@ import pytest
 
 import astral
 import astral.asgi
-from astral._principal import _expires_in, expiry_leeway
+from astral._logs import ClosingLog
+from astral._principal import Hosting, _expires_in, expiry_leeway
+from astral.testing import memory_transport_pair
 from tests.helpers import SECRET, running_principal, token
 from tests.test_asgi import PATH, SERVERS, run
 
@@ -183,3 +185,40 @@ async def test_the_asgi_app_ends_on_connect_with_an_expired_session(
     app = astral.asgi.App(verifier=STRICT, path=PATH, on_connect=on_connect)
     async with run(server, anyio_backend, app) as running:
         await on_connect.ends_with_expiry_at(running.url + PATH)
+
+
+async def test_a_sooner_expiry_is_not_kept_waiting_by_a_later_one() -> None:
+    # The server acts on every expiry from one task that sleeps until the
+    # soonest: a session that arrives already expired must wake it at once,
+    # not wait for the expiry of the session that came first.
+    expiries = iter([time.time() + 3600, time.time() - 100])
+
+    def verifier(token: str) -> dict[str, Any]:
+        return {"sub": token, "exp": next(expiries)}
+
+    async with (
+        running_principal(verifier) as principal,
+        astral.connect(principal.url, token="long") as first,
+        astral.connect(principal.url, token="expired") as second,
+    ):
+        closed = await second.wait_closed()
+        assert (closed.code, closed.reason) == (4401, "token expired")
+        assert not first.closed
+        assert await principal.registry.wait_for("long") is not None
+
+
+async def test_a_finished_session_leaves_nothing_behind_in_the_expiry_queue() -> None:
+    hosting = Hosting(grace=0)
+    peers = []
+    for _ in range(200):
+        ours, theirs = memory_transport_pair()
+        peer = astral.Peer(ours)
+        peers.append(peer)
+        hosting._add(peer, anyio.CancelScope(), ClosingLog("test", "worker"), 3600)
+        hosting._remove(peer)
+        await ours.aclose()
+        await theirs.aclose()
+    # Entries of finished sessions hold no peer, and are dropped in bulk.
+    assert all(entry[2] is None for entry in hosting._expiries)
+    assert len(hosting._expiries) <= 64 + 1
+    assert hosting._entries == {}
