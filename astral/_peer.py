@@ -734,6 +734,7 @@ class Peer:
         "_unstarted",
         "_until",
         "_work_closed",
+        "_write_now",
     )
 
     def __init__(
@@ -787,6 +788,11 @@ class Peer:
         # the control loop is started only once something has to wait.
         try_send = getattr(transport, "try_send", None)
         self._send_now: Callable[[str], bool] | None = try_send if callable(try_send) else None
+        # A transport that can write a message at once (astral's WebSocket):
+        # used for a call or a result alone in flight, which nothing would
+        # join by the end of the loop's turn.
+        write_now = getattr(transport, "write_now", None)
+        self._write_now: Callable[[str], bool] | None = write_now if callable(write_now) else None
         self._control_started = False
         self._control_busy = False  # the control loop holds a frame it is sending
         # Set each time the control loop sends one; made only while the reader
@@ -1417,7 +1423,10 @@ class Peer:
             if final is not None:
                 # Outside the call's scope: once the capability has finished,
                 # a late cancel cannot interrupt its one terminal result.
-                await send(final)
+                write_now = self._write_now
+                # Alone in flight, it goes out at once: nothing would join it.
+                if write_now is None or len(state.inbound) != 1 or not write_now(final):
+                    await send(final)
         except CLOSED_ERRORS:
             pass  # the connection ended; the reader shuts the peer down
         finally:
@@ -1587,7 +1596,10 @@ class Peer:
             channel.leave()  # nothing was registered or sent
             raise
         try:
-            await self._transport.send(text)
+            write_now = self._write_now
+            # Alone in flight, it goes out at once: nothing would join it.
+            if write_now is None or len(self._state.outbound) != 1 or not write_now(text):
+                await self._transport.send(text)
         except CLOSED_ERRORS as exc:
             self._abandon(channel)
             if self._close_error is not None:

@@ -311,6 +311,25 @@ def direct_writer(stream: ByteStream) -> DirectWriter | None:
     return DirectWriter(transport, protocol)
 
 
+def raw_sender(stream: ByteStream) -> Callable[[bytes], int] | None:
+    """Return the non-blocking ``send`` of the socket under AnyIO's plain trio stream.
+
+    ``None`` for any other stream.
+
+    Only there: under TLS the bytes must go through the TLS object, and
+    asyncio has :class:`DirectWriter`.
+    """
+    if not isinstance(stream, anyio.abc.SocketStream) or not type(stream).__module__.endswith(
+        "._trio"
+    ):
+        return None
+    raw = stream.extra(SocketAttribute.raw_socket, None)  # noqa: S610
+    if raw is None or raw.getblocking():
+        return None
+    send: Callable[[bytes], int] = raw.send
+    return send
+
+
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
@@ -376,6 +395,7 @@ class WebSocketConnection:
         "_pong_wanted",
         "_pushing",
         "_queued",
+        "_raw_send",
         "_read_scope",
         "_reader_scope",
         "_reader_started",
@@ -474,6 +494,8 @@ class WebSocketConnection:
         self._writer_busy = False  # the writer task is inside ``stream.send``
         # asyncio only: write from _queue, no writer task hop (see DirectWriter).
         self._direct = direct_writer(stream)
+        # trio only: the plain socket's own non-blocking send (see write_now).
+        self._raw_send = raw_sender(stream) if self._direct is None else None
         self._flush_pending = False  # a direct flush is scheduled for this turn's end
         # Pings that came while the buffer was full: answered (the latest
         # one) once the writer drains it; how many since a write last completed.
@@ -564,6 +586,46 @@ class WebSocketConnection:
         if self._write_closed or len(self._out) >= WRITE_HIGH_WATER:
             return False
         self._queue(self._ws.send(TextMessage(data=item)))
+        return True
+
+    def write_now(self, item: str, /) -> bool:
+        """Write one text message at once if nothing is queued; return whether it went.
+
+        For a message that nothing else would join (a call or a result alone
+        in flight): it skips the wait for the end of the loop's turn (asyncio)
+        or the writer task's turn (trio). It goes only when no frame is queued
+        or being written, and the write needs no waiting: straight to
+        asyncio's transport, or to the plain socket on trio (what the socket
+        does not take at once is queued for the writer). Otherwise nothing is
+        sent and the caller uses :meth:`send`.
+        """
+        if self._write_closed or self._out or self._writer_busy or self._broken:
+            return False
+        direct = self._direct
+        if direct is not None:
+            if not direct.ready():
+                return False
+            if direct.write(self._ws.send(TextMessage(data=item))):
+                self._written()
+            else:
+                self._lost("write failed: transport closed")
+            return True
+        raw = self._raw_send
+        if raw is None:
+            return False
+        frame = self._ws.send(TextMessage(data=item))
+        try:
+            sent = raw(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            logger.debug("write failed: %r", exc)
+            self._lost(f"write failed: {exc!r}")
+            return True
+        if sent < len(frame):
+            self._queue(frame[sent:])  # the writer task sends the rest
+        else:
+            self._written()
         return True
 
     async def receive(self) -> str:

@@ -115,14 +115,14 @@ async def test_it_reconnects_with_a_fresh_token_after_each_connection_ends() -> 
 async def test_on_connect_runs_for_every_connection_and_serves_calls() -> None:
     seen: list[Any] = []
     connections = 0
+    first = anyio.Event()
     again = anyio.Event()
 
     async def work(peer: astral.Peer) -> None:
         nonlocal connections
         connections += 1
         seen.append(await peer.call("whoami"))
-        if connections == 2:
-            again.set()
+        (first if connections == 1 else again).set()
         await peer.call("sleepy", timeout=None)  # until the principal drops us
 
     async def bash(command: str) -> str:
@@ -140,6 +140,8 @@ async def test_on_connect_runs_for_every_connection_and_serves_calls() -> None:
         )
         peer = await principal.registry.wait_for("worker-1")
         assert await peer.call("bash", "ls") == "ran ls"
+        # Not before on_connect's own call came back: closing would fail it.
+        await first.wait()
         await peer.aclose()
         await again.wait()
         assert seen == ["worker-1", "worker-1"]

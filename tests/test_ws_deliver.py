@@ -165,3 +165,28 @@ async def test_a_close_begun_by_the_delivering_task_does_not_wait_for_the_timeou
     assert [(e.code, e.reason) for e in ends] == [(4003, "stop")]
     with pytest.raises(ValueError, match="1005"):
         conns[0].close_soon(1005)
+
+
+# --- write_now: a message alone in flight goes out at once ----------------------
+
+
+async def test_write_now_sends_at_once_when_nothing_is_queued() -> None:
+    async with server() as port, open_websocket(f"ws://{HOST}:{port}/") as ws:
+        assert ws.write_now("alone")
+        assert not ws._out  # not left for the end of the turn or the writer
+        assert await ws.receive() == "alone"
+
+
+async def test_write_now_never_overtakes_what_is_queued() -> None:
+    async with server() as port, open_websocket(f"ws://{HOST}:{port}/") as ws:
+        assert ws.try_send("first")  # queued, not yet written
+        assert not ws.write_now("second")  # it would overtake "first"
+        await ws.send("second")
+        assert [await ws.receive(), await ws.receive()] == ["first", "second"]
+
+
+async def test_write_now_refuses_once_closing() -> None:
+    async with server() as port, open_websocket(f"ws://{HOST}:{port}/") as ws:
+        ws.close_soon(1000)
+        assert not ws.write_now("too late")
+        await closed_with(ws.send("too late"))
