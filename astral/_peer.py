@@ -2,20 +2,24 @@
 
 Where a frame goes:
 
-* **enters**: :meth:`Peer._read_loop`, run by the peer's one reader task, awaits
-  ``transport.receive()`` and hands the text to the sans-IO
-  :class:`~astral._protocol.PeerState`;
+* **enters**: :meth:`Peer._on_message`, awaited with each message by the
+  peer's one reader task (:meth:`Peer._read_loop`): over astral's WebSocket
+  the reader task reads the socket itself and the WebSocket layer hands each
+  message over as it is assembled (``WebSocketConnection.deliver``); over
+  any other transport it loops on ``transport.receive()``. The text goes to
+  the sans-IO :class:`~astral._protocol.PeerState`;
 * **is routed**: the event that comes back is acted on without awaiting:
   an item or result goes into the waiting call's memory object stream, a
   call is handed to an idle worker task (one is started when none is
   idle), a cancel cancels that call's scope, credit lets that call's stream
   go on, a refusal is queued for the control writer;
 * **leaves**: callers and inbound-call tasks await ``transport.send``
-  themselves (so a slow remote pushes back on them, not on the reader); the
+  themselves (so a slow remote pushes back on them, not on the reader), or,
+  alone in flight, write at once (``write_now``); the
   reader's own replies, and the caller's cancel and credit frames, go
   through :meth:`Peer._control_loop`, so neither the reader nor a cancelled
-  caller ever awaits the network. Call timeouts are kept by one timer task
-  (:meth:`Peer._timer_loop`), not a cancel scope per call.
+  caller ever awaits the network. Call timeouts are kept by one alarm per
+  peer (:mod:`astral._alarm`: no task of its own), not a cancel scope per call.
 
 All tasks live in a task group owned by the peer; none outlives
 ``async with Peer(...)``.
@@ -36,6 +40,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from ._alarm import Alarm
 from ._deadlines import Deadlines, Until
 from ._dispatch import INTERNAL, error_result, input_items, start, stream
 from ._exceptions import (
@@ -696,6 +701,7 @@ class Peer:
 
     # One per connection: slots, not a dict of some 35 entries (memory per idle connection).
     __slots__ = (
+        "_alarm",
         "_calls_close",
         "_claims",
         "_close_error",
@@ -727,9 +733,6 @@ class Peer:
         "_tasks",
         "_thread",
         "_timeout",
-        "_timer_started",
-        "_timer_target",
-        "_timer_wake",
         "_transport",
         "_unstarted",
         "_until",
@@ -814,9 +817,9 @@ class Peer:
         self._unstarted = 0  # calls handed to a worker that has not taken them yet
         self._deadlines: Deadlines[_Channel] = Deadlines()
         self._until: Until[_Channel] = Until()  # deadlines of whole calls
-        self._timer_target = math.inf
-        self._timer_wake: anyio.Event | None = None  # made by the timer loop
-        self._timer_started = False
+        # Rings when the earliest call timeout or deadline passes (made with
+        # the first call that has one): no task of its own (see _alarm).
+        self._alarm: Alarm | None = None
         self._closed = _Latch()
         self._stopped = _Latch()
         self._outer: anyio.abc.TaskGroup | None = None
@@ -1072,8 +1075,8 @@ class Peer:
         self._work_closed = True
         while self._idle_workers:
             self._idle_workers.pop().wake.set()  # with no work: it ends
-        if self._timer_wake is not None:
-            self._timer_wake.set()  # the timer loop ends too
+        if self._alarm is not None:
+            self._alarm.cancel()
         if self._idle is not None:
             self._idle.set()  # a drain has nothing left to wait for
         self._closed.set()
@@ -1714,28 +1717,27 @@ class Peer:
         self._wake_timer(until)
 
     def _wake_timer(self, deadline: float) -> None:
-        if not self._timer_started:
-            self._timer_started = True
-            assert self._tasks is not None
-            # In the peer's own context, not that of the call that needs it.
-            self._context.run(self._tasks.start_soon, self._timer_loop)
-        elif deadline < self._timer_target and self._timer_wake is not None:
-            self._timer_wake.set()
+        alarm = self._alarm
+        if alarm is None:
+            alarm = self._alarm = Alarm(self._on_alarm)
+        if deadline < alarm.when and self._close_error is None:
+            alarm.set(deadline)
 
-    async def _timer_loop(self) -> None:
+    def _on_alarm(self) -> None:
+        """The earliest timeout or deadline has come: fail what is due, set the next."""
+        if self._close_error is not None:
+            return
         deadlines, until = self._deadlines, self._until
-        while self._close_error is None:
-            wake = self._timer_wake = anyio.Event()
-            self._timer_target = min(deadlines.earliest(), until.earliest())
-            with anyio.CancelScope(deadline=self._timer_target):
-                await wake.wait()
-            now = anyio.current_time()
-            for channel in deadlines.expired(now):
-                channel.fail(CallTimeout(f"call {channel.capability} timed out"))
-                self._forget(channel)  # and tell the remote to stop
-            for channel in until.expired(now):
-                channel.fail(CallTimeout(f"call {channel.capability} missed its deadline"))
-                self._forget(channel)
+        now = anyio.current_time()
+        for channel in deadlines.expired(now):
+            channel.fail(CallTimeout(f"call {channel.capability} timed out"))
+            self._forget(channel)  # and tell the remote to stop
+        for channel in until.expired(now):
+            channel.fail(CallTimeout(f"call {channel.capability} missed its deadline"))
+            self._forget(channel)
+        earliest = min(deadlines.earliest(), until.earliest())
+        if earliest < math.inf and self._alarm is not None:
+            self._alarm.set(earliest)
 
     # A typed reference brings its own signature (input, then timeout): see
     # astral._ref.Signed for why it is a ParamSpec and not a TypeVar.
