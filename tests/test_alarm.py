@@ -118,7 +118,7 @@ async def test_a_call_still_times_out() -> None:
     async def hold(_: object) -> None:
         await release.wait()
 
-    async with connected_pair({"hold": hold}, {}) as (a, b):
+    async with connected_pair({"hold": hold}, {}) as (_a, b):
         with pytest.raises(TimeoutError):
             await b.call("hold", None, timeout=0.05)
         release.set()
