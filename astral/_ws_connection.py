@@ -107,6 +107,8 @@ MAX_PINGS_UNREAD = 64
 #: The writer task parks between two writes that begin less than this many
 #: seconds apart; after a write with no such neighbour it ends.
 WRITER_IDLE = 1.0
+#: Queued bytes that are written at once instead of at the end of the turn.
+FLUSH_AT = 2048
 
 #: Errors of a byte stream that mean "the transport is gone".
 STREAM_ERRORS: tuple[type[Exception], ...] = (
@@ -311,7 +313,7 @@ def direct_writer(stream: ByteStream) -> DirectWriter | None:
     return DirectWriter(transport, protocol)
 
 
-def raw_sender(stream: ByteStream) -> Callable[[bytes], int] | None:
+def raw_sender(stream: ByteStream) -> Callable[[bytes | bytearray], int] | None:
     """Return the non-blocking ``send`` of the socket under AnyIO's plain trio stream.
 
     ``None`` for any other stream.
@@ -326,7 +328,7 @@ def raw_sender(stream: ByteStream) -> Callable[[bytes], int] | None:
     raw = stream.extra(SocketAttribute.raw_socket, None)  # noqa: S610
     if raw is None or raw.getblocking():
         return None
-    send: Callable[[bytes], int] = raw.send
+    send: Callable[[bytes | bytearray], int] = raw.send
     return send
 
 
@@ -885,7 +887,16 @@ class WebSocketConnection:
     # --- writer -----------------------------------------------------------
 
     def _queue(self, data: bytes | bytearray) -> None:
-        self._out += data
+        out = self._out
+        out += data
+        if len(out) >= FLUSH_AT and not self._writer_busy and not self._broken:
+            # Enough for a write of its own: it goes now, so that the remote
+            # starts on it while we make the rest. Holding whole batches to
+            # the end of the turn made the two ends take turns, each idle
+            # half the time (100 calls in flight: 0.5 of a core each).
+            self._flush_now()
+            if not out:
+                return
         direct = self._direct
         if direct is not None and not self._writer_busy and not self._broken:
             if self._flush_pending:
@@ -900,6 +911,28 @@ class WebSocketConnection:
                 direct.call_soon(self._flush_direct)
                 return
         self._wake_writer()
+
+    def _flush_now(self) -> None:
+        """Write what is queued at once, if that needs no waiting (see :meth:`write_now`)."""
+        direct = self._direct
+        if direct is not None:
+            if direct.ready():
+                self._write_direct(direct)
+            return
+        raw = self._raw_send
+        if raw is None:
+            return
+        try:
+            sent = raw(self._out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            logger.debug("write failed: %r", exc)
+            self._lost(f"write failed: {exc!r}")
+            return
+        del self._out[:sent]
+        if not self._out:
+            self._written()
 
     def _flush_direct(self) -> None:
         """Write what is queued straight to the asyncio transport (see :class:`DirectWriter`)."""

@@ -15,6 +15,7 @@ import pytest
 
 from astral._exceptions import ConnectionClosed
 from astral._websocket import WebSocketConnection, open_websocket
+from astral._ws_connection import FLUSH_AT
 
 from .test_websocket import HOST, closed_with, server
 
@@ -190,3 +191,17 @@ async def test_write_now_refuses_once_closing() -> None:
         ws.close_soon(1000)
         assert not ws.write_now("too late")
         await closed_with(ws.send("too late"))
+
+
+async def test_a_batch_worth_a_write_goes_out_before_the_turn_ends() -> None:
+    # Frames made in one turn are written together at its end, except that
+    # once FLUSH_AT bytes are queued they go at once: the remote starts on
+    # them while the rest is made (no lockstep of whole batches).
+    texts = [f"{i:04d}" + "x" * 100 for i in range(3 * FLUSH_AT // 100)]
+    async with server() as port, open_websocket(f"ws://{HOST}:{port}/") as ws:
+        held = []
+        for text in texts:  # one turn: no await between the sends
+            assert ws.try_send(text)
+            held.append(len(ws._out))
+        assert max(held) < FLUSH_AT + 200  # never more than one write's worth held
+        assert [await ws.receive() for _ in texts] == texts
