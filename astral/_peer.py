@@ -882,7 +882,7 @@ class Peer:
 
     async def _serve_here(
         self,
-        body: Callable[[Peer], Coroutine[Any, Any, None]] | None,
+        body: Callable[[Peer], Coroutine[Any, Any, object]] | None,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         """Run the peer with this task as its reader, and ``body(self)`` in a task of its own.
@@ -907,7 +907,7 @@ class Peer:
     async def _run(
         self,
         started: anyio.Event | None,
-        body: Callable[[Peer], Coroutine[Any, Any, None]] | None = None,
+        body: Callable[[Peer], Coroutine[Any, Any, object]] | None = None,
     ) -> None:
         """Run the peer's tasks, and read in this task until the connection ends.
 

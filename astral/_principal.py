@@ -495,12 +495,12 @@ async def _host_inline(
         hosting._add(peer, shield, closing, expires_in)
         try:
             with _listed(registry, subject, peer):
-                body: Callable[[Peer], Coroutine[Any, Any, None]] | None = None
+                body: Callable[[Peer], Coroutine[Any, Any, object]] | None = None
                 if hosting.stopping:
                     body = hosting._stop
                 elif on_connect is not None:
                     body = functools.partial(
-                        _on_connect,
+                        _connected,
                         close=close,
                         closing=closing,
                         on_connect=on_connect,
@@ -553,17 +553,6 @@ async def _serve_worker(
     ):
         return  # closed with 1011: over
     await peer.wait_closed()
-
-
-async def _on_connect(
-    peer: Peer,
-    *,
-    close: Callable[[int, str], Awaitable[None]],
-    closing: ClosingLog,
-    on_connect: Callable[[Peer], Awaitable[None]],
-    where: str,
-) -> None:
-    await _connected(peer, close=close, closing=closing, on_connect=on_connect, where=where)
 
 
 async def _connected(
