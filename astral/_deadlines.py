@@ -2,7 +2,8 @@
 
 A cancel scope with a deadline costs 10-15 µs to enter and leave, as much as
 the rest of a call's bookkeeping. Instead, each peer keeps its calls'
-deadlines here and one timer task sleeps until the earliest.
+deadlines here and one alarm (:mod:`astral._alarm`, no task of its own)
+rings at the earliest.
 
 Calls made with the same timeout expire in the order they were made, so each
 timeout value keeps an insertion-ordered ``dict`` (oldest first): adding and

@@ -1703,7 +1703,7 @@ class Peer:
         channel.leave()
         self._forget(channel)
 
-    # -- timeouts: one timer task, no cancel scope per call ------------------
+    # -- timeouts: one alarm per peer, no cancel scope per call --------------
 
     def _arm(self, channel: _Channel, timeout: float | EllipsisType | None) -> None:
         if timeout is ...:
