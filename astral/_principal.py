@@ -20,7 +20,6 @@ registry offers them (``hosting`` wraps the two for your own servers).
 from __future__ import annotations
 
 import functools
-import heapq
 import logging
 import math
 import time
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
+from ._alarm import Alarm
 from ._auth import JWTVerifier
 from ._exceptions import ConnectionClosed
 from ._logs import ClosingLog, log_connection
@@ -402,54 +402,40 @@ class Hosting:
         grace: Seconds calls in flight may take to finish when the server stops.
     """
 
-    __slots__ = ("_entries", "_expiries", "_order", "_wake", "grace", "stopping")
+    __slots__ = ("_entries", "_tasks", "grace", "stopping")
 
     def __init__(self, grace: float) -> None:
         self.grace = grace
         self.stopping = False
-        self._entries: dict[Peer, tuple[anyio.CancelScope, ClosingLog, list[Any] | None]] = {}
-        # A heap of [when, order, peer]: the peer is set to None when it ends
-        # first, so that a long-lived token keeps no finished peer alive.
-        self._expiries: list[list[Any]] = []
-        self._order = 0
-        self._wake: anyio.Event | None = None
+        self._entries: dict[Peer, tuple[anyio.CancelScope, ClosingLog, Alarm | None]] = {}
+        self._tasks: anyio.abc.TaskGroup | None = None  # drain_on_stop's: runs the expiries
 
     def _add(
         self, peer: Peer, shield: anyio.CancelScope, closing: ClosingLog, expires_in: float | None
     ) -> None:
-        entry = None
+        alarm = None
         if expires_in is not None:
-            self._order += 1
-            entry = [anyio.current_time() + expires_in, self._order, peer]
-            heapq.heappush(self._expiries, entry)
-            if self._expiries[0] is entry and self._wake is not None:
-                self._wake.set()  # sooner than the loop sleeps to
-        self._entries[peer] = (shield, closing, entry)
+            # An alarm (no task of its own), not a deadline on a waiting task.
+            alarm = Alarm(functools.partial(self._expired, peer))
+            alarm.set(anyio.current_time() + expires_in)
+        self._entries[peer] = (shield, closing, alarm)
 
     def _remove(self, peer: Peer) -> None:
-        _, _, entry = self._entries.pop(peer)
-        if entry is not None:
-            entry[2] = None
-            if len(self._expiries) > 2 * len(self._entries) + 64:
-                # Mostly finished peers: drop their entries.
-                self._expiries = [e for e in self._expiries if e[2] is not None]
-                heapq.heapify(self._expiries)
+        alarm = self._entries.pop(peer)[2]
+        if alarm is not None:
+            alarm.cancel()  # and it lets go of the peer
+
+    def _expired(self, peer: Peer) -> None:
+        if self._tasks is not None and peer in self._entries:
+            self._tasks.start_soon(_expire, peer)
 
     async def drain_on_stop(self) -> None:
         """Close peers whose token expires until cancelled, then drain every peer and return."""
         try:
-            async with anyio.create_task_group() as tg:
-                while True:
-                    wake = self._wake = anyio.Event()
-                    deadline = self._expiries[0][0] if self._expiries else math.inf
-                    with anyio.CancelScope(deadline=deadline):
-                        await wake.wait()
-                    now = anyio.current_time()
-                    while self._expiries and self._expiries[0][0] <= now:
-                        peer = heapq.heappop(self._expiries)[2]
-                        if peer is not None:
-                            tg.start_soon(_expire, peer)
+            async with anyio.create_task_group() as self._tasks:
+                await anyio.sleep_forever()
         finally:
+            self._tasks = None
             self.stopping = True
             with anyio.CancelScope(shield=True):
                 async with anyio.create_task_group() as tg:
@@ -509,7 +495,9 @@ async def _host_inline(
                 # Unlisted as soon as it has ended, as wait_closed() would
                 # have it, not once its last task has finished.
                 unlist = (
-                    None if subject is None else functools.partial(_unlist, registry, subject, peer)
+                    None
+                    if subject is None or registry is None
+                    else functools.partial(registry._remove, subject, peer)
                 )
                 await peer._serve_here(body, unlist)
         finally:
@@ -528,11 +516,6 @@ def _listed(registry: Registry | None, subject: str | None, peer: Peer) -> Itera
         yield
     finally:
         registry._remove(subject, peer)
-
-
-def _unlist(registry: Registry | None, subject: str, peer: Peer) -> None:
-    assert registry is not None
-    registry._remove(subject, peer)
 
 
 async def _expire(peer: Peer) -> None:
