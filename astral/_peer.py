@@ -924,9 +924,8 @@ class Peer:
                     tasks.start_soon(self._control_loop, self._control_stream()[1])
                 # Over a transport with try_send (astral's WebSocket) the
                 # control loop starts with the first control frame that has to
-                # wait (see _send_control); the timer starts with the first call
-                # that has a timeout: a principal that only answers calls may
-                # never need either.
+                # wait (see _send_control): a principal that only answers calls
+                # may never need it.
                 if started is not None:
                     started.set()
                 if body is not None:
@@ -1339,11 +1338,11 @@ class Peer:
                 self._send_control(self._state.want(call.id, self._max_buffered))
             else:
                 handle.items.end()  # the caller streams nothing: an empty stream
+        now = anyio.current_time()
         if call.deadline is not None:
             # The budget runs from now, on our clock: the time the call took
             # to get here is the caller's to spend (it is on its own clock).
-            handle.deadline = handle.scope.deadline = anyio.current_time() + call.deadline / 1000
-        now = anyio.current_time()
+            handle.deadline = handle.scope.deadline = now + call.deadline / 1000
         self._calls_close = now - self._last_call < WORKER_IDLE
         self._last_call = now
         self._unstarted += 1

@@ -606,30 +606,12 @@ class WebSocketConnection:
         if self._write_closed or self._out or self._writer_busy or self._broken:
             return False
         direct = self._direct
-        if direct is not None:
-            if not direct.ready():
-                return False
-            if direct.write(self._ws.send(TextMessage(data=item))):
-                self._written()
-            else:
-                self._lost("write failed: transport closed")
-            return True
-        raw = self._raw_send
-        if raw is None:
+        if not (direct.ready() if direct is not None else self._raw_send is not None):
             return False
-        frame = self._ws.send(TextMessage(data=item))
-        try:
-            sent = raw(frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            logger.debug("write failed: %r", exc)
-            self._lost(f"write failed: {exc!r}")
-            return True
-        if sent < len(frame):
-            self._queue(frame[sent:])  # the writer task sends the rest
-        else:
-            self._written()
+        self._out += self._ws.send(TextMessage(data=item))
+        self._flush_now()
+        if self._out:
+            self._wake_writer()  # what the socket did not take at once
         return True
 
     async def receive(self) -> str:
@@ -1086,10 +1068,7 @@ class WebSocketConnection:
                 scope.deadline = self._keepalive_at
             with scope:
                 # wsproto may hold frames that came in with the handshake.
-                stop = self._handle_events()
-                if self._on_message is not None and self._messages:
-                    await self._push()
-                if not stop:
+                if not await self._take_events():
                     await self._read_loop()
             # The keepalive is this task's deadline: when it passes, the read
             # is cancelled (no data is lost: the stream keeps what it holds),
@@ -1145,11 +1124,18 @@ class WebSocketConnection:
             if taken < len(data):
                 self._ws.receive_data(data[taken:] if taken else data)
             data = b""  # not kept while the next read waits
-            stop = self._handle_events(got_message=taken > 0)
-            if self._on_message is not None and self._messages:
-                await self._push()
-            if stop:
+            if await self._take_events(got_message=taken > 0):
                 return
+
+    async def _take_events(self, *, got_message: bool = False) -> bool:
+        """Act on wsproto's events, then hand the messages to deliver()'s consumer.
+
+        Returns whether to stop reading (see :meth:`_handle_events`).
+        """
+        stop = self._handle_events(got_message=got_message)
+        if self._on_message is not None and self._messages:
+            await self._push()
+        return stop
 
     async def _push(self) -> None:
         """Hand the queued messages to deliver()'s consumer, in order."""
